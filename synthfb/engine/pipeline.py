@@ -1,0 +1,157 @@
+"""Pipelines: a list of stages declared in YAML or built in Python.
+
+A pipeline file is validated with ``jsonschema`` before any work: the top
+level against ``PIPELINE_SCHEMA``, each stage against the schema derived from
+its config dataclass. Errors name the file, the field path and what was
+expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ..llm import BACKENDS
+from .stage import Stage, dataclass_schema
+
+PIPELINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "stages"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "description": "pipeline name (default output folder runs/NAME)"},
+        "description": {"type": "string", "description": "what is built and why (goes into the data card)"},
+        "license": {"type": "string", "description": "license of the output dataset"},
+        "backend": {"enum": list(BACKENDS), "description": "inference backend"},
+        "model": {"type": "string", "description": "default model: alias, local folder, or hub id"},
+        "backend_options": {"type": "object", "description": "passed to the backend constructor"},
+        "models": {
+            "type": "object",
+            "description": "per-model backend options, keyed by model name",
+            "additionalProperties": {"type": "object"},
+        },
+        "seed": {"type": "integer"},
+        "chunk_size": {"type": "integer", "minimum": 1},
+        "stages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "required": ["stage"], "properties": {"stage": {"type": "string"}}},
+        },
+    },
+}
+
+
+class PipelineError(ValueError):
+    """A pipeline file is invalid; the message names file and field."""
+
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    where = _path(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        return f"{where}: unknown field(s) {extra}; expected some of {allowed}"
+    if err.validator == "required":
+        return f"{where}: {err.message}"
+    if err.validator in ("type", "anyOf"):
+        want = err.schema.get("type") or [s.get("type") or s.get("enum") for s in err.schema.get("anyOf", [])]
+        return f"{where}: expected {want}, got {type(err.instance).__name__} {err.instance!r}"
+    if err.validator == "enum":
+        return f"{where}: {err.instance!r} is not one of {err.schema['enum']}"
+    return f"{where}: {err.message}"
+
+
+def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = jsonschema.exceptions.best_match(errors)
+        e.path.extendleft(reversed(prefix))  # type: ignore[attr-defined]
+        raise PipelineError(f"{source}: {_describe(e)}")
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline: settings plus instantiated stages."""
+
+    name: str
+    stages: list[Stage]
+    description: str = ""
+    license: str | None = None
+    backend: str = "vllm"
+    model: str = "default"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+    chunk_size: int = 2048
+    source: str = "<python>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: Path, source: str = "<python>") -> "Pipeline":
+        from ..stages import STAGES
+
+        if not isinstance(data, dict):
+            raise PipelineError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        _validate(data, PIPELINE_SCHEMA, source, [])
+        stages: list[Stage] = []
+        for i, sd in enumerate(data["stages"]):
+            kind = sd["stage"]
+            if kind not in STAGES:
+                raise PipelineError(f"{source}: stages[{i}].stage: unknown stage {kind!r}; expected one of {sorted(STAGES)}")
+            cls_ = STAGES[kind]
+            cfg = {k: v for k, v in sd.items() if k != "stage"}
+            _validate(cfg, dataclass_schema(cls_.Config), source, ["stages", i])
+            if i == 0 and not cls_.is_source:
+                raise PipelineError(f"{source}: stages[0]: the first stage must read data (e.g. `stage: load`), got {kind!r}")
+            if i > 0 and cls_.is_source:
+                raise PipelineError(f"{source}: stages[{i}]: {kind!r} reads data and can only be the first stage")
+            try:
+                stage = cls_.from_dict(cfg, base_dir)
+                stage.check()
+            except (ValueError, FileNotFoundError) as e:
+                raise PipelineError(f"{source}: stages[{i}] ({kind}): {e}") from e
+            stages.append(stage)
+        top = {k: v for k, v in data.items() if k != "stages"}
+        return cls(stages=stages, source=source, raw=data, **top)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Pipeline":
+        p = Path(path)
+        if not p.exists():
+            raise PipelineError(f"{p}: pipeline file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineError(f"{p}: not valid UTF-8 (byte offset {e.start})") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise PipelineError(f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}") from e
+        return cls.from_dict(data, p.parent.resolve(), str(p))
+
+    def check_columns(self) -> None:
+        """Walk the stages' declared columns; fail before any model work if a
+        stage reads a column that no earlier stage provides."""
+        cols: list[str] = []
+        for i, st in enumerate(self.stages):
+            missing = sorted(st.required_columns() - set(cols)) if i else []
+            if missing:
+                raise PipelineError(
+                    f"{self.source}: stages[{i}] ({st.kind}): needs column(s) {missing}, "
+                    f"but its input has {cols}"
+                )
+            cols = st.output_columns(cols)

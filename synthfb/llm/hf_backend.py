@@ -1,0 +1,163 @@
+"""Plain Hugging Face transformers backend, for machines without vLLM.
+
+Batched ``model.generate`` with left padding. JSON-schema requests are not
+constrained during decoding here (transformers has no built-in grammar
+sampler); their outputs are still validated with ``jsonschema`` and an invalid
+one carries ``Completion.error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import PromptTokenizer, make_completion
+from .models import model_revision
+from .types import (
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    ScoreRequest,
+    ScoreResult,
+    UsageCounter,
+)
+
+
+class TransformersGenerator:
+    """Generator over ``AutoModelForCausalLM`` (CPU or one GPU)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        seed: int = 0,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        progress: bool = True,
+        name: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.hf_tok = tok
+        self.tokenizer = PromptTokenizer(tok)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+        self.info = ModelInfo(name=name or model, path=model, revision=model_revision(model), backend="transformers")
+        self.usage = UsageCounter()
+        self._eos = {i for i in [tok.eos_token_id, *(_as_list(self.model.generation_config.eos_token_id))] if i is not None}
+
+    def _pad_left(self, seqs: list[list[int]]):
+        torch = self.torch
+        width = max(len(s) for s in seqs)
+        pad = self.hf_tok.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate(self, requests: list[GenerationRequest], desc: str = "") -> list[GenerationResult]:
+        """Groups requests with identical sampling params into padded batches."""
+        from tqdm.auto import tqdm
+
+        torch = self.torch
+        ctx = self.tokenizer.context_ids(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.params, []).append(i)
+        bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        for params, idx in groups.items():
+            idx.sort(key=lambda i: len(ctx[i]))
+            for b in range(0, len(idx), self.batch_size):
+                batch = idx[b:b + self.batch_size]
+                ids, mask = self._pad_left([ctx[i] for i in batch])
+                kw: dict[str, Any] = dict(
+                    max_new_tokens=params.max_tokens,
+                    num_return_sequences=params.n,
+                    pad_token_id=self.hf_tok.pad_token_id,
+                )
+                if params.temperature > 0:
+                    kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+                else:
+                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if params.stop:
+                    kw.update(stop_strings=list(params.stop), tokenizer=self.hf_tok)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                with torch.no_grad():
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+                new = out[:, ids.shape[1]:]
+                for j, i in enumerate(batch):
+                    comps = []
+                    for k in range(params.n):
+                        comps.append(self._completion(new[j * params.n + k].tolist(), params, requests[i].json_schema))
+                    results[i] = GenerationResult(completions=comps, prompt_tokens=len(ctx[i]))
+                    self.usage.prompt_tokens += len(ctx[i])
+                    self.usage.completion_tokens += sum(c.num_tokens for c in comps)
+                bar.update(len(batch))
+        bar.close()
+        self.usage.requests += len(requests)
+        return results  # type: ignore[return-value]
+
+    def _completion(self, toks: list[int], params, schema):
+        pad = self.hf_tok.pad_token_id
+        n = len(toks)
+        while n and toks[n - 1] == pad and pad not in self._eos:
+            n -= 1
+        toks = toks[:n]
+        finish = "length"
+        cut = len(toks)
+        for k, t in enumerate(toks):
+            if t in self._eos:
+                finish, cut = "stop", k
+                break
+        text = self.hf_tok.decode(toks[:cut], skip_special_tokens=True)
+        for s in params.stop:
+            pos = text.find(s)
+            if pos >= 0:
+                text, finish = text[:pos], "stop"
+        return make_completion(text, finish, cut + (1 if finish == "stop" and cut < len(toks) else 0), schema)
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Continuation log-probs from one forward pass per padded batch."""
+        torch = self.torch
+        items = self.tokenizer.score_ids(requests)
+        results = []
+        for b in range(0, len(items), self.batch_size):
+            batch = items[b:b + self.batch_size]
+            ids, mask = self._pad_left([s for s, _ in batch])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            width = ids.shape[1]
+            for j, (seq, start) in enumerate(batch):
+                off = width - len(seq)
+                lps = logp[j, off + start - 1: width - 1].tolist()
+                results.append(ScoreResult(logprob=float(sum(lps)), token_logprobs=lps))
+        self.usage.requests += len(requests)
+        return results
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple, set)) else [x]

@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny random model and one vLLM engine per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (built once per session)."""
+    from synthfb.llm.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(tiny_model):
+    """One offline vLLM engine over the tiny model for the whole session."""
+    from synthfb.llm.vllm_backend import VLLMGenerator
+
+    gen = VLLMGenerator(str(tiny_model), seed=0, dtype="float32", max_model_len=2048)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_model):
+    """The transformers backend over the same tiny model."""
+    from synthfb.llm.hf_backend import TransformersGenerator
+
+    gen = TransformersGenerator(str(tiny_model), seed=0, dtype="float32")
+    yield gen
+    gen.close()
