@@ -40,3 +40,24 @@ def hf_tiny(tiny_model):
     gen = TransformersGenerator(str(tiny_model), seed=0, dtype="float32")
     yield gen
     gen.close()
+
+
+@pytest.fixture(scope="session")
+def smol_model() -> Path:
+    """The embedded SmolLM2-135M-Instruct checkpoint (converted once into the cache)."""
+    from synthfb.llm.models import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def vllm_smol(smol_model):
+    """One vLLM engine over SmolLM2-135M-Instruct for all real-model checks.
+
+    Tests hand it to pipelines as ``generators={"default": vllm_smol}``.
+    """
+    from synthfb.llm.vllm_backend import VLLMGenerator
+
+    gen = VLLMGenerator(str(smol_model), seed=0, dtype="bfloat16", max_model_len=2048, name="default", progress=False)
+    yield gen
+    gen.close()

@@ -272,6 +272,9 @@ class Runner:
         t0 = time.time()
         if stage.is_source:
             rows_in = self._write_source(stage, sdir, i)
+        elif stage.is_iterative:
+            rows_in = table.num_rows if table is not None else 0
+            self._process_steps(stage, sdir, i, table, label)
         else:
             rows_in = table.num_rows if table is not None else 0
             self._process_chunks(stage, sdir, i, table, label)
@@ -352,6 +355,39 @@ class Runner:
             for k, v in gen.usage.snapshot().items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def _process_steps(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        rows = table.to_pylist() if table is not None else []
+        files = self._chunk_files(sdir)
+        produced = read_tables(files)
+        produced_rows = produced.to_pylist() if produced is not None else []
+        step = len(files)
+        if step:
+            self._log(f"{label}: resuming at step {step} with {len(produced_rows)} rows already on disk")
+        bar = tqdm(initial=len(produced_rows), desc=label, unit="row", disable=not self.progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        try:
+            while step < stage.max_steps:
+                ctx = StageContext(self, i, stage.kind)
+                before = self._usage()
+                t0 = time.time()
+                new = stage.step(rows, produced_rows, step, ctx)
+                if new is None:
+                    break
+                after = self._usage()
+                usage = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                stats = {"rows_in": 0, "rows_out": len(new), "counts": ctx.stats.counts, "failures": ctx.failures,
+                         "usage": usage, "seconds": round(time.time() - t0, 3)}
+                self._write_chunk(sdir, step, new, stats, f"{label} step {step}")
+                produced_rows.extend(new)
+                bar.update(len(new))
+                step += 1
+            else:
+                raise RunError(f"{label}: no end after {stage.max_steps} steps")
+        finally:
+            bar.close()
 
     def _process_chunks(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
         from tqdm.auto import tqdm

@@ -123,13 +123,17 @@ class Stage:
     """Base class of pipeline stages.
 
     Subclasses set ``kind`` (the name used in YAML), ``Config`` (a dataclass)
-    and implement ``process``. Source stages (``is_source``) implement
-    ``read`` instead and take no input.
+    and implement ``process`` (a chunk of input rows -> output rows). Source
+    stages (``is_source``) implement ``read`` and take no input. Iterative
+    stages (``is_iterative``, e.g. Self-Instruct's bootstrap loop) implement
+    ``step`` and grow their output step by step until they return None.
     """
 
     kind: ClassVar[str] = ""
     Config: ClassVar[type] = object
     is_source: ClassVar[bool] = False
+    is_iterative: ClassVar[bool] = False
+    max_steps: ClassVar[int] = 100_000
     uses_model: ClassVar[bool] = False
 
     def __init__(self, config: Any, base_dir: Path):
@@ -162,6 +166,16 @@ class Stage:
         return {"kind": self.kind, "config": _jsonable(dataclasses.asdict(self.config))}
 
     def read(self, ctx: StageContext):  # pragma: no cover - source stages only
+        raise NotImplementedError
+
+    def step(
+        self, rows: list[dict[str, Any]], produced: list[dict[str, Any]], step: int, ctx: StageContext
+    ) -> list[dict[str, Any]] | None:  # pragma: no cover - iterative stages only
+        """Iterative stages (``is_iterative``): given the whole input and all
+        rows produced by earlier steps (read back from disk on resume), return
+        the next step's new rows, or None when done. Each step is saved as
+        one chunk; derive randomness from ``(ctx.seed, step)`` so a resumed
+        run continues the same way."""
         raise NotImplementedError
 
     def process(self, rows: list[dict[str, Any]], ctx: StageContext) -> list[dict[str, Any]]:
