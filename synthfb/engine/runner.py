@@ -236,7 +236,14 @@ class Runner:
         dst = self.out / "dataset"
         tmp = self.out / f".dataset.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp))
+        quiet = not self.progress and datasets.is_progress_bar_enabled()
+        if quiet:
+            datasets.disable_progress_bars()
+        try:
+            datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp))
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
         replace_dir_atomic(tmp, dst)
         return dst
 

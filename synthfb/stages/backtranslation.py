@@ -1,0 +1,349 @@
+"""Instruction backtranslation (Humpback, Li et al., 2023) as pipeline stages.
+
+* ``backtranslation_segments`` (no model): documents -> self-contained
+  segments (text after a header), with the length / line / header-caps
+  filters and exact dedupe; every drop is counted.
+* ``backtranslate``: the backward direction, segment -> instruction.
+* ``self_curate``: the 5-point quality rating, parsed robustly; keep rows
+  rated >= ``min_score`` (average of ``num_ratings`` samples).
+* ``source_tag``: adds the seed/augmented tag columns (S_a / S_w) to any
+  rows, e.g. the seed set that trainers mix with the curated data.
+
+A second Humpback iteration is the same pipeline with ``self_curate.model``
+pointing at the improved model. See specs/methods.md section 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..data import PROVENANCE, ROW_ID
+from ..engine.stage import Stage, StageContext
+from ..llm.types import GenerationRequest, SamplingParams
+from .templates import PromptTemplate
+
+# The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
+# augmented (web) data S_w; both are appended at inference.
+SEED_TAG = "Answer in the style of an AI Assistant."
+AUGMENTED_TAG = "Answer with knowledge from web search."
+TAGS = {"seed": SEED_TAG, "augmented": AUGMENTED_TAG}
+
+_HEADER = re.compile(r"^(?:#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*|<h[1-6][^>]*>(.*?)</h[1-6]>)[ \t]*$", re.M | re.I)
+
+
+def _chat(text: str, params: SamplingParams, chat: bool) -> GenerationRequest:
+    if chat:
+        return GenerationRequest(messages=[{"role": "user", "content": text}], params=params)
+    return GenerationRequest(prompt=text, params=params)
+
+
+# -- segments ------------------------------------------------------------------
+
+def split_segments(text: str) -> list[tuple[str, str]]:
+    """(header, segment) pairs: the text that follows each markdown (``#``)
+    or HTML (``<h1>``..``<h6>``) header, up to the next header. A document
+    without headers is one segment with an empty header."""
+    if not isinstance(text, str):
+        return []
+    marks = list(_HEADER.finditer(text))
+    if not marks:
+        return [("", text.strip())] if text.strip() else []
+    out = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        header = (m.group(1) or m.group(2) or "").strip()
+        out.append((header, text[m.end():end].strip()))
+    return out
+
+
+def caps_ratio(text: str) -> float:
+    """Share of upper-case letters among the letters of ``text`` (0 if none)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def segment_drop_reason(header: str, segment: str, min_chars: int, max_chars: int, min_line_chars: int,
+                        max_header_caps: float) -> str | None:
+    """The segment filters, in order; the first reason that fires or None."""
+    if len(segment) < min_chars:
+        return "segment_too_short"
+    if len(segment) > max_chars:
+        return "segment_too_long"
+    if min_line_chars and any(len(line.strip()) < min_line_chars for line in segment.splitlines() if line.strip()):
+        return "short_line"
+    if header and caps_ratio(header) > max_header_caps:
+        return "header_mostly_capitals"
+    return None
+
+
+@dataclass
+class SegmentsConfig:
+    text_column: str = field(default="text", metadata={"help": "column holding the document"})
+    split_on_headers: bool = field(default=True, metadata={"help": "one segment per header (false: the whole document)"})
+    min_chars: int = field(default=300, metadata={"help": "drop shorter segments (Spico's repro: 1000)"})
+    max_chars: int = field(default=2200, metadata={"help": "drop longer segments (Spico's repro: 2200)"})
+    min_line_chars: int = field(default=5, metadata={"help": "drop a segment with a non-empty line shorter than this (0: off)"})
+    max_header_caps: float = field(default=0.5, metadata={"help": "drop a segment whose header has more upper-case letters than this share"})
+    dedupe: bool = field(default=True, metadata={"help": "drop exact duplicates (whitespace-normalised)"})
+
+
+class SegmentsStage(Stage):
+    """Splits documents into candidate answers (no model): one row per kept
+    segment with ``header``, ``output`` (the segment) and ``document_id``."""
+
+    kind = "backtranslation_segments"
+    Config = SegmentsConfig
+
+    def required_columns(self) -> set[str]:
+        return {self.config.text_column}
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        return [ROW_ID, "document_id", "header", "output"]
+
+    def process(self, rows, ctx: StageContext):
+        c = self.config
+        seen: set[str] = getattr(self, "_seen", set())  # dedupe across chunks of one run
+        self._seen = seen
+        out = []
+        for r in rows:
+            text = r.get(c.text_column)
+            if not isinstance(text, str):
+                raise ValueError(f"row {r.get(ROW_ID)!r}: column {c.text_column!r} must be text, got {type(text).__name__}")
+            segs = split_segments(text) if c.split_on_headers else ([("", text.strip())] if text.strip() else [])
+            ctx.stats.add("segments", len(segs))
+            for k, (header, seg) in enumerate(segs):
+                reason = segment_drop_reason(header, seg, c.min_chars, c.max_chars, c.min_line_chars, c.max_header_caps)
+                if reason is None and c.dedupe:
+                    key = hashlib.sha256(" ".join(seg.split()).encode()).hexdigest()
+                    if key in seen:
+                        reason = "duplicate_segment"
+                    seen.add(key)
+                if reason:
+                    ctx.stats.add(f"dropped_{reason}")
+                    continue
+                out.append({ROW_ID: f"{r[ROW_ID]}/{k}", "document_id": str(r[ROW_ID]), "header": header, "output": seg})
+        return out
+
+
+# -- backward direction -----------------------------------------------------------
+
+def clean_generated_instruction(text: str) -> str | None:
+    """The instruction a backward model wrote, or None if there is none.
+
+    Drops a leading label ("Instruction:", "User:"), surrounding quotes and
+    anything after a blank line (models tend to start answering)."""
+    if not isinstance(text, str):
+        return None
+    t = text.strip()
+    t = re.sub(r"^(?:\*\*)?(?:instruction|user instruction|user|question|request)(?:\*\*)?\s*:\s*(?:\*\*)?\s*", "", t,
+               flags=re.I)
+    t = re.split(r"\n\s*\n", t, maxsplit=1)[0].strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        t = t[1:-1].strip()
+    return t or None
+
+
+@dataclass
+class BacktranslateConfig:
+    output_column: str = field(default="output", metadata={"help": "column holding the segment (the answer)"})
+    prompt: str = field(default="backtranslation_backward.jinja", metadata={"help": "prompt template (variables: output, chat)"})
+    chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
+    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.7, top_p=0.9, max_tokens=128)"})
+    min_instruction_chars: int = field(default=10, metadata={"help": "drop shorter instructions (Spico's repro: 10)"})
+    max_instruction_chars: int = field(default=800, metadata={"help": "drop longer instructions (Spico's repro: 800)"})
+    model: str | None = field(default=None, metadata={"help": "backward model (prompted base model or one trained on reversed seed pairs)"})
+
+
+class BacktranslateStage(Stage):
+    """Backward direction ``p(x|y)``: writes the instruction a segment would
+    answer; rows get ``instruction`` and the augmented source tag."""
+
+    kind = "backtranslate"
+    Config = BacktranslateConfig
+    uses_model = True
+
+    def __init__(self, config, base_dir):
+        super().__init__(config, base_dir)
+        self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 128, **config.sampling})
+        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+
+    def required_columns(self) -> set[str]:
+        return {self.config.output_column}
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        keep = [c for c in input_columns if c not in (PROVENANCE, "instruction", "source", "system_tag")]
+        return keep + ["instruction", "source", "system_tag", PROVENANCE]
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp["template_sha256"] = self.template.sha256
+        fp["config"].pop("prompt", None)
+        return fp
+
+    def process(self, rows, ctx):
+        c = self.config
+        gen = ctx.generator(c.model)
+        reqs = [_chat(self.template.render({"output": r[c.output_column], "chat": c.chat}, r.get(ROW_ID)),
+                      self.params, c.chat) for r in rows]
+        out = []
+        for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
+            if res.error:
+                ctx.stats.add("failed_requests")
+                ctx.record_failure(r[ROW_ID], res.error)
+                continue
+            comp = res.completions[0]
+            inst = clean_generated_instruction(comp.text)
+            reason = None
+            if comp.finish_reason == "length":
+                reason = "instruction_truncated"
+            elif inst is None:
+                reason = "instruction_empty"
+            elif len(inst) < c.min_instruction_chars:
+                reason = "instruction_too_short"
+            elif len(inst) > c.max_instruction_chars:
+                reason = "instruction_too_long"
+            if reason:
+                ctx.stats.add(f"dropped_{reason}")
+                continue
+            prov = ctx.provenance(gen, self.params, self.template.sha256, comp.finish_reason)
+            base = {k: v for k, v in r.items() if k != PROVENANCE}
+            out.append({**base, "instruction": inst, "source": "augmented", "system_tag": AUGMENTED_TAG,
+                        PROVENANCE: list(r.get(PROVENANCE) or []) + [prov]})
+        return out
+
+
+# -- self-curation ------------------------------------------------------------------
+
+_SCORE = re.compile(r"score\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*5|out of 5)?\s*\**\s*\.?\s*$", re.I)
+
+
+def parse_rating(text: str) -> int | None:
+    """The 1-5 rating from a curation answer, or None.
+
+    Looks for a ``Score: N`` line from the last line upwards (the prompt asks
+    for it last). Only a whole number 1..5 counts: "Score: 10502",
+    "Score: 4.5", "Score: 0" and missing scores give None."""
+    if not isinstance(text, str):
+        return None
+    for line in reversed(text.strip().splitlines()):
+        m = _SCORE.search(line.strip())
+        if m:
+            val = m.group(1)
+            if "." in val:
+                return None
+            n = int(val)
+            return n if 1 <= n <= 5 else None
+    return None
+
+
+@dataclass
+class CurateConfig:
+    instruction_column: str = field(default="instruction", metadata={"help": "column with the (generated) instruction"})
+    output_column: str = field(default="output", metadata={"help": "column with the candidate answer"})
+    prompt: str = field(default="backtranslation_curate.jinja", metadata={"help": "rating prompt (variables: instruction, output)"})
+    chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
+    num_ratings: int = field(default=1, metadata={"help": "ratings sampled per row; the score is the mean of the parsable ones"})
+    min_score: float = field(default=5.0, metadata={"help": "keep rows whose score is >= this (paper: k=5; A_4 uses 4)"})
+    drop: bool = field(default=True, metadata={"help": "drop rows below min_score (false: keep all with the score, for histograms)"})
+    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.7, top_p=0.9, max_tokens=256)"})
+    model: str | None = field(default=None, metadata={"help": "curation model M_t (a later iteration names the improved model)"})
+
+
+class SelfCurateStage(Stage):
+    """Rates each (instruction, output) on the 5-point rubric. Unparsable
+    ratings are counted (``unparseable_ratings``); rows with none parsable
+    are dropped as ``dropped_unrated``. Adds ``curation_score`` and
+    ``curation_ratings`` (None where a rating could not be read)."""
+
+    kind = "self_curate"
+    Config = CurateConfig
+    uses_model = True
+
+    def __init__(self, config, base_dir):
+        super().__init__(config, base_dir)
+        if config.num_ratings < 1:
+            raise ValueError("num_ratings must be >= 1")
+        self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 256,
+                                                **config.sampling, "n": config.num_ratings})
+        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+
+    def required_columns(self) -> set[str]:
+        return {self.config.instruction_column, self.config.output_column}
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        keep = [c for c in input_columns if c not in (PROVENANCE, "curation_score", "curation_ratings")]
+        return keep + ["curation_score", "curation_ratings", PROVENANCE]
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp["template_sha256"] = self.template.sha256
+        fp["config"].pop("prompt", None)
+        return fp
+
+    def process(self, rows, ctx):
+        c = self.config
+        gen = ctx.generator(c.model)
+        reqs = [_chat(self.template.render({"instruction": r[c.instruction_column], "output": r[c.output_column]},
+                                           r.get(ROW_ID)), self.params, c.chat) for r in rows]
+        out = []
+        for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
+            if res.error:
+                ctx.stats.add("failed_requests")
+                ctx.record_failure(r[ROW_ID], res.error)
+                continue
+            ratings = [parse_rating(comp.text) for comp in res.completions]
+            bad = sum(x is None for x in ratings)
+            ctx.stats.add("ratings", len(ratings))
+            ctx.stats.add("unparseable_ratings", bad)
+            for x in ratings:
+                if x is not None:
+                    ctx.stats.add(f"rating_{x}")
+            good = [x for x in ratings if x is not None]
+            score = sum(good) / len(good) if good else None
+            if score is None:
+                ctx.stats.add("dropped_unrated")
+                if c.drop:
+                    continue
+            elif score < c.min_score:
+                ctx.stats.add("below_min_score")
+                if c.drop:
+                    ctx.stats.add("dropped_below_min_score")
+                    continue
+            finish = ",".join(comp.finish_reason for comp in res.completions)
+            prov = ctx.provenance(gen, self.params, self.template.sha256, finish)
+            base = {k: v for k, v in r.items() if k != PROVENANCE}
+            out.append({**base, "curation_score": None if score is None else float(score),
+                        "curation_ratings": ratings, PROVENANCE: list(r.get(PROVENANCE) or []) + [prov]})
+        ctx.stats.add("kept", len(out))
+        return out
+
+
+@dataclass
+class SourceTagConfig:
+    source: Literal["seed", "augmented"] = field(metadata={"help": "seed (tag S_a) or augmented (tag S_w)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing source column"})
+
+
+class SourceTagStage(Stage):
+    """Adds ``source`` and ``system_tag`` (the paper's S_a / S_w sentence)."""
+
+    kind = "source_tag"
+    Config = SourceTagConfig
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        return [c for c in input_columns if c not in ("source", "system_tag")] + ["source", "system_tag"]
+
+    def process(self, rows, ctx):
+        src = self.config.source
+        out = []
+        for r in rows:
+            if r.get("source") and not self.config.overwrite:
+                if r["source"] not in TAGS:
+                    raise ValueError(f"row {r.get(ROW_ID)!r}: unknown source {r['source']!r}; expected seed or augmented")
+                out.append({**r, "system_tag": TAGS[r["source"]]})
+                continue
+            out.append({**r, "source": src, "system_tag": TAGS[src]})
+        return out
