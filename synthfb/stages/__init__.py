@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from .generate import GenerateStage
 from .load import LoadStage
+from .self_instruct import (AlpacaBootstrapStage, SelfInstructBootstrapStage, SelfInstructClassifyStage,
+                            SelfInstructInstancesStage)
+from .backtranslation import BacktranslateStage, SegmentsStage, SelfCurateStage, SourceTagStage
+from .realign import RealignClassifyStage, RealignRewriteStage
 
-STAGES = {cls.kind: cls for cls in (LoadStage, GenerateStage)}
+STAGES = {cls.kind: cls for cls in (LoadStage, GenerateStage,
+                                      SelfInstructBootstrapStage, SelfInstructClassifyStage, SelfInstructInstancesStage,
+                                      AlpacaBootstrapStage, SegmentsStage, BacktranslateStage, SelfCurateStage,
+                                      SourceTagStage, RealignClassifyStage, RealignRewriteStage)}
 
 __all__ = ["STAGES", "GenerateStage", "LoadStage"]

@@ -1,0 +1,395 @@
+"""ReAlign (Fan et al., 2024): reformat responses to a per-category format.
+
+* ``realign_classify``: an LLM classifier picks one task category per query
+  (an answer that names no known category -> the default category, counted).
+* ``realign_rewrite``: for categories marked ``rewrite`` in the formats file,
+  asks for an adaptive rewrite (keep the response if the format does not
+  fit), optionally with evidence from a column, picks the longest of ``n``
+  candidates and applies the post-filters; a rejected rewrite falls back to
+  the original. Other categories pass through untouched (tag ``original``).
+
+Formats live in a YAML data file (``pipelines/data/realign_formats.yaml``).
+See specs/methods.md section 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..data import PROVENANCE, ROW_ID
+from ..engine.stage import Stage, StageContext
+from ..llm.types import GenerationRequest, SamplingParams
+from .templates import PromptTemplate, find_file
+
+CODE_GROUP = "Code"
+_BAD_EVIDENCE = ("Missing:", "Duration:", "Posted:")
+_NO_RESULT = "No good Google Search Result was found"
+
+
+# -- formats file -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    group: str
+    description: str
+    rewrite: bool
+    rag: bool
+    format: str | None
+
+
+def load_formats(path) -> tuple[dict[str, Category], str]:
+    """Read and check a formats file; returns (categories, default name).
+    Errors name the file and the category."""
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), dict) or not data["categories"]:
+        raise ValueError(f"{path}: expected a mapping with a non-empty 'categories' mapping")
+    cats = {}
+    for name, d in data["categories"].items():
+        if not re.fullmatch(r"[a-z0-9_]+", str(name)):
+            raise ValueError(f"{path}: category {name!r}: names must be lower_snake_case")
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: category {name!r}: expected a mapping")
+        unknown = set(d) - {"group", "description", "rewrite", "rag", "format"}
+        if unknown:
+            raise ValueError(f"{path}: category {name!r}: unknown field(s) {sorted(unknown)}")
+        rewrite = bool(d.get("rewrite", False))
+        fmt = d.get("format")
+        if rewrite and not (isinstance(fmt, str) and fmt.strip()):
+            raise ValueError(f"{path}: category {name!r}: rewrite is true but no format is given")
+        cats[name] = Category(name, str(d.get("group", "")), str(d.get("description", "")), rewrite,
+                              bool(d.get("rag", False)), fmt.strip() if isinstance(fmt, str) else None)
+    default = data.get("default_category", "default")
+    if default not in cats:
+        raise ValueError(f"{path}: default_category {default!r} is not one of the categories")
+    return cats, default
+
+
+def _formats(path_name: str, base_dir) -> tuple[Any, dict[str, Category], str, str]:
+    path = find_file(path_name, base_dir, "formats file")
+    cats, default = load_formats(path)
+    return path, cats, default, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _request(text: str, chat: bool, params: SamplingParams, system: str | None = None) -> GenerationRequest:
+    if not chat:
+        return GenerationRequest(prompt=(system + "\n\n" + text) if system else text, params=params)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return GenerationRequest(messages=messages, params=params)
+
+
+# -- parsers and filters (pure) ------------------------------------------------------
+
+def parse_category(text: str, names: list[str]) -> str | None:
+    """The category a classifier answer names, or None.
+
+    Exact match after normalising (case, spaces/hyphens -> '_', quotes and
+    trailing punctuation removed); otherwise the category name that occurs
+    earliest in the answer as a whole word (longest first on ties)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    first = text.strip().splitlines()[0]
+    norm = re.sub(r"[\s\-]+", "_", first.strip().strip("\"'`*.:;,!").strip().lower())
+    if norm in names:
+        return norm
+    low = re.sub(r"[\s\-]+", "_", text.lower())
+    best = None
+    for name in names:
+        m = re.search(r"(?<![a-z0-9_])" + re.escape(name) + r"(?![a-z0-9_])", low)
+        if m and (best is None or (m.start(), -len(name)) < (best[0], -len(best[1]))):
+            best = (m.start(), name)
+    return best[1] if best else None
+
+
+def clean_evidence(evidence: Any) -> list[str]:
+    """Evidence items as a list, minus the reference code's junk snippets."""
+    if evidence is None:
+        return []
+    items = [evidence] if isinstance(evidence, str) else list(evidence)
+    out = []
+    for e in items:
+        if not isinstance(e, str):
+            continue
+        e = e.strip()
+        if not e or e == _NO_RESULT or e.startswith(_BAD_EVIDENCE):
+            continue
+        out.append(e)
+    return out
+
+
+def parse_revised(text: str) -> str | None:
+    """The text after 'Revised response:' (without a trailing reasoning
+    part or our delimiters), or None when the marker is missing or empty."""
+    if not isinstance(text, str) or "Revised response:" not in text:
+        return None
+    rest = text.split("Revised response:", 1)[1]
+    rest = rest.split("Reasoning:", 1)[0]
+    rest = re.sub(r"^\s*\[Response start\]", "", rest)
+    rest = re.sub(r"\[Response end\]\s*$", "", rest.rstrip())
+    rest = rest.strip()
+    return rest or None
+
+
+def has_code(text: str) -> bool:
+    """Code as the reference detects it: a fence, or both 'def ' and 'return '."""
+    return "```" in text or ("def " in text and "return " in text)
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def edit_rate(original: str, revised: str) -> float:
+    """Word-level Levenshtein distance divided by the original's word count
+    (the paper counts a response as rewritten when this is > 0.2)."""
+    a, b = original.split(), revised.split()
+    if not a:
+        return float(len(b) > 0)
+    prev = list(range(len(b) + 1))
+    for i, wa in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, wb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (wa != wb))
+        prev = cur
+    return prev[-1] / len(a)
+
+
+def rewrite_reject_reason(category: Category, query: str, original: str, revised: str | None,
+                          min_length_ratio: float = 0.5) -> str | None:
+    """Why a rewrite must fall back to the original, or None to accept it.
+
+    Order: unparseable; leftover marker; length (<= ratio x original words);
+    code/no-code mismatch (Code group); planning without 'plan' in the query;
+    a short original answer (<= 5 chars, e.g. a choice letter or a number)
+    that does not appear as a standalone token in the rewrite."""
+    if revised is None:
+        return "unparseable_rewrite"
+    if "Revised response" in revised:
+        return "leftover_marker"
+    if word_count(revised) <= min_length_ratio * word_count(original):
+        return "rewrite_too_short"
+    if category.group == CODE_GROUP and has_code(original) != has_code(revised):
+        return "code_mismatch"
+    if category.name == "planning" and "plan" not in query and "Plan" not in query:
+        return "planning_query_without_plan"
+    short = original.strip()
+    if 0 < len(short) <= 5 and short not in ("True", "False"):
+        if not re.search(r"(?<!\w)" + re.escape(short.rstrip(".")) + r"(?!\w)", revised):
+            return "short_answer_missing"
+    return None
+
+
+# -- stages --------------------------------------------------------------------------
+
+@dataclass
+class ClassifyConfig:
+    query_column: str = field(default="instruction", metadata={"help": "column holding the user query"})
+    output_column: str = field(default="category", metadata={"help": "column written"})
+    formats: str = field(default="data/realign_formats.yaml", metadata={"help": "categories/formats data file"})
+    prompt: str = field(default="realign_classify.jinja", metadata={"help": "classifier prompt (variables: query, categories)"})
+    chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
+    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default greedy, max_tokens 50)"})
+    keep_existing: bool = field(default=True, metadata={"help": "rows that already hold a known category are not re-classified"})
+    model: str | None = field(default=None, metadata={"help": "classifier model (default: the pipeline's)"})
+
+
+class RealignClassifyStage(Stage):
+    """Assigns each query one category from the formats file; answers that
+    name no category become the default category (``unknown_category``)."""
+
+    kind = "realign_classify"
+    Config = ClassifyConfig
+    uses_model = True
+
+    def __init__(self, config, base_dir):
+        super().__init__(config, base_dir)
+        self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        self.params = SamplingParams.from_dict({"temperature": 0.0, "max_tokens": 50, **config.sampling})
+
+    def required_columns(self) -> set[str]:
+        return {self.config.query_column}
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        cols = [c for c in input_columns if c not in (PROVENANCE, self.config.output_column)]
+        return cols + [self.config.output_column, PROVENANCE]
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp["template_sha256"] = self.template.sha256
+        fp["formats_sha256"] = self.formats_sha
+        fp["config"].pop("prompt", None)
+        fp["config"].pop("formats", None)
+        return fp
+
+    def process(self, rows, ctx):
+        c = self.config
+        names = list(self.cats)
+        cat_list = [{"name": k, "description": v.description} for k, v in self.cats.items()]
+        todo = [r for r in rows if not (c.keep_existing and r.get(c.output_column) in self.cats)]
+        ctx.stats.add("already_classified", len(rows) - len(todo))
+        reqs = []
+        for r in todo:
+            q = r.get(c.query_column)
+            if not isinstance(q, str):
+                raise ValueError(f"row {r.get(ROW_ID)!r}: column {c.query_column!r} must be text")
+            reqs.append(_request(self.template.render({"query": q, "categories": cat_list}, r.get(ROW_ID)),
+                                 c.chat, self.params))
+        gen = ctx.generator(c.model)
+        results = dict(zip((r[ROW_ID] for r in todo), gen.generate(reqs, desc=ctx.stage_name)))
+        out = []
+        for r in rows:
+            row = {**r, PROVENANCE: list(r.get(PROVENANCE) or [])}
+            res = results.get(r[ROW_ID])
+            if res is not None:
+                name, finish = None, "error"
+                if res.error:
+                    ctx.stats.add("failed_requests")
+                    ctx.record_failure(r[ROW_ID], res.error)
+                else:
+                    name = parse_category(res.completions[0].text, names)
+                    finish = res.completions[0].finish_reason
+                if name is None:
+                    ctx.stats.add("unknown_category")
+                    name = self.default
+                ctx.stats.add(f"category_{name}")
+                row[c.output_column] = name
+                row[PROVENANCE].append(ctx.provenance(gen, self.params, self.template.sha256, finish))
+            out.append(row)
+        return out
+
+
+@dataclass
+class RewriteConfig:
+    query_column: str = field(default="instruction", metadata={"help": "column holding the user query"})
+    response_column: str = field(default="output", metadata={"help": "column holding the response to reformat (replaced)"})
+    category_column: str = field(default="category", metadata={"help": "column with the task category"})
+    evidence_column: str | None = field(default=None, metadata={"help": "optional column of evidence text(s), used for rag categories"})
+    formats: str = field(default="data/realign_formats.yaml", metadata={"help": "categories/formats data file"})
+    system_prompt: str = field(default="realign_system.jinja", metadata={"help": "system prompt (variables: adaptive, with_evidence)"})
+    prompt: str = field(default="realign_rewrite.jinja", metadata={"help": "user prompt (variables: query, response, format, evidence)"})
+    adaptive: bool = field(default=True, metadata={"help": "let the model keep the response when the format does not fit"})
+    chat: bool = field(default=True, metadata={"help": "send as chat messages (false: raw completion)"})
+    n: int = field(default=2, metadata={"help": "candidates per row; the longest parsable one is used"})
+    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.3, top_p=0.1 as in the paper, max_tokens 1024)"})
+    min_length_ratio: float = field(default=0.5, metadata={"help": "a rewrite with <= this x the original's words keeps the original"})
+    max_input_chars: int = field(default=6000, metadata={"help": "rows with a longer query+response pass through untouched (counted)"})
+    model: str | None = field(default=None, metadata={"help": "rewriting model (default: the pipeline's)"})
+
+
+class RealignRewriteStage(Stage):
+    """Reformats responses of rewritable categories; everything else, and
+    every rejected rewrite, keeps the original response. Adds
+    ``original_response``, ``realign_tag`` (rewrite/original),
+    ``realign_reason`` and ``edit_rate``."""
+
+    kind = "realign_rewrite"
+    Config = RewriteConfig
+    uses_model = True
+
+    def __init__(self, config, base_dir):
+        super().__init__(config, base_dir)
+        self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self.system = PromptTemplate.load(config.system_prompt, self.base_dir)
+        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        self.params = SamplingParams.from_dict({"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024,
+                                                **config.sampling, "n": config.n})
+
+    def required_columns(self) -> set[str]:
+        c = self.config
+        cols = {c.query_column, c.response_column, c.category_column}
+        return cols | ({c.evidence_column} if c.evidence_column else set())
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        new = ["original_response", "realign_tag", "realign_reason", "edit_rate"]
+        return [c for c in input_columns if c not in (*new, PROVENANCE)] + new + [PROVENANCE]
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        fp["template_sha256"] = hashlib.sha256((self.system.sha256 + self.template.sha256).encode()).hexdigest()
+        fp["formats_sha256"] = self.formats_sha
+        for k in ("prompt", "system_prompt", "formats"):
+            fp["config"].pop(k, None)
+        return fp
+
+    def _category(self, row, ctx) -> Category:
+        name = row.get(self.config.category_column)
+        if name not in self.cats:
+            ctx.stats.add("unknown_category_as_default")
+            name = self.default
+        return self.cats[name]
+
+    def process(self, rows, ctx: StageContext):
+        c = self.config
+        gen = ctx.generator(c.model)
+        plans: dict[str, tuple[Category, list[str]]] = {}
+        skipped: dict[str, str] = {}
+        reqs, req_ids = [], []
+        for r in rows:
+            q, resp = r.get(c.query_column), r.get(c.response_column)
+            if not isinstance(q, str) or not isinstance(resp, str):
+                raise ValueError(f"row {r.get(ROW_ID)!r}: columns {c.query_column!r} and {c.response_column!r} must be text")
+            cat = self._category(r, ctx)
+            if not cat.rewrite:  # checked before the format is looked up (reference KeyError)
+                skipped[r[ROW_ID]] = "category_not_rewritten"
+                continue
+            if len(q) + len(resp) > c.max_input_chars:
+                skipped[r[ROW_ID]] = "input_too_long"
+                continue
+            evidence = clean_evidence(r.get(c.evidence_column)) if (c.evidence_column and cat.rag) else []
+            system = self.system.render({"adaptive": c.adaptive, "with_evidence": bool(evidence)}, r.get(ROW_ID))
+            text = self.template.render({"query": q, "response": resp, "format": cat.format,
+                                         "evidence": evidence}, r.get(ROW_ID))
+            plans[r[ROW_ID]] = (cat, evidence)
+            reqs.append(_request(text, c.chat, self.params, system))
+            req_ids.append(r[ROW_ID])
+        results = dict(zip(req_ids, gen.generate(reqs, desc=ctx.stage_name)))
+        out = []
+        for r in rows:
+            q, orig = r[c.query_column], r[c.response_column]
+            row = {**r, "original_response": orig, "realign_tag": "original", "edit_rate": 0.0,
+                   PROVENANCE: list(r.get(PROVENANCE) or [])}
+            res = results.get(r[ROW_ID])
+            if res is None:
+                reason = skipped[r[ROW_ID]]
+                ctx.stats.add(reason)
+                row["realign_reason"] = reason
+                out.append(row)
+                continue
+            cat, evidence = plans[r[ROW_ID]]
+            if evidence:
+                ctx.stats.add("with_evidence")
+            if res.error:
+                ctx.stats.add("failed_requests")
+                ctx.record_failure(r[ROW_ID], res.error)
+                row["realign_reason"] = "failed_request"
+                out.append(row)
+                continue
+            candidates = [parse_revised(comp.text) for comp in res.completions]
+            ctx.stats.add("unparseable_candidates", sum(x is None for x in candidates))
+            parsed = [x for x in candidates if x is not None]
+            revised = max(parsed, key=word_count) if parsed else None  # longest, first on ties
+            reason = rewrite_reject_reason(cat, q, orig, revised, c.min_length_ratio)
+            prov = ctx.provenance(gen, self.params, self.template.sha256,
+                                  ",".join(comp.finish_reason for comp in res.completions))
+            row[PROVENANCE].append(prov)
+            if reason is None:
+                row[c.response_column] = revised
+                row["realign_tag"] = "rewrite"
+                row["edit_rate"] = float(edit_rate(orig, revised))
+                row["realign_reason"] = ""
+                ctx.stats.add("rewritten")
+                if row["edit_rate"] > 0.2:
+                    ctx.stats.add("rewritten_edit_rate_over_0.2")
+            else:
+                row["realign_reason"] = reason
+                ctx.stats.add(f"kept_original_{reason}")
+            out.append(row)
+        return out
