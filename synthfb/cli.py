@@ -52,6 +52,27 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .cards import write_card
+
+    print(write_card(args.run_dir))
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .cards import publish_dir, publish_hub
+
+    if bool(args.to) == bool(args.to_hub):
+        print("synthfb: error: publish needs exactly one of --to DIR or --to-hub REPO", file=sys.stderr)
+        return 2
+    if args.to:
+        print(publish_dir(args.run_dir, args.to, license=args.license))
+    else:
+        print(publish_hub(args.run_dir, args.to_hub, license=args.license, private=not args.public,
+                          token_env=args.token_env))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synthfb",
@@ -77,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.set_defaults(func=_cmd_validate)
 
+    p = sub.add_parser("card", help="(re)write the data card of a finished run",
+                       description="Write RUN_DIR/README.md and RUN_DIR/plots/ from the run's records "
+                                   "(done automatically at the end of every run).")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser("publish", help="publish a finished run with its data card",
+                       description="Write a folder that datasets.load_dataset(DIR) loads (README.md card, "
+                                   "data/*.parquet, plots/), or push the same to the Hugging Face Hub.")
+    p.add_argument("run_dir")
+    p.add_argument("--to", help="output folder")
+    p.add_argument("--to-hub", metavar="REPO", help="Hub dataset repo id (user/name)")
+    p.add_argument("--license", help="override the pipeline's license")
+    p.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
+    p.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding the Hub token")
+    p.set_defaults(func=_cmd_publish)
+
     p = sub.add_parser("models", help="manage models", description="Prepare the embedded default model or make test models.")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
     q = msub.add_parser("prepare", help="convert the embedded SmolLM2-135M-Instruct into a checkpoint in the cache",
@@ -100,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .cards.builder import CardError
     from .data.io import InputError
     from .engine import PipelineError, RunError
 
     try:
         return args.func(args)
-    except (PipelineError, InputError, RunError, FileNotFoundError) as e:
+    except (PipelineError, InputError, RunError, CardError, FileNotFoundError) as e:
         print(f"synthfb: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

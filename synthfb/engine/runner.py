@@ -20,11 +20,13 @@ stage after it.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -41,7 +43,9 @@ from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
 from .stage import Stage, StageContext
 
-_SECRET_WORDS = ("key", "token", "secret", "password", "authorization")
+# keys whose values are credentials: api_key, hf_token, client_secret, password, ...
+# (not max_tokens or api_key_env, which name a number and an environment variable)
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key|token|secret|password|authorization|auth)$", re.IGNORECASE)
 
 
 class RunError(RuntimeError):
@@ -67,8 +71,7 @@ def _hash(obj: Any) -> str:
 def scrub(obj: Any) -> Any:
     """Drop values whose key looks like a credential (never persisted)."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) and "env" not in str(k).lower()
-                    else scrub(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj
@@ -226,8 +229,26 @@ class Runner:
             output={"path": "dataset", "rows": final.num_rows, "columns": final.column_names},
         )
         atomic_write_json(self.out / "run.json", manifest)
+        self._write_card()
         self._log(f"done: {final.num_rows} rows -> {dataset_dir}")
         return RunResult(self.out, dataset_dir, final.num_rows, manifest)
+
+    def _write_card(self) -> None:
+        """README.md card + plots in the run folder. The data is already safe
+        on disk, so a card problem is reported, not raised."""
+        import warnings
+
+        from ..cards import write_card
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                write_card(self.out)
+            for w in caught:
+                self._log(f"card: {w.message}")
+        except Exception as e:  # noqa: BLE001 - reported, the run's data is complete
+            print(f"synthfb: warning: could not write the data card: {e}; run `synthfb card {self.out}`",
+                  file=sys.stderr)
 
     def _write_dataset(self, table: pa.Table) -> Path:
         import datasets
@@ -304,7 +325,7 @@ class Runner:
             "index": i,
             "kind": stage.kind,
             "fingerprint": fp,
-            "config": scrub(stage.fingerprint()["config"]),
+            "config": scrub(json.loads(json.dumps(dataclasses.asdict(stage.config), default=str))),
             "template_sha256": stage.fingerprint().get("template_sha256"),
             "model": model,
             "rows_in": rows_in,

@@ -12,10 +12,14 @@ from .self_instruct import (AlpacaBootstrapStage, SelfInstructBootstrapStage, Se
                             SelfInstructInstancesStage)
 from .backtranslation import BacktranslateStage, SegmentsStage, SelfCurateStage, SourceTagStage
 from .realign import RealignClassifyStage, RealignRewriteStage
+from .constitutional import CAILabelStage, CAIReviseStage
+from .judge import JudgePairsStage
+from .onpolicy_pairs import OnPolicyPairsStage
 
 STAGES = {cls.kind: cls for cls in (LoadStage, GenerateStage,
                                       SelfInstructBootstrapStage, SelfInstructClassifyStage, SelfInstructInstancesStage,
                                       AlpacaBootstrapStage, SegmentsStage, BacktranslateStage, SelfCurateStage,
-                                      SourceTagStage, RealignClassifyStage, RealignRewriteStage)}
+                                      SourceTagStage, RealignClassifyStage, RealignRewriteStage,
+                                      CAIReviseStage, CAILabelStage, JudgePairsStage, OnPolicyPairsStage)}
 
 __all__ = ["STAGES", "GenerateStage", "LoadStage"]

@@ -1,0 +1,278 @@
+"""Data cards written only from what a run recorded.
+
+``build_card(run_dir)`` reads ``run.json`` (stages, models, prompts, sampling,
+counts, drop reasons, failures, versions) and the output dataset, and returns
+the card metadata (validated against ``data_cards/card_metadata.schema.json``)
+and the README text rendered from ``data_cards/card.md.jinja``. Numbers in
+the card are recomputed from the dataset where they can be (row counts,
+lengths, scores), and taken from the run record otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+CARDS_DIR = REPO_ROOT / "data_cards"
+SCHEMA_PATH = CARDS_DIR / "card_metadata.schema.json"
+TEMPLATE_PATH = CARDS_DIR / "card.md.jinja"
+
+# Method citations by stage kind (prefix match), for the card's references.
+CITATIONS: dict[str, str] = {
+    "self_instruct": "Wang et al. 2022, Self-Instruct: Aligning Language Models with Self-Generated Instructions, arXiv:2212.10560",
+    "alpaca": "Taori et al. 2023, Stanford Alpaca: An Instruction-following LLaMA model, github.com/tatsu-lab/stanford_alpaca",
+    "backtranslation": "Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
+    "realign": "Fan et al. 2024, Reformatted Alignment, arXiv:2402.12219",
+    "constitutional": "Bai et al. 2022, Constitutional AI: Harmlessness from AI Feedback, arXiv:2212.08073",
+    "cai": "Bai et al. 2022, Constitutional AI: Harmlessness from AI Feedback, arXiv:2212.08073",
+    "judge": "Yuan et al. 2024, Self-Rewarding Language Models, arXiv:2401.10020",
+    "onpolicy": "Jiang et al. 2023, LLM-Blender: Ensembling LLMs with Pairwise Ranking and Generative Fusion, arXiv:2306.02561; "
+                "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734",
+}
+VLLM_CITATION = "Kwon et al. 2023, Efficient Memory Management for Large Language Model Serving with PagedAttention, arXiv:2309.06180"
+TEXT_COLUMNS = ("instruction", "input", "output", "response", "prompt", "completion", "chosen", "rejected")
+SCORE_COLUMNS = ("score", "score_chosen", "score_rejected", "margin", "p_chosen", "rating")
+
+
+class CardError(ValueError):
+    """The run folder cannot be carded (unfinished run, bad metadata)."""
+
+
+@dataclass
+class Card:
+    """Card metadata (the README's YAML header), body text and plot files."""
+
+    metadata: dict[str, Any]
+    body: str
+    plots: dict[str, bytes] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        header = yaml.safe_dump(self.metadata, sort_keys=False, allow_unicode=True)
+        return f"---\n{header}---\n\n{self.body}"
+
+
+def size_category(n: int) -> str:
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
+    for b, name in bounds:
+        if n < b:
+            return name
+    return "n>100M"
+
+
+def _as_text(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(m, dict) and "content" in m for m in v):
+        return "\n".join(str(m["content"]) for m in v)
+    return None
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    return {"count": len(s), "min": s[0], "median": statistics.median(s), "mean": round(statistics.fmean(s), 3),
+            "max": s[-1]}
+
+
+def _hist_png(values: dict[str, list[float]], title: str, xlabel: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    for name, xs in values.items():
+        ax.hist(xs, bins=min(30, max(5, len(set(xs)))), alpha=0.6, label=f"{name} (n={len(xs)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _methods(kinds: list[str]) -> list[str]:
+    return [k for k in kinds if k not in ("load",)]
+
+
+def _citations(kinds: list[str], backends: set[str]) -> list[str]:
+    out: list[str] = []
+    for k in kinds:
+        for prefix, cite in CITATIONS.items():
+            if k.startswith(prefix) and cite not in out:
+                out.append(cite)
+    if backends & {"vllm", "vllm-cpu"}:
+        out.append(VLLM_CITATION)
+    return out
+
+
+def _prompt_files(stage: dict[str, Any], pipeline_dir: Path) -> list[dict[str, str]]:
+    from ..stages.templates import find_file
+
+    out = []
+    cfg = stage.get("config") or {}
+    for key, value in cfg.items():
+        if isinstance(value, str) and value.endswith((".jinja", ".j2", ".txt")):
+            entry = {"stage": f"{stage['index']:02d}-{stage['kind']}", "field": key, "file": value,
+                     "sha256": stage.get("template_sha256") or ""}
+            try:
+                entry["text"] = find_file(value, pipeline_dir, "prompt").read_text(encoding="utf-8")
+            except (FileNotFoundError, UnicodeDecodeError):
+                entry["text"] = ""
+            out.append(entry)
+    return out
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    import datasets
+
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.exists():
+        raise CardError(f"{run_dir}: no run.json; not a synthfb run folder")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "finished":
+        raise CardError(f"{run_dir}: the run has not finished (status {manifest.get('status')!r}); resume it first")
+    ds = datasets.load_from_disk(str(run_dir / "dataset"))
+    return manifest, ds
+
+
+def build_card(run_dir: str | Path, *, license: str | None = None, pretty_name: str | None = None,
+               data_path: str = "data/train-*.parquet") -> Card:
+    """Build the card for a finished run (metadata validated against the schema)."""
+    import warnings
+
+    import jinja2
+    import jsonschema
+
+    run_dir = Path(run_dir)
+    manifest, ds = load_run(run_dir)
+    stages = manifest["stages"]
+    kinds = [s["kind"] for s in stages]
+    n = len(ds)
+    cols = ds.column_names
+    pipeline_dir = Path(manifest.get("source") or ".").parent
+
+    models: dict[tuple, dict[str, Any]] = {}
+    for s in stages:
+        m = s.get("model")
+        if m:
+            key = (m["name"], m.get("revision"))
+            entry = models.setdefault(key, {**m, "roles": []})
+            role = s.get("role") or ("generator" if s["kind"] not in ("judge",) else "judge")
+            if role not in entry["roles"]:
+                entry["roles"].append(role)
+    model_list = list(models.values())
+    license_ = license or manifest.get("license")
+    unknown_license_models = []
+    from ..llm.models import model_license
+
+    for m in model_list:
+        m["license"] = model_license(m.get("path", "")) if m.get("path") else None
+        if m["license"] is None:
+            unknown_license_models.append(m["name"])
+    if unknown_license_models:
+        warnings.warn(f"license unknown for model(s) {unknown_license_models}; check their terms before publishing",
+                      stacklevel=2)
+
+    # lengths (words) and scores recomputed from the dataset itself
+    lengths: dict[str, list[float]] = {}
+    for c in cols:
+        if c in TEXT_COLUMNS:
+            xs = [len(t.split()) for t in (_as_text(v) for v in ds[c]) if t is not None]
+            if xs:
+                lengths[c] = xs
+    scores = {c: [float(v) for v in ds[c] if isinstance(v, (int, float))] for c in cols if c in SCORE_COLUMNS}
+    scores = {c: xs for c, xs in scores.items() if xs}
+    finish: dict[str, int] = {}
+    if "provenance" in cols:
+        for prov in ds["provenance"]:
+            if prov:
+                fr = prov[-1].get("finish_reason") or "unknown"
+                finish[fr] = finish.get(fr, 0) + 1
+    plots: dict[str, bytes] = {}
+    if lengths:
+        plots["plots/lengths.png"] = _hist_png(lengths, "Length distribution", "words per field")
+    if scores:
+        plots["plots/scores.png"] = _hist_png(scores, "Score distribution", "value")
+
+    is_pref = {"chosen", "rejected"} <= set(cols)
+    tags = ["synthetic", "synthfb"] + [k.replace("_", "-") for k in _methods(kinds)]
+    tags.append("preference" if is_pref else "sft")
+    source_datasets = []
+    for s in stages:
+        if s["kind"] == "load":
+            source_datasets.append(f"local:{Path(str(s['config'].get('path'))).name}")
+    feats = ds.features._to_yaml_list()
+    metadata: dict[str, Any] = {
+        "license": license_ or "other",
+        "pretty_name": pretty_name or manifest["pipeline"],
+        "task_categories": ["text-generation"],
+        "language": ["en"],
+        "size_categories": [size_category(n)],
+        "source_datasets": source_datasets or ["original"],
+        "annotations_creators": ["machine-generated"],
+        "language_creators": ["machine-generated"],
+        "tags": tags,
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_path}]}],
+        "dataset_info": {"features": feats, "splits": [{"name": "train", "num_bytes": int(ds.data.nbytes),
+                                                              "num_examples": n}]},
+    }
+    if not license_:
+        metadata["license_details"] = "no license was set in the pipeline (`license:`); ask the dataset's author"
+    schema = json.loads(SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(metadata, schema)
+    except jsonschema.ValidationError as e:
+        raise CardError(f"card metadata invalid at {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}") from e
+
+    prompts = [p for s in stages for p in _prompt_files(s, pipeline_dir)]
+    backends = {m.get("backend") for m in model_list}
+    limitations = []
+    total_fail = sum(len(s.get("failures") or []) for s in stages)
+    if total_fail:
+        limitations.append(f"{total_fail} input row(s) failed for good and are not in the dataset (reasons in the run record).")
+    if finish.get("length"):
+        limitations.append(f"{finish['length']} of {n} rows were cut off at max_tokens (finish_reason=length).")
+    if unknown_license_models:
+        limitations.append(f"License of model(s) {', '.join(unknown_license_models)} is not recorded; check before reuse.")
+    limitations.append("All text was written by language models and was not reviewed by people; it can be wrong, "
+                       "biased or unsafe.")
+    facts = {
+        "pipeline": manifest["pipeline"],
+        "description": (manifest.get("description") or "").strip(),
+        "num_rows": n,
+        "columns": cols,
+        "stages": stages,
+        "models": model_list,
+        "prompts": prompts,
+        "length_stats": {c: _summary(xs) for c, xs in lengths.items()},
+        "score_stats": {c: _summary(xs) for c, xs in scores.items()},
+        "finish_reasons": finish,
+        "seed": manifest.get("seed"),
+        "chunk_size": manifest.get("chunk_size"),
+        "versions": manifest.get("versions", {}),
+        "citations": _citations(kinds, backends),
+        "limitations": limitations,
+        "plots": sorted(plots),
+        "started": manifest.get("started"),
+        "finished": manifest.get("finished"),
+        "config_yaml": yaml.safe_dump(manifest.get("config", {}), sort_keys=False, allow_unicode=True),
+    }
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    body = env.from_string(TEMPLATE_PATH.read_text()).render(**facts, metadata=metadata)
+    return Card(metadata=metadata, body=body, plots=plots, facts=facts)

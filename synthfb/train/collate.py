@@ -1,0 +1,262 @@
+"""Tokenization and batching of the rows our stages emit (TRL column names).
+
+Row formats:
+
+- SFT, standard: ``prompt`` (str) + ``completion`` (str).
+- SFT, conversational: ``messages`` (list of {role, content}); or ``prompt``
+  (list of messages) + ``completion`` (list of assistant messages).
+- Preference, standard: ``prompt`` + ``chosen`` + ``rejected`` (strings).
+- Preference, conversational: ``prompt`` (messages) + ``chosen`` / ``rejected``
+  (lists of assistant messages); without ``prompt`` the shared leading turns of
+  ``chosen`` and ``rejected`` are taken as the prompt (TRL's implicit prompt).
+- Ranked lists (Plackett-Luce): ``prompt`` + ``completions`` (K strings or
+  message lists) + ``scores`` (K numbers, higher is better).
+
+Loss masks are 1 on completion / assistant tokens only (including the end of
+turn token, so the model learns to stop) and 0 on prompt, template and pad
+tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.io import InputError, read_user_file
+
+
+def load_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a ``save_to_disk`` folder, a .jsonl/.json/.csv or a .parquet file."""
+    return read_user_file(path).to_pylist()
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+def _row_err(i: int, msg: str) -> InputError:
+    return InputError(f"row {i}: {msg}")
+
+
+class Tokenizer:
+    """Wraps a HF tokenizer with the prompt/completion rules of this module."""
+
+    def __init__(self, tok, max_length: int | None = None, max_prompt_length: int | None = None):
+        self.tok = tok
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.pad_id = tok.pad_token_id
+        self.eos_id = tok.eos_token_id
+
+    # -- pieces -------------------------------------------------------
+    def _chat(self, messages, add_generation_prompt: bool) -> str:
+        if getattr(self.tok, "chat_template", None) is None:
+            raise InputError("conversational rows need a tokenizer with a chat template")
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """Token ids of a prompt: chat-rendered messages, or a plain string."""
+        if _is_messages(prompt):
+            return self._ids(self._chat(prompt, True), False)
+        if isinstance(prompt, str):
+            return self._ids(prompt, True)
+        raise InputError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+    def completion_ids(self, prompt: Any, completion: Any) -> list[int]:
+        """Ids of ``completion`` as it follows ``prompt``, ending with end-of-turn/eos."""
+        if _is_messages(prompt) or _is_messages(completion):
+            if not (_is_messages(prompt) and _is_messages(completion)):
+                raise InputError("conversational prompt and completion must both be message lists")
+            head = self._chat(prompt, True)
+            full = self._chat(list(prompt) + list(completion), False)
+            if not full.startswith(head):
+                raise InputError("the chat template does not render the prompt as a prefix of the conversation")
+            ids = self._ids(full[len(head):], False)
+            return ids
+        if not isinstance(completion, str):
+            raise InputError(f"completion must be a string, got {type(completion).__name__}")
+        ids = self._ids(completion, False)
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+        return ids
+
+    def _truncate(self, p: list[int], c: list[int]) -> tuple[list[int], list[int]]:
+        if self.max_prompt_length and len(p) > self.max_prompt_length:
+            p = p[-self.max_prompt_length:]
+        if self.max_length and len(p) + len(c) > self.max_length:
+            keep = self.max_length - len(c)
+            if keep < 1:
+                p, c = p[-1:], c[: self.max_length - 1]
+            else:
+                p = p[-keep:]
+        return p, c
+
+    # -- examples -----------------------------------------------------
+    def sft_example(self, row: dict, i: int = 0) -> dict[str, list[int]]:
+        """``input_ids`` + ``loss_mask`` for one SFT row."""
+        try:
+            if "messages" in row and row["messages"] is not None:
+                return self._messages_example(row["messages"])
+            if "prompt" in row and "completion" in row:
+                p = self.prompt_ids(row["prompt"])
+                c = self.completion_ids(row["prompt"], row["completion"])
+                p, c = self._truncate(p, c)
+                return {"input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)}
+        except InputError as e:
+            raise _row_err(i, str(e)) from None
+        raise _row_err(i, f"SFT rows need `messages` or `prompt` + `completion`; got columns {sorted(row)}")
+
+    def _messages_example(self, messages: list[dict]) -> dict[str, list[int]]:
+        if not _is_messages(messages):
+            raise InputError("`messages` must be a list of {role, content} dicts")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise InputError("`messages` has no assistant turn to train on")
+        full = self._chat(messages, False)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self._chat(messages[:k], True) if k else ""
+            upto = self._chat(messages[: k + 1], False)
+            if not full.startswith(upto) or not upto.startswith(head):
+                raise InputError("the chat template does not render conversations prefix by prefix")
+            spans.append((len(head), len(upto)))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [1 if any(a <= s and e <= b and e > s for a, b in spans) else 0 for s, e in enc["offset_mapping"]]
+        if self.max_length and len(ids) > self.max_length:
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+        if not any(mask[1:]):
+            raise InputError("no assistant tokens left after truncation")
+        return {"input_ids": ids, "loss_mask": mask}
+
+    def preference_example(self, row: dict, i: int = 0) -> dict[str, list[int]]:
+        """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` for one preference row."""
+        for k in ("chosen", "rejected"):
+            if k not in row or row[k] is None:
+                raise _row_err(i, f"preference rows need `chosen` and `rejected`; missing `{k}` (columns {sorted(row)})")
+        try:
+            prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+            if prompt is None:
+                if not (_is_messages(chosen) and _is_messages(rejected)):
+                    raise InputError("without `prompt`, `chosen`/`rejected` must be conversations")
+                n = 0
+                while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                    n += 1
+                prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+                if not prompt:
+                    raise InputError("`chosen` and `rejected` share no leading turns to use as the prompt")
+            p = self.prompt_ids(prompt)
+            c = self.completion_ids(prompt, chosen)
+            r = self.completion_ids(prompt, rejected)
+        except InputError as e:
+            raise _row_err(i, str(e)) from None
+        if self.max_prompt_length and len(p) > self.max_prompt_length:
+            p = p[-self.max_prompt_length:]
+        if self.max_length:
+            room = max(1, self.max_length - len(p))
+            c, r = c[:room], r[:room]
+        return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+    def ranked_example(self, row: dict, i: int = 0) -> dict[str, Any]:
+        """``prompt_ids`` + ``completion_ids`` sorted best first (by ``scores``)."""
+        comps, scores = row.get("completions"), row.get("scores")
+        if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores) or len(comps) < 2:
+            raise _row_err(i, "ranked rows need `completions` and `scores` lists of the same length >= 2")
+        try:
+            p = self.prompt_ids(row["prompt"])
+            order = sorted(range(len(comps)), key=lambda k: -float(scores[k]))
+            cs = [self.completion_ids(row["prompt"], comps[k]) for k in order]
+        except (InputError, KeyError, TypeError, ValueError) as e:
+            raise _row_err(i, f"bad ranked row ({e})") from None
+        if self.max_length:
+            room = max(1, self.max_length - len(p))
+            cs = [c[:room] for c in cs]
+        return {"prompt_ids": p, "completion_ids": cs}
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Pad lists of ints into a (B, T) long tensor on the given side."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s)
+        else:
+            out[i, width - len(s):] = torch.tensor(s)
+    return out
+
+
+def collate_sft(examples: list[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad SFT examples into ``input_ids``, ``attention_mask``, ``loss_mask``."""
+    ids = [e["input_ids"] for e in examples]
+    return {
+        "input_ids": pad(ids, pad_id, side),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0, side),
+        "loss_mask": pad([e["loss_mask"] for e in examples], 0, side),
+    }
+
+
+def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, side: str = "right"):
+    """Join prompt + completion per row and pad; loss mask on the completion."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    return {
+        "input_ids": pad(seqs, pad_id, side),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0, side),
+        "loss_mask": pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, side),
+    }
+
+
+def pack(examples: list[dict], max_length: int) -> list[list[int]]:
+    """Greedy first-fit-decreasing bins of example indices, each <= ``max_length`` tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        for b in range(len(bins)):
+            if room[b] >= n:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_length - n)
+    return bins
+
+
+def collate_packed(groups: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each group of examples becomes one row; no attention crosses examples.
+
+    Returns ``input_ids``, ``loss_mask``, ``position_ids`` (restarting at 0 for
+    each example) and a 4D boolean ``attention_mask`` (B, 1, T, T) that is
+    causal within each example and blocks every other pair (padding included).
+    """
+    rows, segs, pos, lm = [], [], [], []
+    for g in groups:
+        r, s, p, m = [], [], [], []
+        for k, e in enumerate(g):
+            n = len(e["input_ids"])
+            r += e["input_ids"]
+            s += [k] * n
+            p += list(range(n))
+            m += [0] + list(e["loss_mask"][1:])
+        rows.append(r), segs.append(s), pos.append(p), lm.append(m)
+    ids = pad(rows, pad_id)
+    seg = pad(segs, -1)
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    mask4 = (same & causal)[:, None]
+    # a fully masked pad row would make softmax NaN on some kernels: let pads see themselves
+    eye = torch.eye(T, dtype=torch.bool)[None, None]
+    mask4 = mask4 | (eye & (seg < 0)[:, None, :, None])
+    return {"input_ids": ids, "attention_mask": mask4, "position_ids": pad(pos, 0), "loss_mask": pad(lm, 0)}

@@ -1,0 +1,238 @@
+"""The optimizer loop shared by the SFT, RM and DPO trainers (PPO reuses the pieces).
+
+- Gradient accumulation equals one larger batch: the loss of every
+  micro-batch is a *sum* divided by the normalizer of the whole accumulated
+  step (tokens for SFT, examples for RM/DPO), counted before any backward.
+- Data order is a pure function of (seed, epoch), so a resumed run sees the
+  same batches as an uninterrupted one.
+- Checkpoints are HF folders (``save_pretrained``) plus ``trainer_state.pt``
+  (optimizer, scheduler, step), written to a temporary name and renamed.
+- Metrics go to ``output_dir/metrics.jsonl``, one line per logged step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+
+
+def device_of(cfg: TrainConfig) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+    model.to(device_of(cfg))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def make_optimizer(params, cfg: TrainConfig, total_steps: int):
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+    )
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - frac
+        return 0.5 * (1 + math.cos(math.pi * frac))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``; on resume drops lines past the resumed step."""
+
+    def __init__(self, out_dir: Path, resume_step: int = 0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if resume_step and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.history: list[dict] = [json.loads(ln) for ln in keep]
+
+    def write(self, rec: dict) -> None:
+        rec = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
+        self.history.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    cks = [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").exists()]
+    return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
+
+
+def resume_path(cfg: TrainConfig) -> Path | None:
+    if cfg.resume_from:
+        p = Path(cfg.resume_from)
+        if not (p / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"resume_from: {p} is not a checkpoint folder (no trainer_state.pt)")
+        return p
+    if cfg.resume:
+        return latest_checkpoint(Path(cfg.output_dir))
+    return None
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tok, state: dict, limit: int | None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``checkpoint-STEP`` atomically; prune old ones beyond ``limit``."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if extra:
+        extra(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if limit:
+        cks = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        for p in cks[:-limit]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def save_final(out_dir: Path, model, tok, cfg: TrainConfig) -> None:
+    """The trained model as an HF folder in ``output_dir`` itself."""
+    import yaml
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    (out_dir / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclasses.dataclass
+class Task:
+    """What a trainer plugs into :func:`run`.
+
+    ``collate(items) -> batch``; ``count(batch) -> float`` (the normalizer
+    units in the batch); ``loss(model, batch) -> (loss_sum, metric_sums)``
+    where every metric is a sum over the same units (divided by the step's
+    count when logged); ``tokens(batch)`` for the tokens/s figure.
+    """
+
+    collate: Callable[[list], Any]
+    count: Callable[[Any], float]
+    loss: Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]
+    tokens: Callable[[Any], int]
+
+
+def run(cfg: TrainConfig, model, tok, items: list, task: Task, extra_state: dict | None = None) -> dict:
+    """Train ``model`` on ``items``; returns a summary (steps, last metrics, seconds)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = next(model.parameters()).device
+    n_micro = math.ceil(len(items) / cfg.batch_size)
+    if n_micro == 0:
+        raise ValueError("no training examples")
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+    opt, sched = make_optimizer(model.parameters(), cfg, total)
+    step = 0
+    rp = resume_path(cfg)
+    if rp is not None:
+        st = torch.load(rp / "trainer_state.pt", weights_only=False)
+        from safetensors.torch import load_model
+
+        load_model(model, str(rp / "model.safetensors"), strict=False, device=str(dev))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+    log = MetricsLog(out, step)
+    cache: dict[int, list[list[int]]] = {}
+
+    def micro(m: int) -> list[int]:
+        e = m // n_micro
+        if e not in cache:
+            cache.clear()
+            cache[e] = epoch_batches(len(items), cfg.batch_size, cfg.seed, e)
+        return cache[e][m % n_micro]
+
+    model.train()
+    t0 = time.perf_counter()
+    tokens_total = 0
+    last: dict = {}
+    while step < total:
+        ts = time.perf_counter()
+        batches = [task.collate([items[i] for i in micro(step * cfg.grad_accum + k)]) for k in range(cfg.grad_accum)]
+        norm = sum(task.count(b) for b in batches)
+        sums: dict[str, float] = {}
+        loss_total = 0.0
+        ntok = 0
+        for b in batches:
+            b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            loss_sum, ms = task.loss(model, b)
+            (loss_sum / max(norm, 1e-8)).backward()
+            loss_total += float(loss_sum.detach())
+            for k, v in ms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            ntok += task.tokens(b)
+        gnorm = None
+        if cfg.max_grad_norm:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_total += ntok
+        dt = time.perf_counter() - ts
+        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_total / max(norm, 1e-8), "lr": lr,
+                "grad_norm": gnorm, "tokens": ntok, "tokens_per_s": ntok / max(dt, 1e-9)}
+        last.update({k: v / max(norm, 1e-8) for k, v in sums.items()})
+        if step % cfg.logging_steps == 0 or step == total:
+            log.write(last)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, **(extra_state or {})}
+            save_checkpoint(out, step, model, tok, state, cfg.save_total_limit)
+    save_final(out, model, tok, cfg)
+    return {"steps": step, "last": last, "seconds": time.perf_counter() - t0, "tokens": tokens_total, "history": log.history}

@@ -1,0 +1,429 @@
+"""PPO for language models (RLHF / RLAIF), after Ouyang et al. 2022 and the
+"N implementation details of RLHF with PPO" (Huang et al. 2024).
+
+One iteration (one optimizer "step" in ``max_steps``):
+
+1. save the policy as an HF folder and sample completions for a batch of
+   prompts through one of our Generators (vLLM: the engine is rebuilt from the
+   saved checkpoint each rollout, which is what the CPU build allows; or the
+   transformers backend, which is much faster to reload for tiny models);
+2. score the completions with a reward model checkpoint or a Python function;
+3. per-token reward = -kl_coef * (log pi_old - log pi_ref), plus the score on
+   the last generated token (the EOS when the policy stopped; never a pad);
+   optional penalty for completions that never emitted EOS;
+4. GAE advantages (:func:`compute_gae`), whitened; value targets = A + V;
+5. ``ppo_epochs`` passes of shuffled minibatches with the clipped policy loss
+   and the clipped value loss (value head on the policy's last hidden state).
+
+Layout of a rollout batch: prompts left-padded to width P, responses
+right-padded to width R, so response token j sits at column P + j for every
+row.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from . import loop
+from .collate import Tokenizer, load_rows, pad
+from .config import TrainConfig, _f
+from .logprobs import hidden_states, last_token_index
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO (``synthfb train ppo``). ``max_steps`` counts PPO iterations (rollouts)."""
+
+    reward_model: str | None = _f(None, "reward model checkpoint (from `synthfb train rm`)")
+    reward_function: str | None = _f(None, "Python reward `module:function` or `file.py:function`, called as f(prompts, completions) -> list of floats")
+    ref_model: str | None = _f(None, "frozen reference model for the KL penalty; none = the starting model")
+    rollout_backend: Literal["vllm", "transformers"] = _f("vllm", "Generator used for rollouts (reloaded from the saved policy each rollout)")
+    rollout_options: dict = _f({}, "extra options for the rollout Generator (e.g. kv_cache_gib, max_model_len)")
+    rollout_batch_size: int = _f(16, "prompts per rollout")
+    samples_per_prompt: int = _f(1, "completions sampled per prompt")
+    max_new_tokens: int = _f(64, "max generated tokens per completion")
+    temperature: float = _f(1.0, "sampling temperature for rollouts")
+    top_p: float = _f(1.0, "nucleus sampling for rollouts")
+    ppo_epochs: int = _f(4, "passes over each rollout")
+    kl_coef: float = _f(0.05, "per-token KL penalty coefficient")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    cliprange: float = _f(0.2, "policy ratio clip")
+    cliprange_value: float = _f(0.2, "value clip around the rollout values")
+    vf_coef: float = _f(0.1, "value loss weight")
+    whiten_advantages: bool = _f(True, "normalize advantages to mean 0, std 1 per rollout")
+    missing_eos_penalty: float | None = _f(None, "subtract this from the score of completions that did not end with EOS")
+    batch_size: int = _f(8, "sequences per micro-batch; a PPO minibatch is batch_size * grad_accum sequences")
+    learning_rate: float = _f(1e-6, "peak learning rate (AdamW)")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate decay after warmup")
+    max_steps: int | None = _f(10, "PPO iterations (rollouts) to run; none = num_epochs passes over the prompts")
+
+    def check(self) -> None:
+        if not (self.reward_model or self.reward_function):
+            raise ValueError("set `reward_model` or `reward_function`")
+
+
+# --- math -------------------------------------------------------------------
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalized advantage estimation (Schulman et al. 2016) over (B, T) tensors.
+
+    ``mask`` marks the real tokens of each row (one contiguous span, e.g. a
+    right-padded response); the value after the last real token is 0 (the
+    episode ends). Returns ``(advantages, returns)``, zero outside the mask.
+    """
+    mask = mask.to(rewards.dtype)
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        nxt = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        nv = values[:, t + 1] * nxt if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nv - values[:, t]
+        last = delta + gamma * lam * last * nxt
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    m = masked_mean(x, mask)
+    var = masked_mean((x - m) ** 2, mask)
+    return ((x - m) * torch.rsqrt(var + eps)) * mask
+
+
+def place_score(token_rewards: torch.Tensor, scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Add each row's score at its last real response token (EOS if present), never on padding."""
+    idx = last_token_index(response_mask)
+    out = token_rewards.clone()
+    rows = torch.arange(out.shape[0], device=out.device)
+    ok = idx >= 0
+    out[rows[ok], idx[ok]] += scores[ok].to(out.dtype)
+    return out
+
+
+def ppo_losses(new_logps, old_logps, advantages, values, old_values, returns, mask, cliprange, cliprange_value):
+    """Clipped policy and value losses as masked *sums* plus statistic sums (per token)."""
+    ratio = torch.exp(new_logps - old_logps)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    pg = torch.maximum(pg1, pg2)
+    vclip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf1 = (values - returns) ** 2
+    vf2 = (vclip - returns) ** 2
+    vf = 0.5 * torch.maximum(vf1, vf2)
+    m = mask.to(pg.dtype)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": float(((pg2 > pg1).float() * m).sum()),
+            "vf_clipfrac": float(((vf2 > vf1).float() * m).sum()),
+            "ratio": float((ratio * m).sum()),
+            "ratio_max_dev": float(((ratio - 1).abs() * m).max()),
+            "approx_kl": float((0.5 * (new_logps - old_logps) ** 2 * m).sum()),
+        }
+    return (pg * m).sum(), (vf * m).sum(), stats
+
+
+# --- rollout batch ---------------------------------------------------------
+
+def rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict:
+    """Left-padded prompts + right-padded responses (see the module doc)."""
+    P = max(len(p) for p in prompt_ids)
+    R = max(1, max(len(r) for r in response_ids))
+    ids_p = pad(prompt_ids, pad_id, "left")
+    mask_p = pad([[1] * len(p) for p in prompt_ids], 0, "left")
+    ids_r = pad([r if r else [pad_id] for r in response_ids], pad_id, "right")[:, :R]
+    mask_r = pad([[1] * len(r) if r else [0] for r in response_ids], 0, "right")[:, :R]
+    return {"input_ids": torch.cat([ids_p, ids_r], 1), "attention_mask": torch.cat([mask_p, mask_r], 1),
+            "response_mask": mask_r, "P": P}
+
+
+def policy_forward(model, value_head, batch: dict, with_values: bool = True):
+    """Per-response-token log-probs (N, R), values (N, R) and entropies (N, R)."""
+    ids, am, P = batch["input_ids"], batch["attention_mask"], batch["P"]
+    R = ids.shape[1] - P
+    h = hidden_states(model, ids, am)
+    hs = h[:, P - 1: P - 1 + R]  # the state from which response token j is chosen
+    logits = model.get_output_embeddings()(hs).float()
+    lse = torch.logsumexp(logits, -1)
+    tgt = ids[:, P:]
+    lp = logits.gather(-1, tgt[..., None])[..., 0] - lse
+    with torch.no_grad():
+        ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    v = value_head(hs.to(value_head.weight.dtype))[..., 0].float() if with_values else None
+    return lp, v, ent
+
+
+# --- reward ----------------------------------------------------------------
+
+def load_reward_function(spec: str) -> Callable[[list, list[str]], list[float]]:
+    """``module:function`` or ``path/file.py:function``."""
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"reward_function {spec!r}: expected `module:function` or `file.py:function`")
+    if mod_name.endswith(".py"):
+        s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        if s is None or s.loader is None:
+            raise ValueError(f"reward_function: cannot load {mod_name}")
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(mod_name)
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward_function: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+class RewardModelScorer:
+    """Scores (prompt, completion) with a reward model checkpoint at the last real token."""
+
+    def __init__(self, path: str, dtype: str = "float32", device=None, batch_size: int = 16):
+        from .rm import load_reward_model
+
+        self.model, tok = load_reward_model(path, dtype, device)
+        self.model.eval()
+        self.tok = Tokenizer(tok)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        from .collate import collate_sequences
+        from .rm import reward_scores
+
+        dev = next(self.model.parameters()).device
+        out: list[float] = []
+        for s in range(0, len(prompts), self.batch_size):
+            ps = [self.tok.prompt_ids(p) for p in prompts[s:s + self.batch_size]]
+            cs = [self.tok.completion_ids(p, c) for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
+            b = collate_sequences(ps, cs, self.tok.pad_id, "right")
+            out += reward_scores(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev)).tolist()
+        return out
+
+
+# --- rollouts --------------------------------------------------------------
+
+def default_generator_factory(cfg: PPOConfig) -> Callable[[str, int], Any]:
+    """``factory(checkpoint_dir, seed) -> Generator`` for ``cfg.rollout_backend``."""
+
+    def make(path: str, seed: int):
+        from ..llm import load_generator
+
+        opts = dict(cfg.rollout_options)
+        opts.setdefault("seed", seed)
+        opts.setdefault("progress", False)
+        opts.setdefault("dtype", cfg.dtype)
+        return load_generator(cfg.rollout_backend, path, **opts)
+
+    return make
+
+
+def sample(gen, prompts: list, cfg: PPOConfig) -> list[tuple[Any, str, bool]]:
+    """(prompt, completion text, stopped) per sample, through the Generator protocol."""
+    from ..llm.types import GenerationRequest, SamplingParams
+
+    sp = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+    reqs = [GenerationRequest(messages=p, params=sp) if isinstance(p, list) else GenerationRequest(prompt=p, params=sp)
+            for p in prompts]
+    out = []
+    for p, res in zip(prompts, gen.generate(reqs)):
+        for c in res.completions:
+            out.append((p, c.text, c.finish_reason == "stop"))
+    return out
+
+
+def _prompt_of(row: dict, i: int):
+    from ..data.io import InputError
+
+    p = row.get("prompt")
+    if p is None and isinstance(row.get("messages"), list):
+        p = [m for m in row["messages"] if m.get("role") != "assistant"] or None
+    if p is None:
+        raise InputError(f"row {i}: PPO rows need a `prompt` (string or messages); got columns {sorted(row)}")
+    return p
+
+
+def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callable | None = None,
+              generator_factory: Callable[[str, int], Any] | None = None) -> dict:
+    """Run PPO; the policy ends up in ``cfg.output_dir`` (value head in ``value_head.pt``)."""
+    loop.seed_all(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = loop.device_of(cfg)
+    rows = load_rows(cfg.dataset) if rows is None else rows
+    prompts = [_prompt_of(r, i) for i, r in enumerate(rows)]
+    tok = loop.load_tokenizer(cfg.model)
+    T = Tokenizer(tok, max_prompt_length=cfg.max_prompt_length or max(1, cfg.max_length - cfg.max_new_tokens))
+    eos = tok.eos_token_id
+
+    if reward_fn is None:
+        reward_fn = (load_reward_function(cfg.reward_function) if cfg.reward_function
+                     else RewardModelScorer(cfg.reward_model, cfg.dtype, dev))
+    factory = generator_factory or default_generator_factory(cfg)
+
+    rp = loop.resume_path(cfg)
+    model = loop.load_causal_lm(str(rp) if rp else cfg.model, cfg)
+    model.eval()  # no dropout: the first minibatch must reproduce the rollout log-probs
+    ref = loop.load_causal_lm(cfg.ref_model or cfg.model, cfg).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    vhead = torch.nn.Linear(model.config.hidden_size, 1).to(dev)
+    torch.nn.init.zeros_(vhead.weight)
+    torch.nn.init.zeros_(vhead.bias)
+    total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(prompts) / cfg.rollout_batch_size))
+    opt, sched = loop.make_optimizer(list(model.parameters()) + list(vhead.parameters()), cfg, total)
+    step = 0
+    if rp is not None:
+        st = torch.load(rp / "trainer_state.pt", weights_only=False)
+        vhead.load_state_dict(torch.load(rp / "value_head.pt"))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+    log = loop.MetricsLog(out, step)
+    n_batches = math.ceil(len(prompts) / cfg.rollout_batch_size)
+    rollout_dir = out / "rollout-policy"
+    t_start = time.perf_counter()
+    last: dict = {}
+    while step < total:
+        e, k = divmod(step, n_batches)
+        idx = loop.epoch_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, e)[k]
+        batch_prompts = [prompts[i] for i in idx]
+
+        # 1. rollout through a Generator built from the current weights
+        t0 = time.perf_counter()
+        shutil.rmtree(rollout_dir, ignore_errors=True)
+        model.save_pretrained(rollout_dir, safe_serialization=True)
+        tok.save_pretrained(rollout_dir)
+        gen = factory(str(rollout_dir), cfg.seed + step)
+        try:
+            samples = sample(gen, batch_prompts, cfg)
+        finally:
+            close = getattr(gen, "close", None)
+            if close:
+                close()
+            del gen
+            gc.collect()
+        t_roll = time.perf_counter() - t0
+
+        # 2. tokens and scores
+        p_ids = [T.prompt_ids(p) for p, _, _ in samples]
+        r_ids = []
+        for _, text, stopped in samples:
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])[: cfg.max_new_tokens]
+            if stopped and eos is not None:
+                ids = ids[: cfg.max_new_tokens] + [eos]
+            r_ids.append(ids)
+        has_eos = torch.tensor([bool(r) and r[-1] == eos for r in r_ids])
+        scores = torch.tensor([float(x) for x in reward_fn([s[0] for s in samples], [s[1] for s in samples])])
+        if len(scores) != len(samples):
+            raise ValueError(f"reward function returned {len(scores)} scores for {len(samples)} completions")
+        raw_scores = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+
+        # 3. old log-probs, reference log-probs, values
+        N = len(samples)
+        with torch.no_grad():
+            old_lp, old_v, ref_lp, masks, batches = [], [], [], [], []
+            for s in range(0, N, cfg.batch_size):
+                b = rollout_batch(p_ids[s:s + cfg.batch_size], r_ids[s:s + cfg.batch_size], tok.pad_token_id)
+                b = {k2: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k2, v in b.items()}
+                lp, v, _ = policy_forward(model, vhead, b)
+                rl, _, _ = policy_forward(ref, None, b, with_values=False)
+                batches.append(b)
+                old_lp.append(lp), old_v.append(v), ref_lp.append(rl), masks.append(b["response_mask"].float())
+        # pad every micro-batch's response dim to a common R for the GAE pass
+        R = max(m.shape[1] for m in masks)
+
+        def cat(ts):
+            return torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1])) for t in ts])
+
+        old_lp, old_v, ref_lp, mask = cat(old_lp), cat(old_v), cat(ref_lp), cat(masks)
+        kl = (old_lp - ref_lp) * mask
+        rewards = place_score(-cfg.kl_coef * kl, scores.to(dev), mask)
+        adv, ret = compute_gae(rewards, old_v * mask, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+
+        # 4. PPO epochs over shuffled minibatches
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        mb = cfg.batch_size * cfg.grad_accum
+        sums: dict[str, float] = {}
+        first: dict[str, float] | None = None
+        n_mb = 0
+        pg_tot = vf_tot = 0.0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(N, generator=g).tolist()
+            for s in range(0, N, mb):
+                sel = perm[s:s + mb]
+                ntok = float(mask[sel].sum())
+                mstats: dict[str, float] = {}
+                for u in range(0, len(sel), cfg.batch_size):
+                    ui = sel[u:u + cfg.batch_size]
+                    b = rollout_batch([p_ids[i] for i in ui], [r_ids[i] for i in ui], tok.pad_token_id)
+                    b = {k2: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k2, v in b.items()}
+                    r = b["response_mask"].shape[1]
+                    lp, v, ent = policy_forward(model, vhead, b)
+                    m = mask[ui, :r]
+                    pg, vf, st = ppo_losses(lp, old_lp[ui, :r], adv[ui, :r], v, old_v[ui, :r], ret[ui, :r], m,
+                                            cfg.cliprange, cfg.cliprange_value)
+                    ((pg + cfg.vf_coef * vf) / max(ntok, 1.0)).backward()
+                    pg_tot += float(pg)
+                    vf_tot += float(vf)
+                    st["entropy"] = float((ent * m).sum())
+                    for k2, x in st.items():
+                        mstats[k2] = max(mstats.get(k2, 0.0), x) if k2 == "ratio_max_dev" else mstats.get(k2, 0.0) + x
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(vhead.parameters()), cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                norm = {k2: (x if k2 == "ratio_max_dev" else x / max(ntok, 1.0)) for k2, x in mstats.items()}
+                if first is None:
+                    first = norm
+                for k2, x in norm.items():
+                    sums[k2] = max(sums.get(k2, 0.0), x) if k2 == "ratio_max_dev" else sums.get(k2, 0.0) + x
+                n_mb += 1
+        sched.step()
+        step += 1
+        total_tok = float(mask.sum())
+        seq_kl = kl.sum(-1)
+        last = {
+            "step": step, "score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()) if N > 1 else 0.0,
+            "reward_mean": float((scores.to(dev) - cfg.kl_coef * seq_kl).mean()), "kl": float(seq_kl.mean()),
+            "response_length": total_tok / N, "eos_fraction": float(has_eos.float().mean()),
+            "pg_loss": pg_tot / (total_tok * cfg.ppo_epochs), "vf_loss": vf_tot / (total_tok * cfg.ppo_epochs),
+            "lr": sched.get_last_lr()[0], "rollout_s": t_roll, "train_s": time.perf_counter() - t1,
+            "first_minibatch_ratio": first["ratio"] if first else None,
+            "first_minibatch_ratio_max_dev": first["ratio_max_dev"] if first else None,
+            "first_minibatch_clipfrac": first["clipfrac"] if first else None,
+        }
+        last.update({k2: (x if k2 == "ratio_max_dev" else x / max(n_mb, 1)) for k2, x in sums.items()})
+        if step % cfg.logging_steps == 0 or step == total:
+            log.write(last)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}
+            loop.save_checkpoint(out, step, model, tok, state, cfg.save_total_limit,
+                                 extra=lambda d: torch.save(vhead.state_dict(), d / "value_head.pt"))
+    shutil.rmtree(rollout_dir, ignore_errors=True)
+    loop.save_final(out, model, tok, cfg)
+    torch.save(vhead.state_dict(), out / "value_head.pt")
+    return {"steps": step, "last": last, "history": log.history, "seconds": time.perf_counter() - t_start,
+            "model": model, "value_head": vhead, "tokenizer": tok}
+
+
+__all__ = ["PPOConfig", "compute_gae", "place_score", "ppo_losses", "train_ppo"]

@@ -1,0 +1,179 @@
+"""Reward model training: Bradley-Terry pairs or Plackett-Luce ranked lists.
+
+The model is ``AutoModelForSequenceClassification`` with one label (a fresh
+linear ``score`` head on the LM's last hidden state). The score is read at
+the last *real* token of each row, found from the attention mask, so it is
+right for left or right padding and when pad == eos (transformers' own
+pooling looks for the pad id and gets that case wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import loop
+from .collate import Tokenizer, collate_sequences, load_rows
+from .config import TrainConfig, _f
+from .logprobs import hidden_states, last_token_index, position_ids_from_mask
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model (``synthfb train rm``)."""
+
+    margin_column: str | None = _f("margin", "column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m); ignored if absent")
+    center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)")
+    ranked: bool = _f(False, "rows are ranked lists (`completions` + `scores`, K >= 2): Plackett-Luce loss")
+    learning_rate: float = _f(1e-5, "peak learning rate (AdamW)")
+
+
+def load_reward_model(path: str, dtype: str = "float32", device=None):
+    """A one-label sequence classifier from an LM or RM checkpoint, plus its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = loop.load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+    model.config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        model.to(device)
+    return model, tok
+
+
+def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) scores at the last real token of each row (any padding side)."""
+    pos = position_ids_from_mask(attention_mask)
+    h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+    h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
+    idx = last_token_index(attention_mask)
+    last = h[torch.arange(h.shape[0], device=h.device), idx]
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no `score` head")
+    return head(last)[:, 0].float()
+
+
+def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss ``-log sigmoid(r_c - r_r - margin)`` (+ centering).
+
+    Bradley & Terry 1952; the margin term follows Llama 2 (Touvron et al.
+    2023); centering follows Eisenstein et al. 2023 ("Helping or Herding?").
+    """
+    d = r_chosen - r_rejected
+    if margin is not None:
+        d = d - margin
+    loss = -F.logsigmoid(d)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def plackett_luce_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-list Plackett-Luce negative log-likelihood of the order best-first.
+
+    ``scores`` (B, K) are in the ranked order (column 0 = best); ``mask`` (B, K)
+    marks real entries. -sum_i [s_i - logsumexp(s_i..s_K)] (Plackett 1975,
+    Luce 1959); K = 2 gives Bradley-Terry.
+    """
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    s = scores.masked_fill(~mask.bool(), float("-inf"))
+    tail = torch.logcumsumexp(s.flip(-1), -1).flip(-1)
+    terms = torch.where(mask.bool(), s - tail, torch.zeros_like(s))
+    return -terms[:, :-1].sum(-1)
+
+
+def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
+    if ranked:
+        K = max(len(e["completion_ids"]) for e in items)
+        prompts, comps, real = [], [], []
+        for e in items:
+            for k in range(K):
+                has = k < len(e["completion_ids"])
+                prompts.append(e["prompt_ids"])
+                comps.append(e["completion_ids"][k] if has else e["completion_ids"][-1])
+                real.append(has)
+        b = collate_sequences(prompts, comps, pad_id, "right")
+        b["list_mask"] = torch.tensor(real).view(len(items), K)
+        return b
+    prompts = [e["prompt_ids"] for e in items] * 2
+    comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
+    b = collate_sequences(prompts, comps, pad_id, "right")
+    b["margin"] = torch.tensor([e.get("margin", 0.0) for e in items], dtype=torch.float32)
+    return b
+
+
+def rm_task(tok, cfg: RMConfig) -> loop.Task:
+    def loss(model, b):
+        r = reward_scores(model, b["input_ids"], b["attention_mask"])
+        if cfg.ranked:
+            s = r.view(b["list_mask"].shape)
+            losses = plackett_luce_loss(s, b["list_mask"])
+            with torch.no_grad():
+                acc = (s[:, 0] > s[:, 1]).float()
+                ms = {"reward_accuracy": float(acc.sum()), "reward_margin": float((s[:, 0] - s[:, 1]).sum()),
+                      "reward_mean": float(s[b["list_mask"]].mean()) * s.shape[0]}
+            return losses.sum(), ms
+        k = r.shape[0] // 2
+        rc, rr = r[:k], r[k:]
+        losses = bt_loss(rc, rr, b["margin"], cfg.center_rewards_coef)
+        with torch.no_grad():
+            ms = {"reward_accuracy": float((rc > rr).float().sum()), "reward_margin": float((rc - rr).sum()),
+                  "reward_mean": float(((rc + rr) / 2).sum())}
+        return losses.sum(), ms
+
+    def count(b):
+        return float(b["list_mask"].shape[0] if cfg.ranked else b["margin"].shape[0])
+
+    return loop.Task(lambda items: _batch(items, tok.pad_token_id, cfg.ranked), count, loss,
+                     lambda b: int(b["attention_mask"].sum()))
+
+
+def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[dict]:
+    from ..data.io import InputError
+
+    t = Tokenizer(tok, cfg.max_length, cfg.max_prompt_length)
+    rows = load_rows(cfg.dataset) if rows is None else rows
+    out = []
+    for i, r in enumerate(rows):
+        if cfg.ranked:
+            out.append(t.ranked_example(r, i))
+            continue
+        ex = t.preference_example(r, i)
+        if cfg.margin_column and r.get(cfg.margin_column) is not None:
+            m = r[cfg.margin_column]
+            if not isinstance(m, (int, float)) or isinstance(m, bool):
+                raise InputError(f"row {i}: `{cfg.margin_column}` must be a number, got {m!r}")
+            ex["margin"] = float(m)
+        out.append(ex)
+    return out
+
+
+@torch.no_grad()
+def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
+    """Fraction of (chosen, rejected) pairs scored chosen > rejected."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    right = 0
+    for s in range(0, len(examples), batch_size):
+        items = examples[s:s + batch_size]
+        b = _batch(items, tok.pad_token_id, False)
+        r = reward_scores(model, b["input_ids"].to(dev), b["attention_mask"].to(dev))
+        right += int((r[: len(items)] > r[len(items):]).sum())
+    model.train(was)
+    return right / max(1, len(examples))
+
+
+def train_rm(cfg: RMConfig, rows: list[dict] | None = None) -> dict:
+    """Train a reward model; it ends up in ``cfg.output_dir`` (a sequence-classification checkpoint)."""
+    loop.seed_all(cfg.seed)
+    model, tok = load_reward_model(cfg.model, cfg.dtype, loop.device_of(cfg))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ex = build_examples(cfg, tok, rows)
+    summary = loop.run(cfg, model, tok, ex, rm_task(tok, cfg))
+    summary.update(model=model, tokenizer=tok, examples=ex)
+    return summary

@@ -1,0 +1,277 @@
+"""Rankers and aggregation: hand-computed matrices, soft-label math,
+cross-backend log-probs for the LLM judge, the reward model read at the last
+real token, and a PairRM-style cross-encoder on a tiny random config."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from feedback_models import make_tiny_pairrm, make_tiny_reward_model
+from synthfb.rank import PairwiseRanker, ScalarRanker, load_ranker
+from synthfb.rank.aggregate import pick_pair, position_bias, ranks_from_scores, scores_from_matrix, trl_pair
+from synthfb.rank.llm_judge import LLMPairwiseJudge, merge_orders, soft_label
+
+M3 = [[0.0, 2.0, -1.0],
+      [1.0, 0.0, 3.0],
+      [0.5, -2.0, 0.0]]
+
+
+# -- aggregation ---------------------------------------------------------------
+def test_max_logits_hand_computed():
+    # M - M^T = [[0, 1, -1.5], [-1, 0, 5], [1.5, -5, 0]]; row means over N=3 (zero diagonal included)
+    s = scores_from_matrix(M3, "max_logits")
+    assert s == pytest.approx([-0.5 / 3, 4 / 3, -3.5 / 3])
+    # whatever is on the diagonal is ignored
+    m = np.array(M3)
+    np.fill_diagonal(m, 7.0)
+    assert scores_from_matrix(m) == pytest.approx(s)
+
+
+def test_max_wins_hand_computed():
+    # wins (M > 0 per row): [1, 2, 1]; (M < 0).mean over rows, per column: [0, 1/3, 1/3]
+    s = scores_from_matrix(M3, "max_wins")
+    assert s == pytest.approx([1.0, 2 + 1 / 3, 1 + 1 / 3])
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        scores_from_matrix(M3, "borda")
+    with pytest.raises(ValueError, match="square"):
+        scores_from_matrix([[0.0, 1.0]])
+
+
+def test_ranks_share_ties():
+    assert ranks_from_scores([3.0, 1.0, 3.0, 2.0]).tolist() == [1, 4, 1, 3]
+    assert ranks_from_scores(scores_from_matrix(M3)).tolist() == [2, 1, 3]
+
+
+def test_scalar_scores_give_consistent_matrix():
+    r = np.array([0.3, -1.2, 2.0, 0.1])
+    m = r[:, None] - r[None, :]
+    # max_logits of a Bradley-Terry matrix is 2 (r - mean r): same order as r, no position bias
+    assert scores_from_matrix(m) == pytest.approx(2 * (r - r.mean()))
+    assert position_bias(m) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_position_bias_hand_computed():
+    # candidate 0 shown first: P = sigmoid(log 3) = 0.75; candidate 1 shown first: P = 0.5
+    m = [[0.0, math.log(3.0)], [0.0, 0.0]]
+    assert position_bias(m) == pytest.approx(0.75 + 0.5 - 1.0)
+    assert math.isnan(position_bias([[0.0]]))
+
+
+def test_pick_pair_ties_and_identical():
+    p = pick_pair([0.1, 0.9, -0.4, 0.9], ["a", "b", "c", "d"])
+    assert (p.best, p.worst, p.reason) == (1, 2, None)  # lowest index among tied best
+    assert p.margin == pytest.approx(1.3)
+    assert pick_pair([0.5, 0.5, 0.5], ["a", "b", "c"]).reason == "tie"
+    assert pick_pair([0.5, 0.52], ["a", "b"], min_margin=0.05).reason == "tie"
+    assert pick_pair([1.0, 0.0], ["same", "same"]).reason == "identical_chosen_rejected"
+    p = pick_pair([float("nan"), 2.0, float("nan"), 1.0], ["a", "b", "c", "d"])
+    assert (p.best, p.worst) == (1, 3)
+    assert pick_pair([float("nan"), 2.0], ["a", "b"]).reason == "too_few_scored"
+
+
+def test_trl_pair_formats():
+    conv = trl_pair("q", "good", "bad", "conversational")
+    assert conv == {"prompt": [{"role": "user", "content": "q"}],
+                    "chosen": [{"role": "assistant", "content": "good"}],
+                    "rejected": [{"role": "assistant", "content": "bad"}]}
+    assert trl_pair("q", "good", "bad", "standard") == {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    with pytest.raises(ValueError):
+        trl_pair("q", "a", "b", "chatml")
+
+
+# -- soft labels -----------------------------------------------------------------
+def test_soft_label_hand_computed():
+    # exp(-1.2) / (exp(-1.2) + exp(-2.3)) = 1 / (1 + exp(-1.1))
+    assert soft_label(-1.2, -2.3) == pytest.approx(0.7502601055951177, rel=1e-12)
+    assert soft_label(-2.3, -1.2) == pytest.approx(1 - 0.7502601055951177, rel=1e-12)
+    # stable where exp underflows: only the difference matters
+    assert soft_label(-1000.0, -1001.0) == pytest.approx(0.7310585786300049, rel=1e-12)
+    assert soft_label(-1001.0, -1000.0) == pytest.approx(0.2689414213699951, rel=1e-12)
+    assert soft_label(0.0, -800.0) == 1.0
+    assert 0.0 <= soft_label(-800.0, 0.0) < 1e-300
+
+
+def test_merge_orders_maps_swap_back():
+    # x as (A): P(A) = sigmoid(1.6); y as (A): P(A) = sigmoid(0.6) -> P(x) in swapped order = 1 - sigmoid(0.6)
+    pa, pb = soft_label(-0.2, -1.8), soft_label(-0.4, -1.0)
+    p, gap = merge_orders(pa, pb)
+    assert pa == pytest.approx(0.8320183851339245)
+    assert pb == pytest.approx(0.6456563062257954)
+    assert p == pytest.approx((0.8320183851339245 + 1 - 0.6456563062257954) / 2)
+    assert gap == pytest.approx(0.8320183851339245 - (1 - 0.6456563062257954))
+    # an order-blind judge: no gap, same p
+    assert merge_orders(0.7, 0.3) == pytest.approx((0.7, 0.0))
+
+
+# -- LLM pairwise judge ----------------------------------------------------------
+PROMPTS = ["Give three tips for staying healthy.", "Why is the sky blue?"]
+CANDS = [["Drink water, sleep well and exercise.", "Eat candy.", "Sleep."],
+         ["Rayleigh scattering of sunlight.", "Because it is."]]
+
+
+@pytest.mark.timeout(600)
+def test_llm_judge_matrix_matches_transformers_backend(vllm_tiny, hf_tiny):
+    judge_v = LLMPairwiseJudge(vllm_tiny)
+    judge_h = LLMPairwiseJudge(hf_tiny)
+    assert isinstance(judge_v, PairwiseRanker)
+    mv = judge_v.compare(PROMPTS, CANDS)
+    mh = judge_h.compare(PROMPTS, CANDS)
+    assert [m.shape for m in mv] == [(3, 3), (2, 2)]
+    for a, b in zip(mv, mh):
+        assert np.all(np.diag(a) == 0)
+        assert a == pytest.approx(b, abs=2e-3)
+    # M[i, j] is lp(" (A)") - lp(" (B)") after the prompt with i as (A) and j as (B)
+    from synthfb.llm.types import ScoreRequest
+
+    text = judge_h.render(PROMPTS[0], CANDS[0][2], CANDS[0][0])
+    la, lb = (r.logprob for r in hf_tiny.score([ScoreRequest(" (A)", prompt=text), ScoreRequest(" (B)", prompt=text)]))
+    assert mh[0][2, 0] == pytest.approx(la - lb, abs=1e-5)
+    # swapping the candidate list permutes the matrix (entries keyed by candidate, not slot)
+    sw = judge_v.compare([PROMPTS[1]], [CANDS[1][::-1]])[0]
+    assert sw[0, 1] == pytest.approx(mv[1][1, 0], abs=1e-3)
+    assert sw[1, 0] == pytest.approx(mv[1][0, 1], abs=1e-3)
+
+
+def test_llm_judge_template_must_show_both_responses(vllm_tiny, tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ prompt }} {{ response_a }}")
+    with pytest.raises(ValueError, match="response_b"):
+        LLMPairwiseJudge(vllm_tiny, template=str(bad))
+
+
+# -- reward model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_model, tmp_path_factory):
+    return make_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm", tiny_model)
+
+
+@pytest.mark.timeout(300)
+def test_reward_model_reads_last_real_token(tiny_rm):
+    import torch
+
+    rm = load_ranker("reward_model", path=str(tiny_rm), batch_size=4)
+    assert isinstance(rm, ScalarRanker)
+    prompts = ["short", "a much longer prompt that needs more tokens than the others do"]
+    cands = [["yes", "no thanks, not today", "ok"], ["fine", "the sky is blue because of scattering"]]
+    got = rm.score(prompts, cands)
+    # reference: each text alone (no padding), hidden state of its final token through the head
+    model = rm.model
+    for p, cs, r in zip(prompts, cands, got):
+        for c, val in zip(cs, r):
+            ids = rm.tok(rm.text(p, c), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                h = model.model(input_ids=ids).last_hidden_state[0, -1]
+                ref = float(model.score(h)[0])
+            assert val == pytest.approx(ref, abs=1e-4)
+    # the chat template ends every turn with the EOS token; with pad == eos the model's own
+    # pooling would skip it, ours does not
+    assert rm.text("q", "a").rstrip().endswith("<|im_end|>")
+    m = rm.compare(prompts, cands)
+    assert m[0] == pytest.approx(got[0][:, None] - got[0][None, :])
+
+
+# -- PairRM-style cross-encoder -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pairrm(tmp_path_factory):
+    return make_tiny_pairrm(tmp_path_factory.mktemp("pairrm") / "tiny-pairrm")
+
+
+def test_pairrm_checkpoint_layout_and_sequence(tiny_pairrm):
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tiny_pairrm / "model.safetensors")))
+    # parameter names of the published PairRM-hf checkpoint
+    assert {"head_layer.1.weight", "head_layer.1.bias", "head_layer.4.weight", "head_layer.4.bias"} <= keys
+    assert any(k.startswith("pretrained_model.embeddings.") for k in keys)
+    assert any(k.startswith("pretrained_model.encoder.layer.1.") for k in keys)
+    r = load_ranker("pairrm", path=str(tiny_pairrm))
+    toks = r.tok.convert_ids_to_tokens(r.encode_pair("why is the sky blue", "the sky [SEP] is blue", "water"))
+    assert toks == ["[CLS]", "<|source|>", "why", "is", "the", "sky", "blue", "[SEP]",
+                    "[CLS]", "<|candidate1|>", "the", "sky", "is", "blue", "[SEP]",
+                    "[CLS]", "<|candidate2|>", "water", "[SEP]"]
+    # length budget: the candidates share what the source leaves
+    r.source_max_length, r.candidate_max_length = 6, 5
+    ids = r.encode_pair("why is the sky blue today", "the cat sat on the mat " * 3, "a dog ran " * 5)
+    assert len(ids) <= 6 + 2 * 5
+
+
+@pytest.mark.timeout(300)
+def test_pairrm_logits_match_head_on_prefix_states(tiny_pairrm):
+    import torch
+
+    r = load_ranker("pairrm", path=str(tiny_pairrm), batch_size=3)
+    prompts = ["why is the sky blue", "how to sleep"]
+    cands = [["the sky is blue", "water", "dog ran on the mat fast"], ["sleep is good", "no"]]
+    mats = r.compare(prompts, cands)
+    model, c = r.model, r.model.config
+    for p, cs, m in zip(prompts, cands, mats):
+        assert np.all(np.diag(m) == 0)
+        for i, a in enumerate(cs):
+            for j, b in enumerate(cs):
+                if i == j:
+                    continue
+                ids = torch.tensor([r.encode_pair(p, a, b)])
+                with torch.no_grad():
+                    h = model.pretrained_model(input_ids=ids).last_hidden_state[0]
+                    pos = {t: int((ids[0] == t).nonzero()[0, 0]) for t in
+                           (c.source_prefix_id, c.cand1_prefix_id, c.cand2_prefix_id)}
+                    s1 = model.head_layer(torch.cat([h[pos[c.source_prefix_id]], h[pos[c.cand1_prefix_id]]]))
+                    s2 = model.head_layer(torch.cat([h[pos[c.source_prefix_id]], h[pos[c.cand2_prefix_id]]]))
+                assert m[i, j] == pytest.approx(float(s1 - s2), abs=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_pairrm_learns_a_preference_through_prefix_states(tiny_pairrm, tmp_path):
+    """Train the tiny cross-encoder briefly (loss -log sigmoid(s_win - s_lose)) to prefer
+    candidates that say "good"; the full matrix + max_logits must then rank them first."""
+    import shutil
+
+    import torch
+
+    from synthfb.rank.pairrm import PairRMRanker
+
+    ck = tmp_path / "pairrm"
+    shutil.copytree(tiny_pairrm, ck)
+    r = PairRMRanker(ck)
+    model = r.model
+    model.train()
+    rng = np.random.default_rng(0)
+    fill = "the a cat dog sat ran on mat water sky".split()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(80):
+        trips = []
+        for _ in range(16):
+            g = " ".join(rng.choice(fill, 3)) + " good " + " ".join(rng.choice(fill, 2))
+            b = " ".join(rng.choice(fill, 3)) + " bad " + " ".join(rng.choice(fill, 2))
+            trips.append(("how is it", g, b) if step % 2 else ("how is it", b, g))
+        seqs = [r.encode_pair(*t) for t in trips]
+        width = max(map(len, seqs))
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, s in enumerate(seqs):
+            ids[k, :len(s)] = torch.tensor(s)
+            mask[k, :len(s)] = 1
+        sign = 1.0 if step % 2 else -1.0
+        loss = -torch.nn.functional.logsigmoid(sign * model(ids, mask)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    cands = ["cat sat good mat", "dog ran bad sky", "water bad on", "the good dog"]
+    m = r.compare(["how is it"], [cands])[0]
+    ranks = ranks_from_scores(scores_from_matrix(m))
+    assert set(np.argsort(ranks)[:2].tolist()) == {0, 3}, (m, ranks)
+    assert m[0, 1] > 0 and m[1, 0] < 0  # both orders agree
+
+
+def test_load_ranker_errors(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint path"):
+        load_ranker("pairrm")
+    with pytest.raises(ValueError, match="unknown ranker"):
+        load_ranker("elo")
+    with pytest.raises(FileNotFoundError, match="no hub downloads"):
+        load_ranker("pairrm", path=str(tmp_path / "missing"))
