@@ -99,3 +99,14 @@ def test_sampling_params_validation():
     with pytest.raises(ValueError, match="n must be"):
         SamplingParams(n=0)
     assert SamplingParams(stop="###").stop == ("###",)
+
+
+def test_overlong_prompt_fails_alone(vllm_tiny, hf_tiny):
+    huge = "the river " * 100_000  # ~1 MB prompt
+    reqs = [GenerationRequest(prompt="Hello", params=SamplingParams(max_tokens=4)),
+            GenerationRequest(messages=[{"role": "user", "content": huge}], params=SamplingParams(max_tokens=4)),
+            GenerationRequest(prompt="Bye", params=SamplingParams(max_tokens=4))]
+    for gen in (vllm_tiny, hf_tiny):
+        res = gen.generate(reqs)
+        assert res[1].error and "tokens" in res[1].error and not res[1].completions
+        assert res[0].error is None and res[0].completions and res[2].completions

@@ -78,7 +78,13 @@ class TransformersGenerator:
         ctx = self.tokenizer.context_ids(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[Any, list[int]] = {}
+        limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         for i, r in enumerate(requests):
+            if len(ctx[i]) >= limit:
+                results[i] = GenerationResult(completions=[], prompt_tokens=len(ctx[i]), error=(
+                    f"prompt has {len(ctx[i])} tokens; the model's context (max_position_embeddings) is {limit}"))
+                self.usage.failures += 1
+                continue
             groups.setdefault(r.params, []).append(i)
         bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -83,6 +83,7 @@ class VLLMGenerator:
         self.seed = seed
         self.progress = progress
         self.tokenizer = PromptTokenizer(self.llm.get_tokenizer())
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.info = ModelInfo(name=name or model, path=model, revision=model_revision(model), backend="vllm")
         self.usage = UsageCounter()
 
@@ -104,38 +105,40 @@ class VLLMGenerator:
             kw["structured_outputs"] = StructuredOutputsParams(json=req.json_schema)
         return VSP(**kw)
 
-    def _prompts(self, requests: list[GenerationRequest]) -> list[Any]:
-        from vllm.inputs import TokensPrompt
-
-        prompts: list[Any] = [None] * len(requests)
-        chat = [i for i, r in enumerate(requests) if r.messages is not None]
-        if chat:
-            ids = self.tokenizer.context_ids([requests[i] for i in chat])
-            for i, x in zip(chat, ids):
-                prompts[i] = TokensPrompt(prompt_token_ids=x)
-        for i, r in enumerate(requests):
-            if r.messages is None:
-                prompts[i] = r.prompt
-        return prompts
-
     def generate(self, requests: list[GenerationRequest], desc: str = "") -> list[GenerationResult]:
-        """All requests in one engine call; results in request order."""
+        """All requests in one engine call; results in request order.
+
+        Prompts are tokenized here (chat ones with the chat template); a
+        prompt longer than the engine's context comes back as a failed result
+        instead of failing the whole batch inside vLLM.
+        """
         if not requests:
             return []
-        prompts = self._prompts(requests)
-        params = [self._sampling(r) for r in requests]
-        outs = self.llm.generate(prompts, params, use_tqdm=self.progress)
-        results = []
-        for req, out in zip(requests, outs):
+        from vllm.inputs import TokensPrompt
+
+        ids = self.tokenizer.context_ids(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        run = []
+        for i, x in enumerate(ids):
+            if len(x) >= self.max_model_len:
+                results[i] = GenerationResult(completions=[], prompt_tokens=len(x), error=(
+                    f"prompt has {len(x)} tokens; the model's context (max_model_len) is {self.max_model_len}"))
+                self.usage.failures += 1
+            else:
+                run.append(i)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in run],
+                                 [self._sampling(requests[i]) for i in run], use_tqdm=self.progress) if run else []
+        for i, out in zip(run, outs):
+            req = requests[i]
             comps = [
                 make_completion(c.text, c.finish_reason, len(c.token_ids), req.json_schema)
                 for c in out.outputs
             ]
-            results.append(GenerationResult(completions=comps, prompt_tokens=len(out.prompt_token_ids or [])))
-            self.usage.prompt_tokens += len(out.prompt_token_ids or [])
+            results[i] = GenerationResult(completions=comps, prompt_tokens=len(ids[i]))
+            self.usage.prompt_tokens += len(ids[i])
             self.usage.completion_tokens += sum(c.num_tokens for c in comps)
         self.usage.requests += len(requests)
-        return results
+        return results  # type: ignore[return-value]
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         """Log-probs of given continuations via ``prompt_logprobs=0``, one call."""
@@ -145,6 +148,9 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         items = self.tokenizer.score_ids(requests)
+        for i, (ids, _) in enumerate(items):
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"score request {i}: {len(ids)} tokens exceed max_model_len {self.max_model_len}")
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in items], sp, use_tqdm=False)
         results = []

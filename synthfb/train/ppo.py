@@ -383,8 +383,8 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
                     pg, vf, st = ppo_losses(lp, old_lp[ui, :r], adv[ui, :r], v, old_v[ui, :r], ret[ui, :r], m,
                                             cfg.cliprange, cfg.cliprange_value)
                     ((pg + cfg.vf_coef * vf) / max(ntok, 1.0)).backward()
-                    pg_tot += float(pg)
-                    vf_tot += float(vf)
+                    pg_tot += float(pg.detach())
+                    vf_tot += float(vf.detach())
                     st["entropy"] = float((ent * m).sum())
                     for k2, x in st.items():
                         mstats[k2] = max(mstats.get(k2, 0.0), x) if k2 == "ratio_max_dev" else mstats.get(k2, 0.0) + x
