@@ -295,6 +295,8 @@ class Runner:
             out = read_tables(self._chunk_files(sdir))
             return {**meta["record"], "reused": True}, out, fp
         sdir.mkdir(parents=True, exist_ok=True)
+        for stale in sdir.glob(".*.tmp-*"):  # half-written files of a killed run
+            stale.unlink()
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": False})
 
         t0 = time.time()

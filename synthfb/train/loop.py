@@ -166,6 +166,27 @@ class Task:
     tokens: Callable[[Any], int]
 
 
+def accumulate(model, task: Task, batches: list, dev) -> tuple[float, float, dict[str, float], int]:
+    """Backward over micro-batches so the gradient equals one batch of all of them.
+
+    Each micro-batch's summed loss is divided by the normalizer of the whole
+    group (counted first). Returns (normalizer, loss sum, metric sums, tokens).
+    """
+    norm = sum(task.count(b) for b in batches)
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    ntok = 0
+    for b in batches:
+        b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        loss_sum, ms = task.loss(model, b)
+        (loss_sum / max(norm, 1e-8)).backward()
+        loss_total += float(loss_sum.detach())
+        for k, v in ms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        ntok += task.tokens(b)
+    return norm, loss_total, sums, ntok
+
+
 def run(cfg: TrainConfig, model, tok, items: list, task: Task, extra_state: dict | None = None) -> dict:
     """Train ``model`` on ``items``; returns a summary (steps, last metrics, seconds)."""
     out = Path(cfg.output_dir)
@@ -204,18 +225,7 @@ def run(cfg: TrainConfig, model, tok, items: list, task: Task, extra_state: dict
     while step < total:
         ts = time.perf_counter()
         batches = [task.collate([items[i] for i in micro(step * cfg.grad_accum + k)]) for k in range(cfg.grad_accum)]
-        norm = sum(task.count(b) for b in batches)
-        sums: dict[str, float] = {}
-        loss_total = 0.0
-        ntok = 0
-        for b in batches:
-            b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-            loss_sum, ms = task.loss(model, b)
-            (loss_sum / max(norm, 1e-8)).backward()
-            loss_total += float(loss_sum.detach())
-            for k, v in ms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            ntok += task.tokens(b)
+        norm, loss_total, sums, ntok = accumulate(model, task, batches, dev)
         gnorm = None
         if cfg.max_grad_norm:
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
