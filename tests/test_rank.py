@@ -237,17 +237,20 @@ def test_pairrm_learns_a_preference_through_prefix_states(tiny_pairrm, tmp_path)
     shutil.copytree(tiny_pairrm, ck)
     r = PairRMRanker(ck)
     model = r.model
-    model.train()
+    model.eval()  # no dropout: deterministic; gradients still flow
     rng = np.random.default_rng(0)
     fill = "the a cat dog sat ran on mat water sky".split()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for step in range(80):
-        trips = []
-        for _ in range(16):
-            g = " ".join(rng.choice(fill, 3)) + " good " + " ".join(rng.choice(fill, 2))
-            b = " ".join(rng.choice(fill, 3)) + " bad " + " ".join(rng.choice(fill, 2))
-            trips.append(("how is it", g, b) if step % 2 else ("how is it", b, g))
+
+    def cand(word):
+        return " ".join(rng.choice(fill, 3)) + f" {word} " + " ".join(rng.choice(fill, 2))
+
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(60):
+        trips, signs = [], []
+        for k in range(16):  # the good candidate is shown first in half of the pairs
+            g, b = cand("good"), cand("bad")
+            trips.append(("how is it", g, b) if k % 2 else ("how is it", b, g))
+            signs.append(1.0 if k % 2 else -1.0)
         seqs = [r.encode_pair(*t) for t in trips]
         width = max(map(len, seqs))
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -255,17 +258,16 @@ def test_pairrm_learns_a_preference_through_prefix_states(tiny_pairrm, tmp_path)
         for k, s in enumerate(seqs):
             ids[k, :len(s)] = torch.tensor(s)
             mask[k, :len(s)] = 1
-        sign = 1.0 if step % 2 else -1.0
-        loss = -torch.nn.functional.logsigmoid(sign * model(ids, mask)).mean()
+        loss = -torch.nn.functional.logsigmoid(torch.tensor(signs) * model(ids, mask)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    cands = ["cat sat good mat", "dog ran bad sky", "water bad on", "the good dog"]
+    cands = ["cat sat on good dog mat", "dog ran sky bad the a", "water the mat bad sat on", "the a dog good cat sky"]
     m = r.compare(["how is it"], [cands])[0]
     ranks = ranks_from_scores(scores_from_matrix(m))
     assert set(np.argsort(ranks)[:2].tolist()) == {0, 3}, (m, ranks)
-    assert m[0, 1] > 0 and m[1, 0] < 0  # both orders agree
+    assert m[0, 1] > 0 and m[1, 0] < 0, m  # both orders agree
+    assert m[3, 2] > 0 and m[2, 3] < 0, m
 
 
 def test_load_ranker_errors(tmp_path):

@@ -70,7 +70,7 @@ def test_packed_equals_single(model_and_tok):
     with torch.no_grad():
         lp = token_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], b["position_ids"])
     # split each packed row back into examples
-    got, k = [], 0
+    got = []
     for row, group in enumerate([items[:3], items[3:]]):
         start = 0
         for e in group:

@@ -35,7 +35,7 @@ def test_cdpo_label_smoothing():
     want = -(1 - eps) * math.log(_sig(0.2)) - eps * math.log(_sig(-0.2))
     assert loss == pytest.approx(want, abs=1e-12)
     assert loss == pytest.approx(0.618139, abs=1e-6)
-    # per-example soft labels as a tensor; eps = 0.5 makes the loss blind to h (= ln 2 at h = 0 only ... any h: symmetric)
+    # per-example soft labels as a tensor
     per = dpo_loss(_t(-1, -1), _t(-3, -3), _t(-2, -2), _t(-2, -2), beta=0.1, label_smoothing=_t(0.0, 0.1))
     assert per[0].item() == pytest.approx(0.598139, abs=1e-6)
     assert per[1].item() == pytest.approx(want, abs=1e-12)

@@ -93,9 +93,11 @@ class TransformersGenerator:
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b:b + self.batch_size]
                 ids, mask = self._pad_left([ctx[i] for i in batch])
+                # greedy decoding is deterministic: decode once, repeat it n times
+                per_prompt = params.n if params.temperature > 0 else 1
                 kw: dict[str, Any] = dict(
                     max_new_tokens=params.max_tokens,
-                    num_return_sequences=params.n,
+                    num_return_sequences=per_prompt,
                     pad_token_id=self.hf_tok.pad_token_id,
                 )
                 if params.temperature > 0:
@@ -111,7 +113,8 @@ class TransformersGenerator:
                 for j, i in enumerate(batch):
                     comps = []
                     for k in range(params.n):
-                        comps.append(self._completion(new[j * params.n + k].tolist(), params, requests[i].json_schema))
+                        row = new[j * per_prompt + (k if per_prompt > 1 else 0)]
+                        comps.append(self._completion(row.tolist(), params, requests[i].json_schema))
                     results[i] = GenerationResult(completions=comps, prompt_tokens=len(ctx[i]))
                     self.usage.prompt_tokens += len(ctx[i])
                     self.usage.completion_tokens += sum(c.num_tokens for c in comps)

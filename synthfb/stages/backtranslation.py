@@ -154,6 +154,7 @@ class BacktranslateConfig:
     sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.7, top_p=0.9, max_tokens=128)"})
     min_instruction_chars: int = field(default=10, metadata={"help": "drop shorter instructions (Spico's repro: 10)"})
     max_instruction_chars: int = field(default=800, metadata={"help": "drop longer instructions (Spico's repro: 800)"})
+    drop_truncated: bool = field(default=True, metadata={"help": "drop instructions that hit max_tokens (counted either way)"})
     model: str | None = field(default=None, metadata={"help": "backward model (prompted base model or one trained on reversed seed pairs)"})
 
 
@@ -198,6 +199,8 @@ class BacktranslateStage(Stage):
             inst = clean_generated_instruction(comp.text)
             reason = None
             if comp.finish_reason == "length":
+                ctx.stats.add("instruction_hit_max_tokens")
+            if comp.finish_reason == "length" and c.drop_truncated:
                 reason = "instruction_truncated"
             elif inst is None:
                 reason = "instruction_empty"

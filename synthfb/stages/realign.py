@@ -99,10 +99,11 @@ def parse_category(text: str, names: list[str]) -> str | None:
     norm = re.sub(r"[\s\-]+", "_", first.strip().strip("\"'`*.:;,!").strip().lower())
     if norm in names:
         return norm
-    low = re.sub(r"[\s\-]+", "_", text.lower())
+    low = text.lower()
     best = None
     for name in names:
-        m = re.search(r"(?<![a-z0-9_])" + re.escape(name) + r"(?![a-z0-9_])", low)
+        pat = r"[_\s\-]+".join(re.escape(part) for part in name.split("_"))
+        m = re.search(r"(?<![a-z0-9_])" + pat + r"(?![a-z0-9_])", low)
         if m and (best is None or (m.start(), -len(name)) < (best[0], -len(best[1]))):
             best = (m.start(), name)
     return best[1] if best else None

@@ -98,6 +98,20 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
 
 
+def load_weights(model, folder: Path) -> None:
+    """Load a ``save_pretrained`` folder's safetensors (one file or shards) into ``model``."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights to resume from")
+    dev = next(model.parameters()).device
+    for f in files:
+        missing_ok = model.load_state_dict(load_file(str(f), device=str(dev)), strict=False)
+        if missing_ok.unexpected_keys:
+            raise ValueError(f"{f}: weights do not fit this model (unexpected {missing_ok.unexpected_keys[:3]})")
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     cks = [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").exists()]
     return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
@@ -202,9 +216,7 @@ def run(cfg: TrainConfig, model, tok, items: list, task: Task, extra_state: dict
     rp = resume_path(cfg)
     if rp is not None:
         st = torch.load(rp / "trainer_state.pt", weights_only=False)
-        from safetensors.torch import load_model
-
-        load_model(model, str(rp / "model.safetensors"), strict=False, device=str(dev))
+        load_weights(model, rp)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step = st["step"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import loop
 from .collate import Tokenizer, collate_sequences, load_rows
 from .config import TrainConfig, _f
-from .logprobs import hidden_states, last_token_index, position_ids_from_mask
+from .logprobs import last_token_index, position_ids_from_mask
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""Our DPO trainer vs TRL's DPOTrainer: same tiny model, data and settings, one run.
+
+    python bench/dpo_vs_trl.py [--pairs 256] [--batch-size 8] [--max-length 256]
+
+TRL is never imported by synthfb: this script creates a bench-only virtualenv
+(``bench/.venv-trl``: torch 2.13.0 from the machine's local wheel first, then
+``trl`` with whatever transformers it needs) and runs the TRL side there, in
+a subprocess. Our side runs in a subprocess of the current interpreter.
+
+Both sides do the same work inside the timed window: load the model and
+tokenizer, tokenize the data, compute the reference log-probs once (TRL:
+``precompute_ref_log_probs=True``, the closest match to our cached
+reference), train one epoch of sigmoid DPO (beta 0.1, AdamW, linear decay,
+fp32, grad-norm clip 1.0), save the model. Tokens/s = prompt+completion tokens
+of the epoch (chosen and rejected; counted once with the shared tokenizer) /
+wall seconds. Memory: peak GPU memory allocated on CUDA, else the peak
+resident set size above the process's size at the window start (sampled every
+5 ms). The last two lines printed are the ratios ours/TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".venv-trl"
+WORDS = ("write explain list give describe summarize translate classify the a of to and in is it for on with "
+         "good bad better best short long simple clear helpful honest harmless three five tips health water").split()
+
+
+# --- measurement (stdlib only: this file runs in both virtualenvs) -----------
+
+class PeakMemory:
+    """Peak GPU bytes allocated (CUDA) or peak RSS growth (CPU) over a ``with`` block."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(0.005)
+
+    def __enter__(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+            self.base = self.torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self._t = threading.Thread(target=self._poll, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak = self.torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._t.join()
+            self.peak = max(self.peak, self._rss() - self.base)
+
+
+def _read_jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def worker_ours(a) -> dict:
+    from synthfb.train.dpo import DPOConfig, train_dpo
+
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        cfg = DPOConfig(model=a.model, dataset=a.data, output_dir=a.out, batch_size=a.batch_size, num_epochs=1.0,
+                        learning_rate=a.lr, beta=0.1, loss_type="sigmoid", max_length=a.max_length, ref_batch_size=a.batch_size,
+                        lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0, logging_steps=10, seed=0)
+        out = train_dpo(cfg)
+        secs = time.perf_counter() - t0
+    return {"seconds": secs, "peak_bytes": mem.peak, "steps": out["steps"], "final_loss": out["last"]["loss"],
+            "final_accuracy": out["last"]["reward_accuracy"]}
+
+
+def worker_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    rows = _read_jsonl(a.data)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(a.model)
+        ds = Dataset.from_list(rows)
+        args = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size, num_train_epochs=1,
+                         learning_rate=a.lr, beta=0.1, loss_type=["sigmoid"], max_length=a.max_length,
+                         precompute_ref_log_probs=True, precompute_ref_batch_size=a.batch_size,
+                         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                         logging_steps=10, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
+                         use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        res = trainer.train()
+        trainer.save_model(a.out)
+        secs = time.perf_counter() - t0
+    logs = [x for x in trainer.state.log_history if "loss" in x]
+    return {"seconds": secs, "peak_bytes": mem.peak, "steps": res.global_step,
+            "final_loss": logs[-1]["loss"] if logs else None,
+            "final_accuracy": logs[-1].get("rewards/accuracies") if logs else None}
+
+
+# --- driver -------------------------------------------------------------------
+
+def ensure_trl_venv() -> Path:
+    py = VENV / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", "import trl, torch"], capture_output=True).returncode == 0
+    if ok:
+        return py
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the local CPU wheel pip's find-links has
+    subprocess.run(pip + ["trl"], check=True)
+    return py
+
+
+def make_data(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": text(rng.randint(10, 30)), "chosen": " " + text(rng.randint(20, 50)),
+                                "rejected": " " + text(rng.randint(20, 50))}) + "\n")
+
+
+def count_tokens(model: str, data: Path, max_length: int) -> int:
+    from synthfb.train.collate import Tokenizer, load_rows
+    from synthfb.train.loop import load_tokenizer
+
+    t = Tokenizer(load_tokenizer(model), max_length)
+    n = 0
+    for i, r in enumerate(load_rows(str(data))):
+        e = t.preference_example(r, i)
+        n += 2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+    return n
+
+
+def run_worker(py: str, side: str, a, out: Path, env=None) -> dict:
+    cmd = [py, str(Path(__file__).resolve()), "--worker", side, "--model", a.model, "--data", a.data, "--out", str(out),
+           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{side} worker failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    a = ap.parse_args()
+    if a.worker:
+        res = (worker_ours if a.worker == "ours" else worker_trl)(a)
+        print(json.dumps(res))
+        return 0
+
+    work = HERE / "out" / "dpo_vs_trl"
+    work.mkdir(parents=True, exist_ok=True)
+    from synthfb.llm.tiny import make_tiny_model
+
+    a.model = str(make_tiny_model(work / f"model-h{a.hidden_size}-l{a.layers}", hidden_size=a.hidden_size,
+                                  num_layers=a.layers, num_heads=max(1, a.hidden_size // 64)))
+    data = work / f"prefs-{a.pairs}.jsonl"
+    make_data(data, a.pairs)
+    a.data = str(data)
+    tokens = count_tokens(a.model, data, a.max_length)
+    print(f"model {a.model} | {a.pairs} pairs, {tokens} tokens/epoch | batch {a.batch_size} | max_length {a.max_length}")
+    print("setting up TRL virtualenv (first run installs torch + trl) ...", flush=True)
+    try:
+        trl_py = str(ensure_trl_venv())
+        trl_ver = subprocess.run([trl_py, "-c", "import trl, transformers; print(trl.__version__, transformers.__version__)"],
+                                 capture_output=True, text=True).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        print(f"could not install TRL ({e}); no comparison", file=sys.stderr)
+        return 1
+    import shutil
+
+    results = {}
+    for side, py in (("ours", sys.executable), ("trl", trl_py)):
+        out = work / f"run-{side}"
+        shutil.rmtree(out, ignore_errors=True)
+        results[side] = run_worker(py, side, a, out)
+        r = results[side]
+        print(f"{side:5s} {r['seconds']:8.1f} s  {tokens / r['seconds']:9.0f} tokens/s  peak +{r['peak_bytes'] / 2**20:8.1f} MiB  "
+              f"steps {r['steps']}  final loss {r['final_loss']}  acc {r['final_accuracy']}", flush=True)
+    print(f"TRL {trl_ver} (trl, transformers)")
+    o, t = results["ours"], results["trl"]
+    print(f"tokens/s ratio ours/TRL: {t['seconds'] / o['seconds']:.2f}")
+    print(f"peak memory ratio ours/TRL: {o['peak_bytes'] / max(1, t['peak_bytes']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

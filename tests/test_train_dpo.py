@@ -1,0 +1,120 @@
+"""DPO trainer: learns preferences, cached reference log-probs, variants, soft labels, row formats."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from synthfb.train import loop
+from synthfb.train.collate import Tokenizer
+from synthfb.train.dpo import DPOConfig, build_examples, preference_accuracy, prepare, reference_logps, train_dpo
+
+WORDS = "write explain list give describe summarize translate classify".split()
+GOOD = ["good", "helpful", "clear", "honest"]
+BAD = ["bad", "short", "long", "art"]
+
+
+def pairs(n, seed):
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+             "chosen": " ".join(rng.choice(GOOD) for _ in range(rng.randint(2, 4))),
+             "rejected": " ".join(rng.choice(BAD) for _ in range(rng.randint(2, 4))),
+             "p_chosen": 0.9} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from synthfb.llm.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("dpo") / "tiny64", hidden_size=64, num_heads=2, seed=5)
+
+
+@pytest.mark.timeout(600)
+def test_dpo_reaches_high_preference_accuracy(small, tmp_path):
+    cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path / "dpo"), batch_size=8, learning_rate=1e-3,
+                    lr_scheduler="constant", max_steps=12, beta=0.1)
+    out = train_dpo(cfg, pairs(48, 0))
+    hist = out["history"]
+    # step 1: policy == reference, so the loss is exactly ln 2 and rewards are 0
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert all({"loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected"} <= set(h) for h in hist)
+    held = build_examples(cfg, out["tokenizer"], pairs(32, 1))
+    ref, _ = reference_logps(cfg, held, out["tokenizer"])
+    for e, (c, r) in zip(held, ref.tolist()):
+        e["ref_chosen"], e["ref_rejected"] = c, r
+    assert preference_accuracy(out["model"], out["tokenizer"], held, cfg) > 0.9
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("loss_type,beta", [("ipo", 0.1), ("hinge", 0.1), ("simpo", 2.0)])
+def test_variants_learn(small, tmp_path, loss_type, beta):
+    cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path / loss_type), batch_size=8,
+                    learning_rate=1e-3, lr_scheduler="constant", max_steps=8, beta=beta, loss_type=loss_type)
+    out = train_dpo(cfg, pairs(32, 2))
+    assert out["history"][-1]["loss"] < out["history"][0]["loss"]
+    assert preference_accuracy(out["model"], out["tokenizer"], out["examples"], cfg) > 0.9
+    if loss_type == "simpo":
+        assert not list((tmp_path / loss_type).glob("ref_logps-*.pt"))  # reference-free
+
+
+def test_reference_logps_cached_and_model_not_needed_again(small, tmp_path, monkeypatch):
+    cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path), ref_batch_size=3)
+    tok, ex = prepare(cfg, pairs(7, 3))
+    assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 1
+    # the cached values equal single-example log-probs of the reference model
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+    for e in ex[:3]:
+        p, c = e["prompt_ids"], e["chosen_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(torch.tensor([p + c])).logits[0].double(), -1)
+        want = sum(float(lp[len(p) - 1 + j, t]) for j, t in enumerate(c))
+        assert e["ref_chosen"] == pytest.approx(want, abs=1e-4)
+
+    def boom(*a, **k):
+        raise AssertionError("reference model loaded again")
+
+    monkeypatch.setattr(loop, "load_causal_lm", boom)
+    _, ex2 = prepare(cfg, pairs(7, 3))
+    assert [e["ref_chosen"] for e in ex2] == [e["ref_chosen"] for e in ex]
+
+
+def test_soft_labels_and_row_formats(small, tmp_path):
+    tok = loop.load_tokenizer(str(small))
+    cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path), soft_label_column="p_chosen")
+    ex = build_examples(cfg, tok, pairs(3, 4))
+    assert [e["eps"] for e in ex] == pytest.approx([0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="row 0: `p_chosen` must be a probability"):
+        build_examples(cfg, tok, [{"prompt": "a", "chosen": "b", "rejected": "c", "p_chosen": 2}])
+    t = Tokenizer(tok)
+    user = [{"role": "user", "content": "list three"}]
+    good = [{"role": "assistant", "content": "good clear"}]
+    bad = [{"role": "assistant", "content": "bad art"}]
+    explicit = t.preference_example({"prompt": user, "chosen": good, "rejected": bad})
+    implicit = t.preference_example({"chosen": user + good, "rejected": user + bad})
+    assert explicit == implicit
+    assert tok.decode(explicit["chosen_ids"]) == "good clear<|im_end|>\n"
+    assert tok.decode(explicit["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    std = t.preference_example({"prompt": "Q:", "chosen": " yes", "rejected": " no"})
+    assert std["chosen_ids"][-1] == tok.eos_token_id
+    with pytest.raises(ValueError, match="row 2: preference rows need `chosen` and `rejected`; missing `rejected`"):
+        t.preference_example({"prompt": "x", "chosen": "y"}, 2)
+
+
+def test_reads_pipeline_outputs(tmp_path):
+    """A save_to_disk folder (what `synthfb run` emits), parquet and jsonl give the same rows."""
+    import datasets
+
+    from synthfb.train.collate import load_rows
+
+    rows = [{"row_id": str(i), **r} for i, r in enumerate(pairs(5, 6))]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    for src in ("ds", "d.parquet", "d.jsonl"):
+        assert load_rows(str(tmp_path / src)) == rows
