@@ -302,26 +302,49 @@ def test_self_instruct_pipeline_tiny(tmp_path, tiny_model, vllm_tiny):
 
 
 @pytest.mark.timeout(600)
-def test_self_instruct_resume_continues_identically(tmp_path, tiny_model, vllm_tiny):
-    """Demos are drawn from (seed, step): a run stopped after step 0 and
-    resumed uses the same demos at step 1 as an uninterrupted run."""
-    def tweak_steps(n):
-        def tweak(d):
-            d["stages"] = d["stages"][:2]
-            b = _stage(d, "self_instruct_bootstrap")
-            b.update(num_instructions=1000, prompts_per_step=3, max_steps=n,
-                     sampling={"max_tokens": 24, "stop": ["\n\n"]}, discard_truncated=False)
-        return tweak
+def test_self_instruct_resume_continues_identically(tmp_path, tiny_model, hf_tiny):
+    """Demos are drawn from (seed, step) and the accepted pool on disk: a run
+    killed after step 0 and resumed redoes step 1 exactly as the
+    uninterrupted run did (the transformers backend reseeds every call, so
+    the model's side is fixed too)."""
+    import shutil
 
-    full = _pipeline("self_instruct", tiny_model, tweak_steps(2))
-    run_pipeline(full, tmp_path / "full", generators={full.model: vllm_tiny}, progress=False)
-    part = _pipeline("self_instruct", tiny_model, tweak_steps(1))
-    run_pipeline(part, tmp_path / "part", generators={part.model: vllm_tiny}, progress=False)
     import pyarrow.parquet as pq
 
-    a = pq.read_table(tmp_path / "full" / "stages" / "01-self_instruct_bootstrap" / "chunk-00000.parquet")
-    b = pq.read_table(tmp_path / "part" / "stages" / "01-self_instruct_bootstrap" / "chunk-00000.parquet")
-    assert a.column("demo_ids").to_pylist() == b.column("demo_ids").to_pylist()
+    def tweak(d):
+        d["stages"] = d["stages"][:2]
+        b = _stage(d, "self_instruct_bootstrap")
+        b.update(num_instructions=1000, prompts_per_step=6, max_steps=2,
+                 sampling={"temperature": 1.0, "max_tokens": 24, "stop": ["\n\n"]}, discard_truncated=False)
+
+    p = _pipeline("self_instruct", tiny_model, tweak)
+    run_pipeline(p, tmp_path / "full", generators={p.model: hf_tiny}, progress=False)
+    # the state a kill -9 right after step 0 leaves: step 0 on disk, the stage unfinished, nothing later
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")
+    sdir = tmp_path / "killed" / "stages" / "01-self_instruct_bootstrap"
+    for f in sdir.glob("chunk-*"):
+        if not f.name.startswith("chunk-00000."):
+            f.unlink()
+    meta = json.loads((sdir / "stage.json").read_text())
+    (sdir / "stage.json").write_text(json.dumps({"fingerprint": meta["fingerprint"], "kind": meta["kind"],
+                                                 "finished": False}))
+    shutil.rmtree(tmp_path / "killed" / "dataset")
+    res = run_pipeline(p, tmp_path / "killed", generators={p.model: hf_tiny}, progress=False, resume=True)
+    boot = res.manifest["stages"][1]
+    assert not boot["reused"] and boot["counts"]["prompts"] == 12  # step 1 really ran again (6 prompts x 2 steps)
+
+    def step_rows(run, step):
+        f = tmp_path / run / "stages" / "01-self_instruct_bootstrap" / f"chunk-{step:05d}.parquet"
+        return [{k: r[k] for k in ("row_id", "instruction", "demo_ids", "step")} for r in pq.read_table(f).to_pylist()]
+
+    assert step_rows("killed", 0) == step_rows("full", 0)
+    assert step_rows("killed", 1) == step_rows("full", 1)
+    assert step_rows("killed", 2) == step_rows("full", 2) == []  # the step that stops at max_steps
+    # step 1's demos may use machine instructions accepted at step 0
+    step0_ids = {r["row_id"] for r in step_rows("full", 0)}
+    assert step0_ids and step_rows("full", 1), "the tiny model should get some instructions through at each step"
+    for r in step_rows("full", 1):
+        assert all(i.startswith("seed_task_") or i in step0_ids for i in r["demo_ids"])
 
 
 @pytest.mark.timeout(600)

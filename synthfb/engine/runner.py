@@ -261,7 +261,8 @@ class Runner:
         if quiet:
             datasets.disable_progress_bars()
         try:
-            datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp))
+            # an empty table needs one explicit shard, or load_from_disk cannot read it back
+            datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp), num_shards=1 if table.num_rows == 0 else None)
         finally:
             if quiet:
                 datasets.enable_progress_bars()
