@@ -83,6 +83,9 @@ def _read_jsonl(path):
 
 
 def worker_ours(a) -> dict:
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the window, as trl does)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     from synthfb.train.dpo import DPOConfig, train_dpo
 
     with PeakMemory() as mem:
@@ -101,6 +104,7 @@ def worker_trl(a) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     rows = _read_jsonl(a.data)
     with PeakMemory() as mem:

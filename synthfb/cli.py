@@ -16,6 +16,9 @@ from pathlib import Path
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine import Pipeline, run_pipeline
 
+    if args.executor != "ray" and (args.ray_address or args.ray_workers):
+        print("synthfb: error: --ray-address and --ray-workers need --executor ray", file=sys.stderr)
+        return 2
     pipeline = Pipeline.from_yaml(args.pipeline)
     if args.backend:
         pipeline.backend = args.backend
@@ -24,7 +27,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.chunk_size:
         pipeline.chunk_size = args.chunk_size
     out = Path(args.out) if args.out else Path("runs") / pipeline.name
-    result = run_pipeline(pipeline, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    executor = None
+    if args.executor == "ray":
+        from .engine.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray_address, args.ray_workers, log_to_driver=not args.quiet)
+    try:
+        result = run_pipeline(pipeline, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                              executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     print(json.dumps({"out": str(result.out_dir), "dataset": str(result.dataset_dir), "rows": result.num_rows}))
     return 0
 
@@ -91,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the pipeline's default model")
     p.add_argument("--chunk-size", type=int, help="override the pipeline's chunk size")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where model stages' chunks run: here (local, default) or on a Ray cluster, one engine per "
+                        "worker (needs pip install 'synthfb[ray]'); same checkpoints, resumable either way")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to use (e.g. ray://head:10001); default RAY_ADDRESS, else a local cluster")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray workers (engines); default one per GPU of the cluster, 1 without GPUs")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="check a pipeline file without running it",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -200,6 +201,9 @@ class FaultProxy:
         always: str | None = None,
         forward_timeout: float = 120.0,
         slow_seconds: float = 2.0,
+        rate: float = 0.0,
+        rate_kinds: Iterable[str] = ("503", "429", "drop", "truncate"),
+        seed: int = 0,
     ) -> None:
         parts = urlsplit(target)
         self.target_host = parts.hostname or "127.0.0.1"
@@ -209,6 +213,10 @@ class FaultProxy:
             if f not in FAULTS:
                 raise ValueError(f"unknown fault {f!r}; expected one of {FAULTS}")
         self.always = always
+        # after the listed faults: each further POST is faulted with probability `rate`
+        self.rate = rate
+        self.rate_kinds = list(rate_kinds)
+        self._rng = random.Random(seed)
         self.forward_timeout = forward_timeout
         self.slow_seconds = slow_seconds
         self.counts: Counter[str] = Counter()
@@ -291,7 +299,11 @@ class FaultProxy:
             self._posts += 1
             if self.always:
                 return self.always
-            return self.faults[i] if i < len(self.faults) else None
+            if i < len(self.faults):
+                return self.faults[i]
+            if self.rate and self._rng.random() < self.rate:
+                return self._rng.choice(self.rate_kinds)
+            return None
 
     def _inject(self, h: BaseHTTPRequestHandler, fault: str) -> None:
         self._count(fault)

@@ -16,8 +16,10 @@ from synthfb.stages.backtranslation import (
     caps_ratio,
     clean_generated_instruction,
     parse_rating,
+    put_back_prefill,
     segment_drop_reason,
     split_segments,
+    with_prefill,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,9 +88,21 @@ def test_clean_generated_instruction(text, want):
     ("Score: 0", None), ("Score: 6", None), ("Score: 4.5", None),
     ("I would give it a five.", None), ("", None), (None, None), ("Score:", None),
     ("Score: 3 because it is fine", None),                   # not a clean score line
+    ("I chose this.\nThe score is: 4\nThe score is: 5\n", 5),  # SmolLM2's habit; last line wins
+    ("Rating: 3", 3), ("Overall rating = 2.", 2),
+    ("Scores: 4", None), ("underscore: 4", None),            # whole words only
 ])
 def test_parse_rating(text, want):
     assert parse_rating(text) == want
+
+
+@pytest.mark.parametrize("completion,want", [
+    (" 4", 4), ("\n5\nInstruction: next one", 5), ("  3/5", 3), (" 7", None), (" four", None), ("", None),
+])
+def test_prefill_put_back_before_parsing(completion, want):
+    assert with_prefill("PROMPT", "Score:") == "PROMPT\nScore:"
+    assert parse_rating(put_back_prefill("Score:", completion)) == want
+    assert put_back_prefill("", " 4") == " 4"
 
 
 def test_tags_are_the_paper_sentences():

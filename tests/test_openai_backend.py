@@ -276,3 +276,44 @@ def test_400_not_retried(root_url):
         [r] = g.generate([_chat(max_tokens=4)])
     assert r.error == "request 0 failed (not retried): HTTP 400: injected: bad request"
     assert proxy.counts["post"] == 1 and g.usage.retries == 0
+
+
+# ------------------------------------------------------------------ a whole pipeline through faults
+def test_pipeline_through_faulty_proxy_counts_retries_and_keeps_key_secret(root_url, tmp_path, monkeypatch):
+    from synthfb.engine import Pipeline, run_pipeline
+
+    secret = "sk-PLANTED-never-write-me-0123456789"
+    monkeypatch.setenv("SYNTHFB_TEST_KEY", secret)
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps({"instruction": f"Tip {i} for health"}) + "\n"
+                                                  for i in range(24)))
+    with FaultProxy(root_url, rate=0.3, seed=7) as proxy:
+        f = tmp_path / "pipe.yaml"
+        f.write_text(f"""
+name: faulty
+backend: openai
+model: {MODEL}
+backend_options: {{base_url: "{proxy.url}/v1", api_key_env: SYNTHFB_TEST_KEY, max_retries: 8,
+                   retry_wait_min: 0.01, retry_wait_max: 0.05, concurrency: 4, timeout: 120}}
+chunk_size: 8
+stages:
+  - stage: load
+    path: seeds.jsonl
+  - stage: generate
+    input_column: instruction
+    sampling: {{max_tokens: 8}}
+""")
+        res = run_pipeline(Pipeline.from_yaml(f), tmp_path / "run", progress=False)
+        injected = proxy.injected
+    st = res.manifest["stages"][1]
+    assert injected > 0
+    # every row completed or is reported failed with its reason
+    assert st["rows_out"] + len(st["failures"]) == st["rows_in"] == 24
+    for fail in st["failures"]:
+        assert "failed after" in fail["reason"]
+    if not st["failures"]:
+        assert st["usage"]["retries"] == injected
+    assert st["usage"]["retries"] >= 1
+    # the API key is nowhere in what the run wrote
+    for p in (tmp_path / "run").rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p

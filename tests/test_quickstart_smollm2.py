@@ -22,16 +22,20 @@ def test_quickstart_on_smollm2(tmp_path, vllm_smol):
     ds = datasets.load_from_disk(str(res.dataset_dir))
     assert len(ds) == len(seeds)
     assert sorted(ds["instruction"]) == sorted(s["instruction"] for s in seeds)
-    # real text: mostly letters and spaces, several words, on topic for at least some prompts
-    for r in ds:
-        text = r["response"]
-        assert len(text.split()) >= 2, text
-        letters = sum(ch.isalpha() or ch.isspace() for ch in text)
-        assert letters / len(text) > 0.7, text
-    assert sum(len(t.split()) for t in ds["response"]) / len(ds) >= 10
-    answers = " ".join(ds["response"]).lower()
-    assert "french" in answers or "bonjour" in answers
-    assert any(w in answers for w in ("vitamin", "orange", "kiwi", "strawberr"))
+    # real text from a 135M model sampled at T=0.7: every answer non-empty, most
+    # of them several words of mostly letters, and on topic for most prompts
+    texts = ds["response"]
+    assert all(t.strip() for t in texts), texts
+    assert sum(len(t.split()) >= 5 for t in texts) >= len(texts) - 2, texts
+    joined = "".join(texts)
+    assert sum(ch.isalpha() or ch.isspace() for ch in joined) / len(joined) > 0.8, texts
+    assert sum(len(t.split()) for t in texts) / len(texts) >= 10, texts
+    a = " ".join(texts).lower()
+    on_topic = ["french" in a or "bonjour" in a,
+                any(w in a for w in ("vitamin", "orange", "kiwi", "strawberr")),
+                any(w in a for w in ("scatter", "light", "wavelength", "atmospher")),
+                any(w in a for w in ("lunch", "friday"))]
+    assert sum(on_topic) >= 3, (on_topic, texts)
     prov = ds[0]["provenance"][-1]
     assert prov["model"] == "default" and prov["backend"] == "vllm"
     assert json.loads(prov["sampling"])["max_tokens"] == 200

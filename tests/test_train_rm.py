@@ -106,3 +106,25 @@ def test_cli_runs_the_example_config(small, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and "reward_accuracy" in lines[0]
     assert main(["train", "rm", "--config", str(REPO / "pipelines/train/rm_tiny.yaml"), "--set", "max_step=3"]) == 2
+
+
+def test_ppo_reward_model_scorer_matches_single_sequences(small, tmp_path):
+    """PPO's RewardModelScorer reads a saved RM checkpoint and scores like reward_scores alone."""
+    from synthfb.train.collate import Tokenizer
+    from synthfb.train.ppo import RewardModelScorer
+
+    torch.manual_seed(1)
+    model, tok = load_reward_model(str(small))
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = ["list three", [{"role": "user", "content": "give tips"}], "why"]
+    comps = [" good clear", "helpful honest water", " bad"]
+    got = RewardModelScorer(str(tmp_path / "rm"), batch_size=2)(prompts, comps)
+    t = Tokenizer(tok)
+    model.eval()
+    for p, c, g in zip(prompts, comps, got):
+        ids = t.prompt_ids(p) + (t.completion_ids(p, [{"role": "assistant", "content": c}]) if isinstance(p, list)
+                                 else t.completion_ids(p, c))
+        with torch.no_grad():
+            want = float(reward_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
+        assert g == pytest.approx(want, abs=1e-5)

@@ -95,6 +95,16 @@ class Runner:
     ``generators`` lets callers (tests, benchmarks, the RLAIF loop) hand in
     already-started engines keyed by model name; other models are loaded on
     first use and closed at the end of the run.
+
+    ``executor`` decides where the chunks of model stages run. None (the
+    default) runs them here, one after another. Otherwise it is an object
+    with ``map_chunks(runner, stage, stage_index, table, chunks)`` that yields
+    ``(chunk, rows_in, rows_out, stats)`` for every chunk index in ``chunks``
+    as each finishes, computed with :meth:`process_chunk` wherever it runs
+    (e.g. :class:`synthfb.engine.ray_executor.RayExecutor`, one engine per
+    Ray actor). Checkpoints are written here either way, with the same
+    helpers, so runs resume across executors. Source, iterative and
+    model-free stages always run here. The caller owns (and closes) it.
     """
 
     def __init__(
@@ -106,12 +116,14 @@ class Runner:
         overwrite: bool = False,
         generators: dict[str, Generator] | None = None,
         progress: bool = True,
+        executor: Any = None,
     ):
         self.pipeline = pipeline
         self.out = Path(out_dir)
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
+        self.executor = executor
         self._given = dict(generators or {})
         self._owned: dict[str, Generator] = {}
 
@@ -432,28 +444,47 @@ class Runner:
             self._log(f"{label}: resuming; {len(done)}/{n_chunks} chunks already on disk")
         bar = tqdm(total=n, initial=done_rows, desc=label, unit="row", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
-        tokens, seconds = 0, 0.0
+        todo = [c for c in range(n_chunks) if c not in done]
+        if self.executor is not None and stage.uses_model and todo:
+            results = self.executor.map_chunks(self, stage, i, table, todo)
+        else:
+            results = self._local_chunks(stage, i, table, todo)
+        tokens, seconds, requests = 0, 0.0, 0
         try:
-            for c in range(n_chunks):
-                if c in done:
-                    continue
-                rows = table.slice(c * size, size).to_pylist()
-                ctx = StageContext(self, i, stage.kind)
-                before = self._usage()
-                t0 = time.time()
-                out = stage.process(rows, ctx)
-                dt = time.time() - t0
-                after = self._usage()
-                usage = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                stats = {"rows_in": len(rows), "rows_out": len(out), "counts": ctx.stats.counts,
-                         "failures": ctx.failures, "usage": usage, "seconds": round(dt, 3)}
+            for c, n_in, out, stats in results:
                 self._write_chunk(sdir, c, out, stats, f"{label} chunk {c}")
-                tokens += usage.get("completion_tokens", 0)
-                seconds += dt
-                bar.update(len(rows))
-                bar.set_postfix(requests=after.get("requests", 0), tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                tokens += stats["usage"].get("completion_tokens", 0)
+                requests += stats["usage"].get("requests", 0)
+                seconds += stats["seconds"]
+                bar.update(n_in)
+                bar.set_postfix(requests=requests, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         finally:
             bar.close()
+
+    def _local_chunks(self, stage: Stage, i: int, table: pa.Table, todo: list[int]):
+        """The local executor: each chunk in this process, in order; the next
+        one starts only after the caller has written the previous one."""
+        size = self.pipeline.chunk_size
+        for c in todo:
+            rows = table.slice(c * size, size).to_pylist()
+            out, stats = self.process_chunk(stage, i, rows)
+            yield c, len(rows), out, stats
+
+    def process_chunk(self, stage: Stage, i: int, rows: list[dict]) -> tuple[list[dict], dict[str, Any]]:
+        """Run one chunk of stage ``i`` with this runner's generators: its
+        output rows and the stats stored next to them (drop counts, failed
+        rows, token usage, seconds). The one unit of work every executor
+        runs, so checkpoints look the same wherever a chunk ran."""
+        ctx = StageContext(self, i, stage.kind)
+        before = self._usage()
+        t0 = time.time()
+        out = stage.process(rows, ctx)
+        dt = time.time() - t0
+        after = self._usage()
+        usage = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        stats = {"rows_in": len(rows), "rows_out": len(out), "counts": ctx.stats.counts,
+                 "failures": ctx.failures, "usage": usage, "seconds": round(dt, 3)}
+        return out, stats
 
 
 def run_pipeline(

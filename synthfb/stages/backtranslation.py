@@ -220,14 +220,25 @@ class BacktranslateStage(Stage):
 
 # -- self-curation ------------------------------------------------------------------
 
-_SCORE = re.compile(r"score\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*5|out of 5)?\s*\**\s*\.?\s*$", re.I)
+def with_prefill(prompt: str, prefill: str) -> str:
+    """A completion prompt that already starts the answer with ``prefill``."""
+    return f"{prompt}\n{prefill}" if prefill else prompt
+
+
+def put_back_prefill(prefill: str, completion: str) -> str:
+    """The answer as the model 'wrote' it: ``prefill`` + the completion."""
+    return f"{prefill} {completion.lstrip()}" if prefill else completion
+
+
+_SCORE = re.compile(r"\b(?:score|rating)(?:\s+is)?\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*5|out of 5)?\s*\**\s*\.?\s*$",
+                    re.I)
 
 
 def parse_rating(text: str) -> int | None:
     """The 1-5 rating from a curation answer, or None.
 
-    Looks for a ``Score: N`` line from the last line upwards (the prompt asks
-    for it last). Only a whole number 1..5 counts: "Score: 10502",
+    Looks for a ``Score: N`` line (also "Rating: N", "The score is: N") from
+    the last line upwards (the prompt asks for it last). Only a whole number 1..5 counts: "Score: 10502",
     "Score: 4.5", "Score: 0" and missing scores give None."""
     if not isinstance(text, str):
         return None
@@ -248,6 +259,7 @@ class CurateConfig:
     output_column: str = field(default="output", metadata={"help": "column with the candidate answer"})
     prompt: str = field(default="backtranslation_curate.jinja", metadata={"help": "rating prompt (variables: instruction, output)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
+    prefill: str = field(default="", metadata={"help": "completion mode only: appended to the prompt and put back before parsing (e.g. 'Score:' for small models)"})
     num_ratings: int = field(default=1, metadata={"help": "ratings sampled per row; the score is the mean of the parsable ones"})
     min_score: float = field(default=5.0, metadata={"help": "keep rows whose score is >= this (paper: k=5; A_4 uses 4)"})
     drop: bool = field(default=True, metadata={"help": "drop rows below min_score (false: keep all with the score, for histograms)"})
@@ -269,6 +281,8 @@ class SelfCurateStage(Stage):
         super().__init__(config, base_dir)
         if config.num_ratings < 1:
             raise ValueError("num_ratings must be >= 1")
+        if config.prefill and config.chat:
+            raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 256,
                                                 **config.sampling, "n": config.num_ratings})
         self.template = PromptTemplate.load(config.prompt, self.base_dir)
@@ -289,15 +303,16 @@ class SelfCurateStage(Stage):
     def process(self, rows, ctx):
         c = self.config
         gen = ctx.generator(c.model)
-        reqs = [_chat(self.template.render({"instruction": r[c.instruction_column], "output": r[c.output_column]},
-                                           r.get(ROW_ID)), self.params, c.chat) for r in rows]
+        reqs = [_chat(with_prefill(self.template.render({"instruction": r[c.instruction_column], "output": r[c.output_column],
+                                                         "chat": c.chat}, r.get(ROW_ID)), c.prefill),
+                      self.params, c.chat) for r in rows]
         out = []
         for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
             if res.error:
                 ctx.stats.add("failed_requests")
                 ctx.record_failure(r[ROW_ID], res.error)
                 continue
-            ratings = [parse_rating(comp.text) for comp in res.completions]
+            ratings = [parse_rating(put_back_prefill(c.prefill, comp.text)) for comp in res.completions]
             bad = sum(x is None for x in ratings)
             ctx.stats.add("ratings", len(ratings))
             ctx.stats.add("unparseable_ratings", bad)

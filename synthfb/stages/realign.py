@@ -278,6 +278,7 @@ class RewriteConfig:
     prompt: str = field(default="realign_rewrite.jinja", metadata={"help": "user prompt (variables: query, response, format, evidence)"})
     adaptive: bool = field(default=True, metadata={"help": "let the model keep the response when the format does not fit"})
     chat: bool = field(default=True, metadata={"help": "send as chat messages (false: raw completion)"})
+    prefill: str = field(default="", metadata={"help": "completion mode only: appended to the prompt and put back before parsing (e.g. 'Revised response:' for small models)"})
     n: int = field(default=2, metadata={"help": "candidates per row; the longest parsable one is used"})
     sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.3, top_p=0.1 as in the paper, max_tokens 1024)"})
     min_length_ratio: float = field(default=0.5, metadata={"help": "a rewrite with <= this x the original's words keeps the original"})
@@ -300,6 +301,8 @@ class RealignRewriteStage(Stage):
         self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
         self.system = PromptTemplate.load(config.system_prompt, self.base_dir)
         self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        if config.prefill and config.chat:
+            raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = SamplingParams.from_dict({"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024,
                                                 **config.sampling, "n": config.n})
 
@@ -349,7 +352,7 @@ class RealignRewriteStage(Stage):
             text = self.template.render({"query": q, "response": resp, "format": cat.format,
                                          "evidence": evidence}, r.get(ROW_ID))
             plans[r[ROW_ID]] = (cat, evidence)
-            reqs.append(_request(text, c.chat, self.params, system))
+            reqs.append(_request(f"{text}\n{c.prefill}" if c.prefill else text, c.chat, self.params, system))
             req_ids.append(r[ROW_ID])
         results = dict(zip(req_ids, gen.generate(reqs, desc=ctx.stage_name)))
         out = []
@@ -373,7 +376,8 @@ class RealignRewriteStage(Stage):
                 row["realign_reason"] = "failed_request"
                 out.append(row)
                 continue
-            candidates = [parse_revised(comp.text) for comp in res.completions]
+            candidates = [parse_revised(f"{c.prefill} {comp.text.lstrip()}" if c.prefill else comp.text)
+                          for comp in res.completions]
             ctx.stats.add("unparseable_candidates", sum(x is None for x in candidates))
             parsed = [x for x in candidates if x is not None]
             revised = max(parsed, key=word_count) if parsed else None  # longest, first on ties

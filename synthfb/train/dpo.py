@@ -2,9 +2,10 @@
 
 :func:`dpo_loss` is a plain function on sequence log-probs; :func:`train_dpo`
 runs it over preference rows. The reference model's log-probs are computed
-once before training, cached to ``output_dir`` (keyed by a hash of the
-reference weights and the tokenized data) and the reference model is freed,
-so training holds one model.
+once before training and cached to ``output_dir`` (keyed by a hash of the
+reference weights and the tokenized data), so training holds one model: when
+the reference is the starting model, the untrained policy computes them
+itself; a separate ``ref_model`` is loaded, used once and freed.
 """
 
 from __future__ import annotations
@@ -154,14 +155,22 @@ def _fingerprint(ref_path: str, examples: list[dict]) -> str:
 
 
 @torch.no_grad()
-def reference_logps(cfg: DPOConfig, examples: list[dict], tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 2) summed reference log-probs [chosen, rejected] and token counts, cached on disk."""
+def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2) summed reference log-probs [chosen, rejected] and token counts, cached on disk.
+
+    ``model``: the policy before any update, used as the reference when
+    ``cfg.ref_model`` is unset (saves loading the same weights twice).
+    Otherwise the reference is loaded, used once and freed.
+    """
     ref_path = cfg.ref_model or cfg.model
     cache = Path(cfg.output_dir) / f"ref_logps-{_fingerprint(ref_path, examples)}.pt"
     if cache.exists():
         d = torch.load(cache)
         return d["logps"], d["lengths"]
-    model = loop.load_causal_lm(ref_path, cfg)
+    own = model is None or cfg.ref_model is not None
+    if own:
+        model = loop.load_causal_lm(ref_path, cfg)
+    was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     logps = torch.zeros(len(examples), 2)
@@ -174,8 +183,11 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok) -> tuple[torch.Te
         k = len(idx)
         logps[idx, 0], logps[idx, 1] = lp[:k].float().cpu(), lp[k:].float().cpu()
         lengths[idx, 0], lengths[idx, 1] = n[:k].float().cpu(), n[k:].float().cpu()
-    del model
-    gc.collect()
+    if own:
+        del model
+        gc.collect()
+    else:
+        model.train(was_training)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp-{os.getpid()}")
     torch.save({"logps": logps, "lengths": lengths}, tmp)
@@ -212,12 +224,16 @@ def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
     )
 
 
-def prepare(cfg: DPOConfig, rows: list[dict] | None = None):
-    """Tokenizer and examples with cached reference log-probs attached."""
+def prepare(cfg: DPOConfig, rows: list[dict] | None = None, model=None):
+    """Tokenizer and examples with cached reference log-probs attached.
+
+    ``model`` (optional): the untrained policy, reused as the reference when
+    ``cfg.ref_model`` is unset.
+    """
     tok = loop.load_tokenizer(cfg.model)
     ex = build_examples(cfg, tok, rows)
     if cfg.loss_type != "simpo":
-        logps, _ = reference_logps(cfg, ex, tok)
+        logps, _ = reference_logps(cfg, ex, tok, model)
         for e, (c, r) in zip(ex, logps.tolist()):
             e["ref_chosen"], e["ref_rejected"] = c, r
     return tok, ex
@@ -248,8 +264,10 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
 def train_dpo(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
     """Run DPO (or a variant); the model ends up in ``cfg.output_dir``."""
     loop.seed_all(cfg.seed)
-    tok, ex = prepare(cfg, rows)
     model = loop.load_causal_lm(cfg.model, cfg)
+    resuming = loop.resume_path(cfg) is not None
+    # before any update the policy is the reference; after a resume it is not, so load the reference
+    tok, ex = prepare(cfg, rows, None if resuming else model)
     summary = loop.run(cfg, model, tok, ex, dpo_task(tok, cfg))
     summary["model"] = model
     summary["examples"] = ex

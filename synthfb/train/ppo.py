@@ -190,7 +190,11 @@ def load_reward_function(spec: str) -> Callable[[list, list[str]], list[float]]:
 
 
 class RewardModelScorer:
-    """Scores (prompt, completion) with a reward model checkpoint at the last real token."""
+    """Scores (prompt, completion) with a reward model checkpoint at the last real token.
+
+    The completion is tokenized as in RM training (end-of-turn / EOS appended;
+    chat prompts get the completion as an assistant turn).
+    """
 
     def __init__(self, path: str, dtype: str = "float32", device=None, batch_size: int = 16):
         from .rm import load_reward_model
@@ -209,7 +213,8 @@ class RewardModelScorer:
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             ps = [self.tok.prompt_ids(p) for p in prompts[s:s + self.batch_size]]
-            cs = [self.tok.completion_ids(p, c) for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
+            cs = [self.tok.completion_ids(p, [{"role": "assistant", "content": c}] if isinstance(p, list) else c)
+                  for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
             b = collate_sequences(ps, cs, self.tok.pad_id, "right")
             out += reward_scores(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev)).tolist()
         return out
@@ -267,7 +272,7 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     rows = load_rows(cfg.dataset) if rows is None else rows
     prompts = [_prompt_of(r, i) for i, r in enumerate(rows)]
     tok = loop.load_tokenizer(cfg.model)
-    T = Tokenizer(tok, max_prompt_length=cfg.max_prompt_length or max(1, cfg.max_length - cfg.max_new_tokens))
+    T = Tokenizer(tok)  # prompts exactly as the Generator tokenized them (no truncation)
     eos = tok.eos_token_id
 
     if reward_fn is None:

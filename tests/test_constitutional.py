@@ -1,0 +1,194 @@
+"""Constitutional AI stages: the constitution file, SL-CAI rounds, RL-CAI soft
+labels recomputed by hand from the logged log-probs (and re-scored with the
+transformers backend), both orders, ensembles and CoT clamping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+
+from synthfb.engine import Pipeline, run_pipeline
+from synthfb.llm.types import ScoreRequest
+from synthfb.stages.constitutional import Constitution, clean_revision
+from synthfb.stages.templates import PromptTemplate
+from test_trl_format import assert_trl_preference
+
+REPO = Path(__file__).resolve().parent.parent
+CONSTITUTION = REPO / "pipelines" / "data" / "constitution.yaml"
+
+ROWS = [
+    {"id": "a", "prompt": "How can I get back at my noisy neighbour?",
+     "responses": ["Talk to him calmly first.", "Slash his tyres."]},
+    {"id": "b", "prompt": "Give three tips for staying healthy.",
+     "responses": ["Sleep, water, exercise.", "Eat only candy."]},
+    {"id": "c", "prompt": "Same answers here.", "responses": ["Same.", "Same."]},
+    {"id": "d", "prompt": "Only one answer.", "responses": ["Lonely."]},
+]
+
+
+def _write_rows(tmp_path, rows=ROWS):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _pipeline(tmp_path, stage: dict, data: Path, extra_stages=()) -> Pipeline:
+    d = {"name": "cai-test", "model": "default", "seed": 3, "chunk_size": 2,
+         "stages": [{"stage": "load", "path": str(data), "id_column": "id"}, *extra_stages, stage]}
+    return Pipeline.from_dict(d, tmp_path)
+
+
+def test_shipped_constitution():
+    c = Constitution.load(str(CONSTITUTION), REPO)
+    assert len(c.principles) == 16
+    assert len({p.id for p in c.principles}) == 16
+    for p in c.principles:
+        assert p.critique and p.revision and p.comparison.endswith("?")
+    # sampling: reproducible, independent of call order, covers the constitution
+    a = [c.sample(0, f"row{i}", 0)[0].id for i in range(400)]
+    b = [c.sample(0, f"row{i}", 0)[0].id for i in reversed(range(400))][::-1]
+    assert a == b
+    assert set(a) == set(c.by_id)
+    k = c.sample(0, "x", "label", 5)
+    assert len({p.id for p in k}) == 5
+
+
+def test_constitution_errors_name_the_field(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(yaml.safe_dump({"principles": [{"id": "x", "critique": "c", "revision": ""}]}))
+    with pytest.raises(ValueError, match=r"principles\[0\] \(x\): field 'revision'"):
+        Constitution.load(str(bad), tmp_path)
+    bad.write_text(yaml.safe_dump({"principles": [{"id": "x", "comparison": "q?"}, {"id": "x", "comparison": "r?"}]}))
+    with pytest.raises(ValueError, match="duplicate id 'x'"):
+        Constitution.load(str(bad), tmp_path, need=("comparison",))
+
+
+def test_clean_revision():
+    assert clean_revision("Revised response: Be kind.") == "Be kind."
+    assert clean_revision("Here is the revised response:\nBe kind.") == "Be kind."
+    assert clean_revision("Revision:   ") is None
+    assert clean_revision("Keep revising your essay.") == "Keep revising your essay."
+
+
+def _recompute(row, clamp=None):
+    """The label from the logged log-probs, by hand: p(A) = e^a / (e^a + e^b)."""
+    per = {}
+    for e in row["label_logprobs"]:
+        pa = math.exp(e["logprob_a"]) / (math.exp(e["logprob_a"]) + math.exp(e["logprob_b"]))
+        per.setdefault((e["principle_id"], e["order"]), []).append(pa)
+    p1s, ab, ba = [], [], []
+    for pid in row["principle_ids"]:
+        x = sum(per[(pid, "ab")]) / len(per[(pid, "ab")])        # response 1 shown as (A)
+        y = 1 - sum(per[(pid, "ba")]) / len(per[(pid, "ba")])    # response 1 shown as (B)
+        ab.append(x)
+        ba.append(y)
+        p1s.append((x + y) / 2)
+    p = sum(p1s) / len(p1s)
+    if clamp:
+        p = min(max(p, clamp[0]), clamp[1])
+    return p, sum(ab) / len(ab), sum(ba) / len(ba)
+
+
+@pytest.mark.timeout(600)
+def test_cai_label_soft_labels_by_hand(tmp_path, vllm_tiny, hf_tiny):
+    stage = {"stage": "cai_label", "constitution": str(CONSTITUTION)}
+    res = run_pipeline(_pipeline(tmp_path, stage, _write_rows(tmp_path)), tmp_path / "out",
+                       generators={"default": vllm_tiny}, progress=False)
+    counts = res.manifest["stages"][-1]["counts"]
+    assert counts["identical_responses"] == 1 and counts["fewer_than_two_responses"] == 1
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert sorted(ds["row_id"]) == ["a", "b"]
+    assert_trl_preference(ds, "conversational")
+    const = Constitution.load(str(CONSTITUTION), REPO)
+    tpl = PromptTemplate.load("cai_compare.jinja", REPO)
+    for row in ds:
+        src = next(r for r in ROWS if r["id"] == row["row_id"])
+        r1, r2 = src["responses"]
+        assert len(row["principle_ids"]) == 1
+        assert row["principle_ids"][0] == const.sample(3, row["row_id"], "label")[0].id
+        p, ab, ba = _recompute(row)
+        assert row["p_response_1"] == pytest.approx(p, abs=1e-9)
+        assert row["p_order_ab"] == pytest.approx(ab, abs=1e-9)
+        assert row["p_order_ba"] == pytest.approx(ba, abs=1e-9)
+        assert row["position_gap"] == pytest.approx(ab - ba, abs=1e-9)
+        want_chosen = r1 if p > 0.5 else r2
+        assert row["chosen"][0]["content"] == want_chosen
+        assert row["rejected"][0]["content"] == (r2 if want_chosen == r1 else r1)
+        assert row["p_chosen"] == pytest.approx(max(p, 1 - p), abs=1e-9)
+        assert row["margin"] == pytest.approx(row["score_chosen"] - row["score_rejected"])
+        # the logged log-probs are the model's: re-score order AB with the transformers backend
+        comp = const.by_id[row["principle_ids"][0]].comparison
+        text = tpl.render({"prompt": src["prompt"], "comparison": comp, "response_a": r1, "response_b": r2})
+        la, lb = (x.logprob for x in hf_tiny.score([ScoreRequest(" (A)", prompt=text), ScoreRequest(" (B)", prompt=text)]))
+        e = next(e for e in row["label_logprobs"] if e["order"] == "ab")
+        assert e["logprob_a"] == pytest.approx(la, abs=2e-3)
+        assert e["logprob_b"] == pytest.approx(lb, abs=2e-3)
+
+
+@pytest.mark.timeout(600)
+def test_cai_label_ensemble_and_cot_clamp(tmp_path, vllm_tiny):
+    rows = _write_rows(tmp_path, ROWS[:2])
+    stage = {"stage": "cai_label", "constitution": str(CONSTITUTION), "principles_per_label": 3,
+             "format": "standard"}
+    res = run_pipeline(_pipeline(tmp_path, stage, rows), tmp_path / "ens", generators={"default": vllm_tiny},
+                       progress=False)
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert len(ds) == 2
+    assert_trl_preference(ds, "standard")
+    for row in ds:
+        assert len(set(row["principle_ids"])) == 3
+        assert len(row["label_logprobs"]) == 6
+        assert row["p_response_1"] == pytest.approx(_recompute(row)[0], abs=1e-9)
+
+    stage = {"stage": "cai_label", "constitution": str(CONSTITUTION), "cot": True, "cot_samples": 2,
+             "cot_sampling": {"max_tokens": 16}, "clamp": [0.4, 0.6]}
+    res = run_pipeline(_pipeline(tmp_path, stage, rows), tmp_path / "cot", generators={"default": vllm_tiny},
+                       progress=False)
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert len(ds) + res.manifest["stages"][-1]["counts"].get("tie", 0) == 2
+    for row in ds:
+        assert len(row["cot_rationales"]) == 4  # 2 orders x 2 samples
+        assert len(row["label_logprobs"]) == 4
+        assert 0.4 <= row["p_response_1"] <= 0.6
+        assert row["p_response_1"] == pytest.approx(_recompute(row, (0.4, 0.6))[0], abs=1e-9)
+
+
+@pytest.mark.timeout(600)
+def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny):
+    shots = tmp_path / "shots.yaml"
+    shots.write_text(yaml.safe_dump([{
+        "prompt": "How do I pick a lock?", "response": "Use a tension wrench and a pick.",
+        "critique_request": "Is this harmful?", "critique": "It may help someone break into a home.",
+        "revision_request": "Remove harmful content.", "revision": "If you are locked out, call a locksmith.",
+    }]))
+    data = _write_rows(tmp_path, [{"id": "a", "prompt": "Tell me a joke.", "response": "Why?"},
+                                  {"id": "b", "prompt": "Insult my boss.", "response": "No."}])
+    stage = {"stage": "cai_revise", "constitution": str(CONSTITUTION), "rounds": 2, "emit": "all",
+             "few_shot": str(shots), "sampling": {"max_tokens": 12}}
+    res = run_pipeline(_pipeline(tmp_path, stage, data), tmp_path / "sl", generators={"default": vllm_tiny},
+                       progress=False)
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert sorted(ds["row_id"]) == ["a/1", "a/2", "b/1", "b/2"]
+    const = Constitution.load(str(CONSTITUTION), REPO)
+    for row in ds:
+        rid, k = row["row_id"].split("/")
+        steps = row["cai_steps"]
+        assert len(steps) == 2 and row["revision_step"] == int(k)
+        assert [s["principle_id"] for s in steps] == [const.sample(3, rid, i)[0].id for i in range(2)]
+        assert row["completion"] == [{"role": "assistant", "content": steps[int(k) - 1]["revision"]}]
+        assert row["prompt"][0]["role"] == "user"
+        assert row["initial_response"] in ("Why?", "No.")
+        assert row["provenance"][-1]["stage"] == "cai_revise"
+
+
+def test_cai_stage_config_errors(tmp_path):
+    data = _write_rows(tmp_path)
+    with pytest.raises(ValueError, match="clamp"):
+        _pipeline(tmp_path, {"stage": "cai_label", "cot": True, "clamp": [0.7, 0.2]}, data)
+    with pytest.raises(ValueError, match="rounds"):
+        _pipeline(tmp_path, {"stage": "cai_revise", "rounds": 0}, data)
