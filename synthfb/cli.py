@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_cmd_models_tiny)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    from .train.cli import add_train_parser  # torch is imported only when a trainer runs
+
+    add_train_parser(sub)
+
+    from .loop.cli import add_loop_parser  # `synthfb loop`: the RLAIF loop (synthfb/loop/)
+
+    add_loop_parser(sub)
     return parser
 
 

