@@ -2,10 +2,11 @@
 
     python bench/dpo_vs_trl.py [--pairs 256] [--batch-size 8] [--max-length 256]
 
-TRL is never imported by synthfb: this script creates a bench-only virtualenv
-(``bench/.venv-trl``: torch 2.13.0 from the machine's local wheel first, then
-``trl`` with whatever transformers it needs) and runs the TRL side there, in
-a subprocess. Our side runs in a subprocess of the current interpreter.
+TRL is never imported by synthfb. The TRL side runs in a subprocess of this
+interpreter when TRL is installed here (``install.sh test`` installs it);
+otherwise the script creates a bench-only virtualenv (``bench/.venv-trl``:
+torch 2.13.0 from the machine's local wheel first, then ``trl``) and runs it
+there. Our side runs in a subprocess of the current interpreter.
 
 Both sides do the same work inside the timed window: load the model and
 tokenizer, tokenize the data, compute the reference log-probs once (TRL:
@@ -131,6 +132,10 @@ def worker_trl(a) -> dict:
 # --- driver -------------------------------------------------------------------
 
 def ensure_trl_venv() -> Path:
+    """An interpreter with TRL: this one when TRL is installed here (the `test`
+    extra pins it), else a bench-only virtualenv created on first use."""
+    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:
+        return Path(sys.executable)
     py = VENV / "bin" / "python"
     ok = py.exists() and subprocess.run([str(py), "-c", "import trl, torch"], capture_output=True).returncode == 0
     if ok:

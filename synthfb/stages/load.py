@@ -53,7 +53,10 @@ class LoadStage(Stage):
         return [ROW_ID] + [c for c in self.read_columns() if c != ROW_ID]
 
     def read_columns(self) -> list[str]:
-        return list(self._table().column_names)
+        table = self._table()
+        if table.num_rows == 0:  # said here, before the column check makes it look like a schema problem
+            raise InputError(f"{self._path()}: the dataset is empty (0 rows)")
+        return list(table.column_names)
 
     def _table(self) -> pa.Table:
         if not hasattr(self, "_cached"):
