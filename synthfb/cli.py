@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where model stages' chunks run: here (local, default) or on a Ray cluster, one engine per "
                         "worker (needs pip install 'synthfb[ray]'); same checkpoints, resumable either way")
     p.add_argument("--ray-address", metavar="ADDR",
-                   help="Ray cluster to use (e.g. ray://head:10001); default RAY_ADDRESS, else a local cluster")
+                   help="Ray cluster to join (HEAD_IP:6379, passed to ray.init); default RAY_ADDRESS, "
+                        "else a local cluster")
     p.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray workers (engines); default one per GPU of the cluster, 1 without GPUs")
     p.set_defaults(func=_cmd_run)

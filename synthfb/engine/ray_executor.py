@@ -32,8 +32,7 @@ worker is re-raised on the driver as the same exception.
 Determinism: with greedy decoding (``temperature: 0``) the output is the same
 row for row as the local executor's with any number of workers. With sampling,
 each engine is seeded with the pipeline's ``seed`` (the vLLM CPU build has no
-per-request seeds), so the rows depend on which chunks each engine saw; one
-worker reproduces the local run's order exactly.
+per-request seeds), so the rows depend on which chunks each engine saw.
 
 Ray is an optional extra (``pip install 'synthfb[ray]'``); this module is the
 only one that imports it, and only when an executor is created.
@@ -50,7 +49,7 @@ import os
 import pickle
 import socket
 import uuid
-from collections import ChainMap, deque
+from collections import ChainMap, Counter, deque
 from typing import Any, Iterator
 
 from .runner import RunError, Runner
@@ -80,6 +79,20 @@ def import_ray():
     except ImportError as e:
         raise RunError(f"--executor ray needs Ray, which is not installed here: {INSTALL_HINT}") from e
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` address nothing listens on (``ray.init``
+    itself retries for minutes before it gives up)."""
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # e.g. "auto": left to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RunError(f"no Ray cluster reachable at {address!r} ({e}); start one with `ray start --head` "
+                       f"or check --ray-address / RAY_ADDRESS") from e
 
 
 # -- shipping stages ---------------------------------------------------------
@@ -170,10 +183,11 @@ class ChunkWorker:
 class RayExecutor:
     """Runs the chunks of model stages on a pool of Ray actors, one engine each.
 
-    ``address``: a Ray cluster to connect to (``ray://host:10001`` or
-    ``host:6379``; also read from ``RAY_ADDRESS``). Without one, and when Ray
+    ``address``: a Ray cluster to join (``HEAD_IP:6379``, passed to
+    ``ray.init``; also read from ``RAY_ADDRESS``). Without one, and when Ray
     is not already initialised in this process, a local single-node cluster
-    is started on 127.0.0.1 and shut down by :meth:`close`.
+    is started on 127.0.0.1 and shut down by :meth:`close`. When Ray is
+    already initialised in this process, that connection is used as it is.
 
     ``workers``: number of actors (engines). Default: one per GPU of the
     cluster, or 1 on a cluster without GPUs. Each actor asks Ray for
@@ -213,6 +227,7 @@ class RayExecutor:
             kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver)
             target = address or os.environ.get("RAY_ADDRESS")
             if target:
+                _check_reachable(target)
                 kw["address"] = target
             else:  # a private local cluster, reachable from this machine only
                 kw["_node_ip_address"] = "127.0.0.1"
@@ -230,6 +245,7 @@ class RayExecutor:
         self._actors: list[Any] = []
         self._where: dict[Any, str] = {}
         self._remote_cls = None
+        self.chunks_done: Counter[str] = Counter()  # chunks finished per worker (host:pid)
 
     # -- pool ----------------------------------------------------------------
     def _gpus_per_worker(self, backend: str) -> float:
@@ -246,19 +262,40 @@ class RayExecutor:
         return 1
 
     def _ensure_workers(self, runner: Runner) -> None:
-        """Start actors until the pool has the requested size."""
+        """Start actors until the pool has the requested size.
+
+        Starting an empty pool is strict: a cluster too small for the
+        requested workers, or workers that do not come up, stop the run with a
+        clear error before any chunk is sent. Replacing workers that died is
+        not: only as many as the cluster has free room for are started, and if
+        they do not come up the run goes on with the workers it has.
+        """
         ray = self._ray
         gpus = self._gpus_per_worker(runner.pipeline.backend)
         n = self._target_workers(gpus)
         missing = n - len(self._actors)
         if missing <= 0:
             return
-        res = ray.cluster_resources()
-        need_cpu, need_gpu = n * self.num_cpus, n * gpus
-        if need_cpu > res.get("CPU", 0) or need_gpu > res.get("GPU", 0):
-            raise RunError(
-                f"{n} Ray worker(s) need {need_cpu:g} CPU and {need_gpu:g} GPU, but the cluster has "
-                f"{res.get('CPU', 0):g} CPU and {res.get('GPU', 0):g} GPU; lower --ray-workers or add nodes")
+        first = not self._actors
+        if first:
+            res = ray.cluster_resources()
+            need_cpu, need_gpu = n * self.num_cpus, n * gpus
+            if need_cpu > res.get("CPU", 0) or need_gpu > res.get("GPU", 0):
+                raise RunError(
+                    f"{n} Ray worker(s) need {need_cpu:g} CPU and {need_gpu:g} GPU, but the cluster has "
+                    f"{res.get('CPU', 0):g} CPU and {res.get('GPU', 0):g} GPU; lower --ray-workers or add nodes")
+        else:
+            free = ray.available_resources()
+            fit = missing
+            if self.num_cpus:
+                fit = min(fit, int(free.get("CPU", 0) // self.num_cpus))
+            if gpus:
+                fit = min(fit, int(free.get("GPU", 0) // gpus))
+            if fit < missing:
+                runner._log(f"ray: room for {fit} of {missing} replacement worker(s) only")
+            missing = fit
+            if missing <= 0:
+                return
         if self._remote_cls is None:
             self._remote_cls = ray.remote(ChunkWorker)
         opts: dict[str, Any] = dict(num_cpus=self.num_cpus, num_gpus=gpus)
@@ -266,15 +303,40 @@ class RayExecutor:
             opts["runtime_env"] = self.runtime_env
         new = [self._remote_cls.options(**opts).remote() for _ in range(missing)]
         try:
-            where = ray.get([a.where.remote() for a in new], timeout=600)
+            where = ray.get([a.where.remote() for a in new], timeout=600 if first else 120)
         except Exception as e:  # noqa: BLE001 - any start failure gets the same clear message
             for a in new:
                 ray.kill(a)
-            raise RunError(f"could not start {missing} Ray worker(s): {type(e).__name__}: {e}") from e
+            if first:
+                raise RunError(f"could not start {missing} Ray worker(s): {type(e).__name__}: {e}") from e
+            runner._log(f"ray: replacement worker(s) did not start ({type(e).__name__}); "
+                        f"going on with {len(self._actors)}")
+            return
         for a, w in zip(new, where):
             self._actors.append(a)
             self._where[a] = w
         runner._log(f"ray: {len(self._actors)} worker(s): {', '.join(self._where[a] for a in self._actors)}")
+
+    def resize(self, workers: int) -> None:
+        """Change the pool size: surplus workers are closed now, missing ones
+        are started when the next model stage begins (the others keep their
+        engines)."""
+        if workers < 1:
+            raise RunError(f"--ray-workers must be >= 1, got {workers}")
+        self.requested_workers = workers
+        while len(self._actors) > workers:
+            self._stop(self._actors.pop())
+
+    def _stop(self, actor: Any) -> None:
+        try:
+            self._ray.get(actor.close.remote(), timeout=120)
+        except Exception:  # noqa: BLE001 - it is killed next anyway
+            pass
+        try:
+            self._ray.kill(actor)
+        except Exception:  # noqa: BLE001
+            pass
+        self._where.pop(actor, None)
 
     @property
     def workers(self) -> list[str]:
@@ -333,6 +395,7 @@ class RayExecutor:
                             f"giving the chunk to another worker")
                 queue.appendleft(c)
                 continue
+            self.chunks_done[self._where[actor]] += 1
             free.append(actor)
             fill()
             yield c, n_in, out, stats
@@ -342,7 +405,7 @@ class RayExecutor:
         cluster if this executor started it."""
         ray = self._ray
         if self._actors:
-            try:
+            try:  # all engines shut down in parallel, then the actors go
                 ray.get([a.close.remote() for a in self._actors], timeout=120)
             except Exception:  # noqa: BLE001 - the actors are killed next anyway
                 pass

@@ -163,7 +163,10 @@ class Runner:
         from ..llm.models import model_revision, resolve_model
 
         path = resolve_model(name)
-        return {"name": name, "path": path, "revision": model_revision(path), "backend": self.pipeline.backend}
+        # `vllm-cpu` is the vllm backend on a CPU build: a loaded engine reports "vllm", and so must this,
+        # or a stage's fingerprint would depend on whether an engine happened to be loaded already
+        backend = "vllm" if self.pipeline.backend == "vllm-cpu" else self.pipeline.backend
+        return {"name": name, "path": path, "revision": model_revision(path), "backend": backend}
 
     def close(self) -> None:
         for gen in self._owned.values():
