@@ -1,0 +1,28 @@
+"""The RLAIF loop (``synthfb loop LOOP.yaml``): rounds of on-policy
+generation -> judging -> preference pairs -> DPO -> new policy, each round
+generating with the checkpoint the previous one trained.
+
+- :mod:`.config` the loop file, validated with jsonschema before any work;
+- :mod:`.engines` engines started on first use, one policy engine at a time;
+- :mod:`.pairs` the round's pairs through the pipeline runner;
+- :mod:`.train` the round's DPO, resumable from its last checkpoint;
+- :mod:`.heldout` held-out win rate vs the round-0 policy (both orders);
+- :mod:`.state` the loop folder and ``loop.json``;
+- :mod:`.runner` :func:`run_loop`; :mod:`.cli` the ``loop`` subcommand.
+
+Only light modules are imported here; torch and vLLM load when a loop runs.
+"""
+
+from __future__ import annotations
+
+from .config import LoopConfig, LoopError, load_loop
+
+__all__ = ["LoopConfig", "LoopError", "LoopResult", "load_loop", "run_loop"]
+
+
+def __getattr__(name: str):
+    if name in ("run_loop", "LoopResult"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

@@ -1,0 +1,52 @@
+"""``synthfb loop LOOP.yaml [--out DIR] [--resume] [--overwrite]``.
+
+Hooked into the main parser with ``add_loop_parser(subparsers)``. Errors in
+the loop file or folder are printed as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_loop(args: argparse.Namespace) -> int:
+    from ..train.config import ConfigError
+    from .config import LoopError
+
+    try:
+        from .runner import run_loop
+
+        result = run_loop(args.loop, args.out, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
+    except (LoopError, ConfigError) as e:
+        print(f"synthfb: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({
+        "out": str(result.out),
+        "policy": result.policy,
+        "rounds": [{"round": m["round"], "pairs": m["pairs"]["pairs_built"], "final_loss": m["train"]["final_loss"],
+                    "win_rate": m["eval"]["win_rate"]} for m in result.rounds],
+    }))
+    return 0
+
+
+def add_loop_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``loop`` subcommand to ``subparsers``."""
+    p = subparsers.add_parser(
+        "loop", help="run an RLAIF loop: generate -> judge -> DPO -> regenerate, round after round",
+        description="Run LOOP.yaml: each round samples on-policy responses with the current policy, has the judge "
+                    "rank them into preference pairs, trains the policy with DPO, and measures the new policy's "
+                    "held-out win rate against the round-0 policy. The next round generates with the new "
+                    "checkpoint. Rounds and the steps inside them resume after a kill (--resume).")
+    p.add_argument("loop", help="loop YAML file")
+    p.add_argument("--out", help="loop folder (default runs/NAME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the loop in --out: finished rounds, pairs chunks and training checkpoints are reused")
+    p.add_argument("--overwrite", action="store_true", help="delete the loop in --out and start afresh")
+    p.add_argument("--policy", help="override the round-0 policy (alias, local folder or hub id)")
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_loop)
+    return p

@@ -1,0 +1,100 @@
+"""Step 1 of a round: on-policy preference pairs through the pipeline runner.
+
+The loop's ``pairs.stages`` run after a ``load`` of the training prompts,
+with the round's policy as the pipeline model and the judge filled into the
+stages that judge. The runner does the rest (chunks on disk, fingerprints,
+resume after a kill); :func:`pairs_metrics` reads what it recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..data.io import atomic_write_bytes
+from ..engine import Pipeline, Runner, RunResult
+from ..llm.types import Generator
+from .config import LoopConfig
+
+# drop reasons of the ranking stages that mean "no preference between best and worst"
+TIE_REASONS = ("tie",)
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    """The prompts as ``{"id", "prompt"}`` JSON lines (same bytes every time,
+    so the load stage's fingerprint does not change on resume)."""
+    text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": p}, ensure_ascii=False) + "\n"
+                   for i, p in enumerate(prompts))
+    path = Path(path)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def pairs_pipeline(cfg: LoopConfig, k: int, policy: str, prompts_file: Path) -> Pipeline:
+    """The pairs pipeline of round ``k`` with ``policy`` generating."""
+    data = {
+        "name": f"{cfg.name}-round-{k:02d}",
+        "description": (cfg.description + "\n\n" if cfg.description else "")
+        + f"RLAIF round {k}: on-policy pairs from policy {policy}.",
+        "backend": cfg.backend,
+        "model": policy,
+        "backend_options": cfg.backend_options,
+        "models": cfg.models,
+        "seed": cfg.seed,
+        "chunk_size": cfg.chunk_size,
+        "stages": [{"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]}]
+        + cfg.stages_for(policy),
+    }
+    if cfg.license:
+        data["license"] = cfg.license
+    return Pipeline.from_dict(data, cfg.base_dir, source=f"{cfg.source}: pairs (round {k})")
+
+
+def run_pairs(cfg: LoopConfig, k: int, policy: str, prompts_file: Path, out: Path,
+              generators: dict[str, Generator], progress: bool) -> RunResult:
+    """Run (or resume, or reuse) the round's pairs pipeline into ``out``."""
+    pipe = pairs_pipeline(cfg, k, policy, prompts_file)
+    return Runner(pipe, out, resume=True, generators=generators, progress=progress).run()
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def pairs_metrics(result: RunResult) -> dict[str, Any]:
+    """Pairs built, prompts in, ties dropped, the stages' counters (drop
+    reasons such as ``all_responses_identical``, truncations, failures), and
+    the judge's position bias.
+
+    ``position_bias_gap`` is the mean of the ``position_bias`` column that
+    the pairwise rankers record per kept prompt (how much more often the
+    response shown first wins; 0 for an order-blind judge), or None when the
+    ranker records none (reward models, the additive judge).
+    """
+    import datasets
+
+    stages = result.manifest["stages"]
+    counts: dict[str, int] = {}
+    for s in stages[1:]:
+        for key, v in s["counts"].items():
+            counts[key] = counts.get(key, 0) + v
+    ds = datasets.load_from_disk(str(result.dataset_dir))
+    cols = ds.column_names
+    bias = ds["position_bias"] if "position_bias" in cols else []
+    margin = ds["margin"] if "margin" in cols else []
+    return {
+        "prompts": stages[0]["rows_out"],
+        "pairs_built": result.num_rows,
+        "ties_dropped": sum(counts.get(r, 0) for r in TIE_REASONS),
+        "counts": counts,
+        "failed_rows": sum(len(s.get("failures", [])) for s in stages),
+        "position_bias_gap": _mean(bias),
+        "position_bias_prompts": sum(b is not None for b in bias),
+        "mean_margin": _mean(margin),
+        "fingerprint": stages[-1]["fingerprint"],
+        "dataset": str(result.dataset_dir),
+    }

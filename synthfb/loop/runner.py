@@ -1,0 +1,166 @@
+"""The RLAIF loop: rounds of generate -> judge -> pairs -> DPO -> new policy.
+
+Round ``k`` starts from policy ``P_k`` (``P_0`` = the loop's ``policy``,
+``P_k`` = the checkpoint round ``k-1`` trained) and
+
+1. samples on-policy responses to the training prompts with ``P_k`` and has
+   the judge rank them into preference pairs (``synthfb/loop/pairs.py``: the
+   pipeline runner, chunked and resumable);
+2. trains ``P_k`` with DPO on those pairs (reference = ``P_k``) into
+   ``round-k/checkpoint`` (``synthfb/loop/train.py``: resumable from its
+   last checkpoint);
+3. starts an engine on the new checkpoint, answers the fixed held-out prompts
+   and has a fixed judge compare them with ``P_0``'s answers in both orders
+   (``synthfb/loop/heldout.py``); that engine then generates round ``k+1``.
+
+A round whose record in ``loop.json`` is finished with the same fingerprint
+(settings + starting policy and judge revisions) is reused untouched; an
+unfinished one resumes step by step. See ``synthfb/loop/state.py`` for the
+folder layout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.io import atomic_write_json
+from ..engine.runner import package_versions, scrub
+from ..llm.types import Generator
+from . import heldout
+from .config import LoopConfig, load_loop, stable_hash
+from .engines import EnginePool
+from .pairs import pairs_metrics, run_pairs, write_prompts
+from .state import LoopFolder, now, round_dir
+from .train import train_round
+
+
+@dataclass
+class LoopResult:
+    """What a finished loop produced."""
+
+    out: Path
+    policy: str  # the last round's checkpoint
+    rounds: list[dict[str, Any]]  # per-round metrics, as in loop.json
+    state: dict[str, Any]
+
+
+def _identity(gen: Generator) -> dict[str, str]:
+    i = gen.info
+    return {"name": i.name, "path": i.path, "revision": i.revision, "backend": i.backend}
+
+
+class _Loop:
+    def __init__(self, cfg: LoopConfig, folder: LoopFolder, pool: EnginePool, progress: bool):
+        self.cfg, self.folder, self.pool, self.progress = cfg, folder, pool, progress
+        self.out = folder.out
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(f"synthfb loop: {msg}", file=sys.stderr, flush=True)
+
+    def run(self) -> LoopResult:
+        cfg, pool = self.cfg, self.pool
+        initial = pool.get(cfg.policy)
+        if not cfg.self_judging:
+            pool.pin(cfg.judge_for(cfg.policy))
+        pool.pin(cfg.eval_judge())
+        self.folder.start({
+            "synthfb_loop": 1, "name": cfg.name, "description": cfg.description, "source": cfg.source,
+            "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": _identity(initial),
+            "judge": "the round's policy" if cfg.self_judging else cfg.judge_for(cfg.policy),
+            "eval_judge": cfg.eval_judge(), "versions": package_versions(),
+        })
+        prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts)
+        base = heldout.answer(cfg, initial, self.out / "heldout-base.json", self.log)
+        self.folder.update(heldout_base={"model": base["model"], "fingerprint": base["fingerprint"],
+                                         "prompts": len(cfg.eval.prompts)})
+        cfg_fp = cfg.fingerprint()
+        policy = cfg.policy
+        rounds = []
+        for k in range(cfg.rounds):
+            m = self.round(k, policy, prompts_file, base, cfg_fp)
+            rounds.append(m)
+            policy = m["checkpoint"]
+        pool.close()
+        self.folder.update(status="finished", finished=now(), final_policy=policy)
+        self.log(f"done: {cfg.rounds} round(s); final policy {policy}")
+        return LoopResult(self.out, policy, rounds, self.folder.state)
+
+    def round(self, k: int, policy_name: str, prompts_file: Path, base: dict, cfg_fp: str) -> dict[str, Any]:
+        cfg, pool = self.cfg, self.pool
+        rdir = round_dir(self.out, k)
+        policy = pool.get(policy_name)
+        judge_name = cfg.judge_for(policy_name)
+        judge = pool.get(judge_name)
+        eval_judge = pool.get(cfg.eval_judge())
+        fp = stable_hash({"config": cfg_fp, "policy": policy.info.revision, "judge": judge.info.revision,
+                          "eval_judge": eval_judge.info.revision, "base": base["fingerprint"]})
+        rec = self.folder.round(k)
+        ckpt = (rdir / "checkpoint").resolve()
+        if (rec and rec.get("status") == "finished" and rec.get("fingerprint") == fp
+                and (rdir / "metrics.json").exists() and (ckpt / "config.json").exists()):
+            self.log(f"round {k}: finished before with the same settings and policy; reusing it")
+            return rec["metrics"]
+        self.log(f"round {k}: policy {policy_name}")
+        self.folder.set_round(k, {"status": "running", "fingerprint": fp, "policy": _identity(policy),
+                                  "started": now()})
+        t0 = time.time()
+        res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs", {policy_name: policy, judge_name: judge},
+                        self.progress)
+        pm = pairs_metrics(res)
+        pool.release(policy_name)  # free its memory for training (a pinned judge stays)
+        t1 = time.time()
+        tm = train_round(cfg.train, policy.info.path, policy.info.revision, pm, rdir, cfg.keep_checkpoints, self.log)
+        t2 = time.time()
+        new = pool.get(str(ckpt))  # starts when needed; the old policy engine is closed first
+        em = heldout.evaluate(cfg, new, base, eval_judge, rdir, self.log)
+        metrics = {
+            "round": k,
+            "policy": _identity(policy),
+            "judge": _identity(judge),
+            "checkpoint": str(ckpt),
+            "checkpoint_revision": new.info.revision,
+            "pairs": pm,
+            "train": tm,
+            "eval": {key: v for key, v in em.items() if key != "per_prompt"},
+            "seconds": {"pairs": round(t1 - t0, 3), "train": round(t2 - t1, 3), "eval": round(time.time() - t2, 3)},
+        }
+        atomic_write_json(rdir / "metrics.json", metrics)
+        self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": _identity(policy),
+                                  "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
+        self.log(f"round {k}: {pm['pairs_built']} pairs, final loss {tm['final_loss']}, "
+                 f"held-out win rate vs round 0 {em['win_rate']}")
+        return metrics
+
+
+def run_loop(
+    loop: LoopConfig | str | Path,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    engines: dict[str, Generator] | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> LoopResult:
+    """Run an RLAIF loop (a :class:`LoopConfig` or a loop YAML path) into
+    ``out`` (default ``runs/NAME``).
+
+    ``resume`` continues a stopped loop (finished rounds and steps are
+    reused); ``overwrite`` starts afresh. ``engines`` hands in started
+    generators keyed by model name (e.g. the round-0 policy in tests); they
+    are used as given and never closed here. ``overrides`` replace top-level
+    loop-file keys (``policy``, ``rounds``) before validation.
+    """
+    cfg = loop if isinstance(loop, LoopConfig) else load_loop(loop, overrides=overrides)
+    out = Path(out) if out is not None else Path("runs") / cfg.name
+    with LoopFolder(out, resume=resume, overwrite=overwrite) as folder:
+        pool = EnginePool(cfg.backend, cfg.backend_options, cfg.models, cfg.seed, given=engines, progress=progress)
+        try:
+            return _Loop(cfg, folder, pool, progress).run()
+        finally:
+            pool.close()

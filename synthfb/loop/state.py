@@ -1,0 +1,107 @@
+"""The loop folder and its state file ``loop.json``.
+
+Layout::
+
+    OUT/loop.json                  state: config, status, one record per round (policy, checkpoint, metrics)
+    OUT/data/prompts.jsonl         the training prompts (id, prompt), the same every round
+    OUT/heldout-base.json          round-0 policy responses to the held-out prompts (generated once)
+    OUT/round-00/pairs/            the round's pairs run (a synthfb run folder: run.json, stages/, dataset/)
+    OUT/round-00/train.json        training fingerprint, status and metrics
+    OUT/round-00/checkpoint/       the trained policy (HF folder; checkpoint-N/ while training)
+    OUT/round-00/eval.json         held-out responses, judge matrices, win rate
+    OUT/round-00/metrics.json      the round's metrics (also in loop.json)
+
+Every file is written atomically (temporary name, fsync, rename), so a
+``kill -9`` leaves either the old or the new version.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..data.io import atomic_write_json
+from .config import LoopError
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written by the loop, or None when absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # only a non-atomic writer could cause this
+        raise LoopError(f"{path}: corrupt state file ({e}); remove it to redo that step") from None
+
+
+def round_dir(out: Path, k: int) -> Path:
+    return Path(out) / f"round-{k:02d}"
+
+
+class LoopFolder:
+    """Owns ``OUT``: refuses an existing loop without resume/overwrite, holds
+    an exclusive lock while running, and keeps ``loop.json`` current."""
+
+    def __init__(self, out: Path, *, resume: bool, overwrite: bool):
+        self.out = Path(out).resolve()
+        self.path = self.out / "loop.json"
+        existing = self.path.exists() or any(self.out.glob("round-*"))
+        if existing and not (resume or overwrite):
+            raise LoopError(f"{self.out} already holds a loop; pass --resume to continue it (finished rounds and "
+                            f"steps are reused) or --overwrite to start afresh")
+        self._lock = None
+        self._clear = existing and overwrite
+
+    def __enter__(self) -> "LoopFolder":
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise LoopError(f"{self.out} is in use by another synthfb loop") from None
+        if self._clear:
+            for p in list(self.out.glob("round-*")) + [self.out / "data"]:
+                shutil.rmtree(p, ignore_errors=True)
+            for p in (self.path, self.out / "heldout-base.json"):
+                p.unlink(missing_ok=True)
+        self.state = read_json(self.path) or {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def start(self, header: dict[str, Any]) -> None:
+        """(Re)open the state for a run: header fields replaced, round records kept."""
+        rounds = self.state.get("rounds", [])
+        self.state = {**header, "rounds": rounds, "status": "running", "started": self.state.get("started", now())}
+        self.save()
+
+    def round(self, k: int) -> dict[str, Any] | None:
+        for r in self.state.get("rounds", []):
+            if r.get("round") == k:
+                return r
+        return None
+
+    def set_round(self, k: int, record: dict[str, Any]) -> None:
+        rounds = [r for r in self.state.get("rounds", []) if r.get("round") != k] + [{"round": k, **record}]
+        self.state["rounds"] = sorted(rounds, key=lambda r: r["round"])
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.state.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.state)

@@ -1,0 +1,216 @@
+"""The RLAIF loop (``synthfb loop``) on the tiny model through real vLLM engines:
+two rounds end to end (round 1 generates with round 0's checkpoint), a loop
+killed mid-round resumes without redoing round 0 or finished training, and
+bad loop files fail before any work with an error naming file and field."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+from synthfb.llm.models import model_revision
+from synthfb.loop import LoopError, load_loop, run_loop
+
+REPO = Path(__file__).resolve().parent.parent
+LOOP = REPO / "pipelines" / "rlaif_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_loop(tmp_path_factory, tiny_model, vllm_tiny):
+    """One uninterrupted 2-round loop; the session engine serves the round-0
+    policy and the judge, the loop starts one engine per new checkpoint.
+    The resumable checkpoint-N folders are kept for the kill test below."""
+    out = tmp_path_factory.mktemp("loop") / "out"
+    return run_loop(LOOP, out, engines={str(tiny_model): vllm_tiny}, progress=False,
+                    overrides={"policy": str(tiny_model), "keep_checkpoints": True})
+
+
+@pytest.mark.timeout(900)
+def test_two_rounds_end_to_end(tiny_loop, tiny_model):
+    out = tiny_loop.out
+    state = json.loads((out / "loop.json").read_text())
+    assert state["status"] == "finished" and [r["round"] for r in state["rounds"]] == [0, 1]
+    ck0, ck1 = out / "round-00" / "checkpoint", out / "round-01" / "checkpoint"
+    assert tiny_loop.policy == str(ck1)
+    for k, policy in ((0, tiny_model), (1, ck0)):
+        rdir = out / f"round-{k:02d}"
+        metrics = json.loads((rdir / "metrics.json").read_text())
+        assert metrics == state["rounds"][k]["metrics"]
+        # the round generated with the previous round's checkpoint, as its provenance says
+        assert metrics["policy"]["path"] == str(policy) and metrics["policy"]["revision"] == model_revision(str(policy))
+        ds = datasets.load_from_disk(str(rdir / "pairs" / "dataset"))
+        for row in ds:
+            gen, judged = row["provenance"]
+            assert gen["model"] == str(policy) and gen["model_revision"] == model_revision(str(policy))
+            assert judged["model"] == str(tiny_model)  # the fixed judge (the round-0 policy)
+        run = json.loads((rdir / "pairs" / "run.json").read_text())
+        assert run["stages"][1]["model"]["path"] == str(policy)
+        # pairs: every prompt becomes a pair or a counted drop
+        p = metrics["pairs"]
+        assert p["prompts"] == 4 and p["pairs_built"] == len(ds) >= 1
+        assert p["pairs_built"] + p["ties_dropped"] + p["counts"].get("all_responses_identical", 0) == 4
+        assert p["position_bias_gap"] == pytest.approx(sum(ds["position_bias"]) / len(ds))
+        # training: 2 DPO steps from the round's policy (step 1: loss ln 2, policy == reference)
+        t = metrics["train"]
+        assert t["steps"] == 2 and t["first_loss"] == pytest.approx(0.6931, abs=1e-3)
+        assert t["final_loss"] is not None and 0 <= t["final_reward_accuracy"] <= 1
+        assert isinstance(t["final_reward_margin"], float) and 0 <= t["pair_accuracy"] <= 1
+        # held-out: new policy vs round 0, judged in both orders on the fixed prompts
+        e = json.loads((rdir / "eval.json").read_text())["metrics"]
+        assert e["prompts"] == e["judged"] == 3 and e["wins"] + e["ties"] + e["losses"] == 3
+        assert e["win_rate"] == pytest.approx((e["wins"] + e["ties"] / 2) / 3)
+        assert metrics["eval"]["win_rate"] == e["win_rate"] and e["judge"]["path"] == str(tiny_model)
+        for pp in e["per_prompt"]:
+            assert 0 < pp["p_new"] < 1 and -1 < pp["position_gap"] < 1
+            if pp["identical"]:
+                assert pp["p_new"] == pytest.approx(0.5)
+        answers = json.loads((rdir / "heldout-answers.json").read_text())
+        assert answers["model"]["path"] == str(rdir / "checkpoint")
+    base = json.loads((out / "heldout-base.json").read_text())
+    assert base["model"]["path"] == str(tiny_model) and len(base["responses"]) == 3
+    assert model_revision(str(ck0)) != model_revision(str(tiny_model))
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(900)
+def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
+    out = tiny_loop.out
+    r1 = out / "round-01"
+    ckpt = r1 / "checkpoint"
+    # 1. the on-disk state of a kill in round 1 between DPO step 1 and the final save:
+    #    pairs and checkpoint-1 on disk, no final model, no eval, round 1 unfinished
+    import safetensors.torch as st
+
+    uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
+    assert (ckpt / "checkpoint-1" / "trainer_state.pt").exists()
+    for p in ckpt.iterdir():
+        if p.is_file() and not p.name.startswith(("ref_logps", "metrics")):
+            p.unlink()
+    for name in ("eval.json", "heldout-answers.json", "metrics.json"):
+        (r1 / name).unlink()
+    marker = json.loads((r1 / "train.json").read_text())
+    (r1 / "train.json").write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
+    state = json.loads((out / "loop.json").read_text())
+    state["status"] = "running"
+    state["rounds"][1] = {k: v for k, v in state["rounds"][1].items() if k in ("round", "fingerprint", "policy")}
+    state["rounds"][1]["status"] = "running"
+    (out / "loop.json").write_text(json.dumps(state))
+    round0 = _files(out / "round-00")
+    pairs1 = _files(r1 / "pairs" / "stages")
+
+    # 2. a real `synthfb loop --resume`, SIGKILLed mid-round once its training finished
+    #    (it is then starting the engine of the new checkpoint for the held-out eval)
+    cmd = [sys.executable, "-m", "synthfb.cli", "loop", str(LOOP), "--policy", str(tiny_model), "--out", str(out),
+           "--resume", "--quiet"]
+    log = out.parent / "killed.log"
+    with open(log, "wb") as err:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if json.loads((r1 / "train.json").read_text()).get("finished"):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the loop ended before the kill: {log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (r1 / "eval.json").exists() and json.loads((out / "loop.json").read_text())["status"] == "running"
+    train = json.loads((r1 / "train.json").read_text())
+    assert train["finished"] and train["metrics"]["resumed_from_step"] == 1  # resumed from checkpoint-1
+    resumed = st.load_file(str(ckpt / "model.safetensors"))
+    for name, w in uninterrupted.items():  # resuming gives the uninterrupted weights
+        assert (resumed[name] - w).abs().max() <= 1e-6, name
+    train_mtime = (r1 / "train.json").stat().st_mtime_ns
+
+    # 3. resume again: round 0, round 1's pairs and its finished training are reused
+    res = run_loop(LOOP, out, resume=True, engines={str(tiny_model): vllm_tiny}, progress=False,
+                   overrides={"policy": str(tiny_model)})
+    state = json.loads((out / "loop.json").read_text())
+    assert state["status"] == "finished" and [r["status"] for r in state["rounds"]] == ["finished", "finished"]
+    assert _files(out / "round-00") == round0, "round 0 was redone"
+    assert _files(r1 / "pairs" / "stages") == pairs1, "round 1's pairs were regenerated"
+    assert (r1 / "train.json").stat().st_mtime_ns == train_mtime, "finished training was redone"
+    assert not list(ckpt.glob("checkpoint-*"))  # resumable states dropped once training finished
+    m1 = json.loads((r1 / "metrics.json").read_text())
+    assert m1["train"]["resumed_from_step"] == 1 and m1["eval"]["judged"] == 3
+    assert res.rounds[1] == m1 and m1["policy"]["path"] == str(out / "round-00" / "checkpoint")
+
+
+@pytest.mark.timeout(600)
+def test_self_judging_loop_on_transformers_backend(tmp_path, tiny_model):
+    """`judge: policy`: each round's policy ranks its own samples, while the
+    held-out win rate keeps the fixed round-0 judge (no engine start-up costs
+    on the transformers backend, so this runs the loop's other path cheaply)."""
+    text = (GOOD.replace("backend: vllm", "backend: transformers").replace("  max_model_len: 2048\n", "")
+            .replace("# judge: omitted", "judge: policy\n# judge: omitted")
+            .replace("prompts: data/", f"prompts: {REPO}/pipelines/data/"))
+    res = run_loop(_write(tmp_path, text), tmp_path / "out", progress=False,
+                   overrides={"policy": str(tiny_model), "limit": 2})
+    ck0 = tmp_path / "out" / "round-00" / "checkpoint"
+    for k, policy in ((0, tiny_model), (1, ck0)):
+        ds = datasets.load_from_disk(str(tmp_path / "out" / f"round-{k:02d}" / "pairs" / "dataset"))
+        assert len(ds) == res.rounds[k]["pairs"]["pairs_built"] >= 1
+        for row in ds:
+            assert [p["model"] for p in row["provenance"]] == [str(policy), str(policy)]  # samples, then judges
+            assert {p["backend"] for p in row["provenance"]} == {"transformers"}
+        assert res.rounds[k]["judge"]["path"] == str(policy)
+        assert res.rounds[k]["eval"]["judge"]["path"] == str(tiny_model)
+    assert res.policy == str(tmp_path / "out" / "round-01" / "checkpoint")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "loop.yaml"
+    f.write_text(text)
+    return f
+
+
+GOOD = LOOP.read_text()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (("rounds: 2", "rounds: two"), r"rounds: expected integer, got str 'two'"),
+    (("      n: 3", "      n: many"), r"pairs\.stages\[0\]\.n: expected"),
+    (("  max_steps: 2", "  max_step: 2"), r"train: unknown field\(s\) \['max_step'\]"),
+    (("  max_steps: 2", "  model: other"), r"train\.model: set by the loop"),
+    (("    - stage: onpolicy_pairs", "    - stage: onpolicy_pair"), r"pairs\.stages\[0\]\.stage: unknown stage"),
+    (("      ranker: llm_judge", "      ranker_model: x"), r"pairs\.stages\[0\]\.ranker_model: set by the loop"),
+    (("limit: 4", "limit: 4\nroundz: 3"), r"unknown field\(s\) \['roundz'\]"),
+    (("    - \"Name two rivers in Europe.\"", "    - \"Give three tips for staying healthy.\""),
+     r"eval\.prompts: 1 held-out prompt\(s\) are also training prompts"),
+    (("prompts: data/feedback_prompts.jsonl", "prompts: nope/missing.jsonl"),
+     r"prompts: prompts file 'nope/missing\.jsonl' not found"),
+    (("  beta: 0.1", "  beta: -1"), r"train: field `beta` must be > 0"),
+])
+def test_bad_loop_file_names_file_and_field(tmp_path, edit, expected):
+    old, new = edit
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1).replace("prompts: data/", f"prompts: {REPO}/pipelines/data/")
+    f = _write(tmp_path, text)
+    with pytest.raises(LoopError, match=expected) as e:
+        load_loop(f)
+    assert str(e.value).startswith(str(f) + ": ")
+
+
+def test_bad_loop_file_cli_exit_2_before_any_work(tmp_path):
+    f = _write(tmp_path, GOOD.replace("      n: 3", "      n: many"))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "synthfb.cli", "loop", str(f), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"synthfb: error: {f}: pairs.stages[0].n: expected integer, got str 'many'")
+    assert not out.exists()
+    with pytest.raises(LoopError, match=r"expected a mapping at the top level"):
+        load_loop(_write(tmp_path, "- just a list\n"))
+    with pytest.raises(LoopError, match=r"line \d+, column \d+: invalid YAML"):
+        load_loop(_write(tmp_path, "name: [unclosed\n"))
