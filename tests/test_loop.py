@@ -168,6 +168,33 @@ def test_self_judging_loop_on_transformers_backend(tmp_path, tiny_model):
     assert res.policy == str(tmp_path / "out" / "round-01" / "checkpoint")
 
 
+def test_engine_pool_closes_old_policy_never_judges(tiny_model, tmp_path):
+    """Starting a policy engine closes the previous policy's; starting a
+    (pinned) judge late, e.g. on resume, closes nothing. The engines' own
+    start-up is covered above; here started engines are recorded objects."""
+    from synthfb.llm.tiny import make_tiny_model
+    from synthfb.loop.engines import EnginePool
+
+    class Started:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    pool = EnginePool("vllm", {}, {}, 0, progress=False)
+    pool.pin(str(tiny_model))
+    ck = [str(make_tiny_model(tmp_path / f"ck{i}", seed=i)) for i in range(2)]
+    judge, p0, p1 = pool.get(str(tiny_model)), pool.get(ck[0]), pool.get(ck[1])
+    assert p0.info.revision == model_revision(ck[0]) and not p0.started  # identity without an engine
+    e0, ej = Started(), Started()
+    p0._gen = e0
+    pool._make_room(judge)  # the judge starts while round 0's policy runs
+    assert not e0.closed
+    judge._gen = ej
+    pool._make_room(p1)  # the next policy starts
+    assert e0.closed and not p0.started and not ej.closed and judge.started
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     f = tmp_path / "loop.yaml"
     f.write_text(text)

@@ -5,8 +5,9 @@ weights, so every round needs a new engine. :class:`LazyGenerator` knows its
 model's identity (name, path, content revision) without starting anything, so
 the runner can fingerprint a stage and reuse a finished one without paying an
 engine start; the engine starts only when a stage really calls the model.
-:class:`EnginePool` closes every other unpinned engine before starting one,
-so the old policy is gone before the new one loads; the fixed judge stays.
+:class:`EnginePool` closes every other unpinned engine before starting a
+policy engine, so the old policy is gone before the new one loads; the fixed
+judges are pinned: they stay, and starting one closes nothing.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class LazyGenerator:
 
 class EnginePool:
     """Engines by model name: caller-given ones (never closed here) and lazy
-    ones (closed by :meth:`close`). Before a lazy engine starts, every other
-    started lazy engine that is not pinned (the judges) is closed."""
+    ones (closed by :meth:`close`). Before an unpinned (policy) engine
+    starts, every other started unpinned engine is closed; pinned ones (the
+    judges) are never closed before :meth:`close`."""
 
     def __init__(self, backend: str, backend_options: dict[str, Any], models: dict[str, dict[str, Any]], seed: int,
                  *, given: dict[str, Generator] | None = None, progress: bool = True):
@@ -108,6 +110,8 @@ class EnginePool:
         self.pinned.update(names)
 
     def _make_room(self, starting: LazyGenerator) -> None:
+        if starting.info.name in self.pinned:  # a judge starting late must not evict the live policy
+            return
         for name, gen in self.lazy.items():
             if gen is not starting and gen.started and name not in self.pinned:
                 gen.close()
