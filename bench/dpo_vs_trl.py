@@ -12,7 +12,9 @@ Both sides do the same work inside the timed window: load the model and
 tokenizer, tokenize the data, compute the reference log-probs once (TRL:
 ``precompute_ref_log_probs=True``, the closest match to our cached
 reference), train one epoch of sigmoid DPO (beta 0.1, AdamW, linear decay,
-fp32, grad-norm clip 1.0), save the model. Tokens/s = prompt+completion tokens
+fp32, grad-norm clip 1.0, gradient checkpointing as ``--gradient-checkpointing``
+says: on by default, which is TRL's ``DPOConfig`` default; ``off`` turns it
+off on both sides), save the model. Tokens/s = prompt+completion tokens
 of the epoch (chosen and rejected; counted once with the shared tokenizer) /
 wall seconds. Memory: peak GPU memory allocated on CUDA, else the peak
 resident set size above the process's size at the window start (sampled every
@@ -84,16 +86,21 @@ def _read_jsonl(path):
 
 
 def worker_ours(a) -> dict:
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the window, as trl does)
+    # the libraries are imported before the window on both sides (the TRL side imports
+    # datasets, trl and transformers first): the window measures the work, not imports
+    import datasets  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
+    import synthfb.data.io  # noqa: F401  (pyarrow, used to read the rows)
     from synthfb.train.dpo import DPOConfig, train_dpo
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         cfg = DPOConfig(model=a.model, dataset=a.data, output_dir=a.out, batch_size=a.batch_size, num_epochs=1.0,
                         learning_rate=a.lr, beta=0.1, loss_type="sigmoid", max_length=a.max_length, ref_batch_size=a.batch_size,
-                        lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0, logging_steps=10, seed=0)
+                        lr_scheduler="linear", weight_decay=0.0, max_grad_norm=1.0, logging_steps=10, seed=0,
+                        gradient_checkpointing=a.gradient_checkpointing == "on")
         out = train_dpo(cfg)
         secs = time.perf_counter() - t0
     return {"seconds": secs, "peak_bytes": mem.peak, "steps": out["steps"], "final_loss": out["last"]["loss"],
@@ -118,7 +125,8 @@ def worker_trl(a) -> dict:
                          precompute_ref_log_probs=True, precompute_ref_batch_size=a.batch_size,
                          lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                          logging_steps=10, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
-                         use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False)
+                         use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+                         gradient_checkpointing=a.gradient_checkpointing == "on")
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         res = trainer.train()
         trainer.save_model(a.out)
@@ -173,7 +181,8 @@ def count_tokens(model: str, data: Path, max_length: int) -> int:
 
 def run_worker(py: str, side: str, a, out: Path, env=None) -> dict:
     cmd = [py, str(Path(__file__).resolve()), "--worker", side, "--model", a.model, "--data", a.data, "--out", str(out),
-           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr)]
+           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr),
+           "--gradient-checkpointing", a.gradient_checkpointing]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{side} worker failed:\n{p.stderr[-4000:]}")
@@ -192,6 +201,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                    help="set on both sides (default on: TRL's DPOConfig default)")
     a = ap.parse_args()
     if a.worker:
         res = (worker_ours if a.worker == "ours" else worker_trl)(a)
@@ -208,7 +219,8 @@ def main() -> int:
     make_data(data, a.pairs)
     a.data = str(data)
     tokens = count_tokens(a.model, data, a.max_length)
-    print(f"model {a.model} | {a.pairs} pairs, {tokens} tokens/epoch | batch {a.batch_size} | max_length {a.max_length}")
+    print(f"model {a.model} | {a.pairs} pairs, {tokens} tokens/epoch | batch {a.batch_size} | max_length {a.max_length} "
+          f"| gradient checkpointing {a.gradient_checkpointing} (both sides)")
     print("setting up TRL virtualenv (first run installs torch + trl) ...", flush=True)
     try:
         trl_py = str(ensure_trl_venv())

@@ -61,6 +61,22 @@ def test_variants_learn(small, tmp_path, loss_type, beta):
         assert not list((tmp_path / loss_type).glob("ref_logps-*.pt"))  # reference-free
 
 
+@pytest.mark.timeout(600)
+def test_gradient_checkpointing_changes_memory_not_results(small, tmp_path):
+    """Recomputing activations in backward (TRL's DPO default) must train the same model."""
+    runs = {}
+    for gc in (False, True):
+        cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path / f"gc{gc}"), batch_size=8,
+                        learning_rate=1e-3, lr_scheduler="constant", max_steps=4, beta=0.1, gradient_checkpointing=gc)
+        runs[gc] = train_dpo(cfg, pairs(32, 3))
+    assert runs[True]["model"].is_gradient_checkpointing and not runs[False]["model"].is_gradient_checkpointing
+    a, b = ([h["loss"] for h in runs[gc]["history"]] for gc in (False, True))
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert a[-1] < a[0]
+    for (n, p), (_, q) in zip(runs[False]["model"].named_parameters(), runs[True]["model"].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_reference_logps_cached_and_model_not_needed_again(small, tmp_path, monkeypatch):
     cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path), ref_batch_size=3)
     tok, ex = prepare(cfg, pairs(7, 3))

@@ -60,9 +60,12 @@ def make_optimizer(params, cfg: TrainConfig, total_steps: int):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    # the fused kernel updates each parameter in place (no temporary copies of the
+    # whole parameter set, as the default multi-tensor path makes); HF Trainer's default too
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=fused or None,
     )
 
     def factor(step: int) -> float:
