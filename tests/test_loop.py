@@ -241,3 +241,143 @@ def test_bad_loop_file_cli_exit_2_before_any_work(tmp_path):
         load_loop(_write(tmp_path, "- just a list\n"))
     with pytest.raises(LoopError, match=r"line \d+, column \d+: invalid YAML"):
         load_loop(_write(tmp_path, "name: [unclosed\n"))
+
+
+# --- method: rm_ppo (reward model on the pairs, then PPO against it) --------------------------
+
+LOOP_PPO = REPO / "pipelines" / "rlaif_tiny_ppo.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_ppo_loop(tmp_path_factory, tiny_model, vllm_tiny):
+    out = tmp_path_factory.mktemp("loop_ppo") / "out"
+    return run_loop(LOOP_PPO, out, engines={str(tiny_model): vllm_tiny}, progress=False,
+                    overrides={"policy": str(tiny_model), "keep_checkpoints": True})
+
+
+def _pair_accuracy(rm_dir: Path, datasets_: list[str]) -> float:
+    """Recomputed independently of the loop: the RM checkpoint as plain
+    transformers scores each chosen and rejected at the last real token."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    right = n = 0
+    for d in datasets_:
+        for row in datasets.load_from_disk(d):
+            head = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            scores = []
+            for side in ("chosen", "rejected"):
+                full = tok.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+                ids = tok(head, add_special_tokens=False)["input_ids"] + tok(full[len(head):], add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    scores.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+            right += scores[0] > scores[1]
+            n += 1
+    return right / n
+
+
+@pytest.mark.timeout(900)
+def test_rm_ppo_rounds_end_to_end(tiny_ppo_loop, tiny_model):
+    out = tiny_ppo_loop.out
+    state = json.loads((out / "loop.json").read_text())
+    assert state["status"] == "finished" and [r["round"] for r in state["rounds"]] == [0, 1]
+    ck0 = out / "round-00" / "checkpoint"
+    assert tiny_ppo_loop.policy == str(out / "round-01" / "checkpoint")
+    prompts = [json.loads(x) for x in (out / "data" / "prompts.jsonl").read_text().splitlines()]
+    ppo_prompts = [json.loads(x) for x in (out / "data" / "ppo_prompts.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in ppo_prompts] == [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    pair_sets = []
+    for k, policy in ((0, tiny_model), (1, ck0)):
+        rdir = out / f"round-{k:02d}"
+        metrics = json.loads((rdir / "metrics.json").read_text())
+        assert metrics == state["rounds"][k]["metrics"]
+        assert metrics["policy"]["path"] == str(policy) and metrics["pairs"]["pairs_built"] >= 1
+        pair_sets.append(str(rdir / "pairs" / "dataset"))
+        t = metrics["train"]
+        assert t["method"] == "rm_ppo"
+        # reward model: from the round-0 policy, on the pairs of rounds 0..k (rm_pairs: all_rounds)
+        rm = t["rm"]
+        assert rm["init"]["path"] == str(tiny_model) and rm["pair_datasets"] == pair_sets
+        assert rm["pairs"] == sum(len(datasets.load_from_disk(d)) for d in pair_sets) and rm["steps"] == 3
+        assert rm["pair_accuracy"] == pytest.approx(_pair_accuracy(rdir / "reward_model", pair_sets))
+        # PPO: 2 iterations from the round's policy; the first rollout's KL to the reference is 0 (reference =
+        # the round's policy) and its first minibatch reproduces the rollout log-probs
+        p = t["ppo"]
+        assert p["steps"] == 2 and p["rollout_backend"] == "transformers"
+        hist = [json.loads(x) for x in (rdir / "checkpoint" / "metrics.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in hist] == [1, 2] and hist[0]["kl"] == 0.0
+        assert all(h["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5) for h in hist)
+        assert p["first_score_mean"] == hist[0]["score_mean"] and p["final_kl"] == hist[-1]["kl"]
+        cfg = (rdir / "checkpoint" / "train_config.yaml").read_text()
+        assert f"model: {policy}\n" in cfg and f"reward_model: {rdir / 'reward_model'}\n" in cfg
+        assert model_revision(str(rdir / "checkpoint")) == metrics["checkpoint_revision"] != metrics["policy"]["revision"]
+        e = metrics["eval"]
+        assert e["prompts"] == e["judged"] == 3 and e["judge"]["path"] == str(tiny_model)
+
+
+@pytest.mark.timeout(900)
+def test_rm_ppo_loop_resumes_mid_ppo(tiny_ppo_loop, tiny_model, vllm_tiny):
+    """The state of a kill in round 1 between PPO iterations 1 and 2: the
+    resumed loop reuses round 0, round 1's pairs and its finished reward
+    model, and continues PPO from checkpoint-1 to the uninterrupted weights."""
+    import safetensors.torch as st
+
+    out = tiny_ppo_loop.out
+    r1 = out / "round-01"
+    ckpt = r1 / "checkpoint"
+    uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
+    assert (ckpt / "checkpoint-1" / "value_head.pt").exists()
+    for p in ckpt.iterdir():
+        if p.is_file() and p.name != "metrics.jsonl":
+            p.unlink()
+    for name in ("eval.json", "heldout-answers.json", "metrics.json"):
+        (r1 / name).unlink()
+    marker = json.loads((r1 / "ppo.json").read_text())
+    (r1 / "ppo.json").write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
+    state = json.loads((out / "loop.json").read_text())
+    state["status"] = "running"
+    state["rounds"][1] = {k: v for k, v in state["rounds"][1].items() if k in ("round", "fingerprint", "policy")}
+    state["rounds"][1]["status"] = "running"
+    (out / "loop.json").write_text(json.dumps(state))
+    round0 = _files(out / "round-00")
+
+    def kept_files():  # the reward model's own resumable checkpoint-N folders are dropped on reuse
+        rm = {k: v for k, v in _files(r1 / "reward_model").items() if not k.startswith("checkpoint-")}
+        return {**_files(r1 / "pairs" / "stages"), **rm, "rm.json": (r1 / "rm.json").stat().st_mtime_ns}
+
+    kept = kept_files()
+
+    res = run_loop(LOOP_PPO, out, resume=True, engines={str(tiny_model): vllm_tiny}, progress=False,
+                   overrides={"policy": str(tiny_model)})
+    assert json.loads((out / "loop.json").read_text())["status"] == "finished"
+    assert _files(out / "round-00") == round0, "round 0 was redone"
+    assert kept_files() == kept, "round 1's pairs or reward model were redone"
+    ppo = res.rounds[1]["train"]["ppo"]
+    assert ppo["resumed_from_step"] == 1 and ppo["steps"] == 2
+    resumed = st.load_file(str(ckpt / "model.safetensors"))
+    for name, w in uninterrupted.items():
+        assert (resumed[name] - w).abs().max() <= 1e-6, name
+    assert not list(ckpt.glob("checkpoint-*")) and not list((r1 / "reward_model").glob("checkpoint-*"))
+
+
+PPO_GOOD = LOOP_PPO.read_text()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (("  max_steps: 3\n", "  dataset: x.jsonl\n"), r"rm\.dataset: set by the loop"),
+    (("  kl_coef: 0.05", "  reward_model: rm/"), r"ppo\.reward_model: set by the loop"),
+    (("  kl_coef: 0.05", "  kl_coeff: 0.05"), r"ppo: unknown field\(s\) \['kl_coeff'\]"),
+    (("method: rm_ppo", "method: ppo"), r"method: 'ppo' is not one of \['dpo', 'rm_ppo'\]"),
+    (("method: rm_ppo", "method: rm_ppo\ntrain: {beta: 0.1}"), r"train: not used by method 'rm_ppo'"),
+    (("method: rm_ppo", "method: dpo"), r"rm: not used by method 'dpo'"),
+    (("rm_pairs: all_rounds", "rm_pairs: every"), r"rm_pairs: 'every' is not one of"),
+])
+def test_bad_rm_ppo_loop_file_names_file_and_field(tmp_path, edit, expected):
+    old, new = edit
+    assert old in PPO_GOOD
+    f = _write(tmp_path, PPO_GOOD.replace(old, new, 1).replace("prompts: data/", f"prompts: {REPO}/pipelines/data/"))
+    with pytest.raises(LoopError, match=expected) as e:
+        load_loop(f)
+    assert str(e.value).startswith(str(f) + ": ")

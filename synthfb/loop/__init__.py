@@ -1,11 +1,12 @@
 """The RLAIF loop (``synthfb loop LOOP.yaml``): rounds of on-policy
-generation -> judging -> preference pairs -> DPO -> new policy, each round
+generation -> judging -> preference pairs -> DPO (or reward model + PPO)
+-> new policy, each round
 generating with the checkpoint the previous one trained.
 
 - :mod:`.config` the loop file, validated with jsonschema before any work;
 - :mod:`.engines` engines started on first use, one policy engine at a time;
 - :mod:`.pairs` the round's pairs through the pipeline runner;
-- :mod:`.train` the round's DPO, resumable from its last checkpoint;
+- :mod:`.train` the round's DPO or RM + PPO, resumable from the last checkpoint;
 - :mod:`.heldout` held-out win rate vs the round-0 policy (both orders);
 - :mod:`.state` the loop folder and ``loop.json``;
 - :mod:`.runner` :func:`run_loop`; :mod:`.cli` the ``loop`` subcommand.

@@ -11,6 +11,14 @@ import json
 import sys
 
 
+def _trained(t: dict) -> dict:
+    """The headline training figures of a round, per method."""
+    if t.get("method") == "rm_ppo":
+        return {"rm_pair_accuracy": t["rm"]["pair_accuracy"], "ppo_first_score": t["ppo"]["first_score_mean"],
+                "ppo_final_score": t["ppo"]["final_score_mean"], "ppo_final_kl": t["ppo"]["final_kl"]}
+    return {"final_loss": t["final_loss"]}
+
+
 def _cmd_loop(args: argparse.Namespace) -> int:
     from ..train.config import ConfigError
     from .config import LoopError
@@ -26,7 +34,7 @@ def _cmd_loop(args: argparse.Namespace) -> int:
     print(json.dumps({
         "out": str(result.out),
         "policy": result.policy,
-        "rounds": [{"round": m["round"], "pairs": m["pairs"]["pairs_built"], "final_loss": m["train"]["final_loss"],
+        "rounds": [{"round": m["round"], "pairs": m["pairs"]["pairs_built"], **_trained(m["train"]),
                     "win_rate": m["eval"]["win_rate"]} for m in result.rounds],
     }))
     return 0
@@ -35,9 +43,10 @@ def _cmd_loop(args: argparse.Namespace) -> int:
 def add_loop_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``loop`` subcommand to ``subparsers``."""
     p = subparsers.add_parser(
-        "loop", help="run an RLAIF loop: generate -> judge -> DPO -> regenerate, round after round",
+        "loop", help="run an RLAIF loop: generate -> judge -> DPO (or RM + PPO) -> regenerate, round after round",
         description="Run LOOP.yaml: each round samples on-policy responses with the current policy, has the judge "
-                    "rank them into preference pairs, trains the policy with DPO, and measures the new policy's "
+                    "rank them into preference pairs, trains the policy with DPO (or, with `method: rm_ppo`, trains "
+                    "a reward model on the pairs and the policy with PPO against it), and measures the new policy's "
                     "held-out win rate against the round-0 policy. The next round generates with the new "
                     "checkpoint. Rounds and the steps inside them resume after a kill (--resume).")
     p.add_argument("loop", help="loop YAML file")

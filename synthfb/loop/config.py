@@ -3,8 +3,11 @@
 The top level is validated with ``jsonschema`` against ``LOOP_SCHEMA``; each
 pairs stage against the schema of its own config dataclass (the same one
 ``synthfb run`` uses), the ``train:`` mapping against the schema of
-:class:`synthfb.train.dpo.DPOConfig`. Errors name the file and the field
-path (``loop.yaml: pairs.stages[0].n: expected integer, got str 'many'``).
+:class:`synthfb.train.dpo.DPOConfig` (``method: dpo``, the default) or the
+``rm:`` / ``ppo:`` mappings against :class:`synthfb.train.rm.RMConfig` and
+:class:`synthfb.train.ppo.PPOConfig` (``method: rm_ppo``). Errors name the
+file and the field path (``loop.yaml: pairs.stages[0].n: expected integer,
+got str 'many'``).
 
 A loop file::
 
@@ -20,6 +23,11 @@ A loop file::
       stages:
         - {stage: onpolicy_pairs, n: 4, sampling: {max_tokens: 16}}
     train: {max_steps: 2, beta: 0.1} # DPOConfig fields (model, dataset, output_dir are the loop's)
+    # or, instead of `train:`, a reward model on the pairs and PPO against it:
+    # method: rm_ppo
+    # rm: {max_steps: 4}             # RMConfig fields; `model` = RM initial weights (default: round-0 policy)
+    # ppo: {max_steps: 2}            # PPOConfig fields; rollouts on the loop's backend unless set
+    # rm_pairs: round                # `all_rounds`: each round's RM trains on the pairs of rounds 0..k
     eval:                            # fixed held-out prompts, new policy vs round-0 policy
       prompts: ["...", "..."]
 """
@@ -41,8 +49,12 @@ from ..engine.stage import dataclass_schema
 
 # The loop trains new checkpoints, so the backend must load local folders.
 LOOP_BACKENDS = ("vllm", "vllm-cpu", "transformers")
-# DPO fields the loop sets for every round.
+# How a round turns its pairs into a new policy.
+METHODS = ("dpo", "rm_ppo")
+# Trainer fields the loop sets for every round.
 RESERVED_TRAIN = ("model", "dataset", "output_dir", "resume", "resume_from")
+RESERVED_RM = ("dataset", "output_dir", "resume", "resume_from")
+RESERVED_PPO = ("model", "dataset", "output_dir", "resume", "resume_from", "reward_model", "reward_function")
 # Stage fields that pick models: the loop sets them (policy generates, judge judges).
 RESERVED_STAGE = ("model", "ranker_model")
 SELF_JUDGE = "policy"
@@ -89,7 +101,14 @@ LOOP_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "train": {"type": "object", "description": "DPOConfig fields"},
+        "method": {"enum": list(METHODS), "description": "dpo (default): DPO on the pairs; rm_ppo: a reward "
+                                                        "model on the pairs, then PPO against it"},
+        "train": {"type": "object", "description": "DPOConfig fields (method dpo)"},
+        "rm": {"type": "object", "description": "RMConfig fields (method rm_ppo); `model` = the RM's initial "
+                                                "weights (default: the round-0 policy)"},
+        "ppo": {"type": "object", "description": "PPOConfig fields (method rm_ppo)"},
+        "rm_pairs": {"enum": ["round", "all_rounds"], "description": "method rm_ppo: train each round's RM on "
+                                                                     "its own pairs (round) or on rounds 0..k"},
         "eval": {
             "type": "object",
             "required": ["prompts"],
@@ -127,12 +146,27 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def train_schema() -> dict[str, Any]:
-    """JSON schema of the ``train:`` mapping: DPOConfig minus the loop's fields."""
+def _trainer_sections() -> dict[str, tuple[type, tuple[str, ...], str]]:
+    """Loop-file section -> (config class, fields the loop sets, what the loop sets them to)."""
     from ..train.dpo import DPOConfig
+    from ..train.ppo import PPOConfig
+    from ..train.rm import RMConfig
 
-    schema = dataclass_schema(DPOConfig)
-    for k in RESERVED_TRAIN:
+    return {
+        "train": (DPOConfig, RESERVED_TRAIN, "each round trains the current policy on its own pairs into "
+                                             "round-NN/checkpoint"),
+        "rm": (RMConfig, RESERVED_RM, "each round trains a reward model on its pairs into round-NN/reward_model"),
+        "ppo": (PPOConfig, RESERVED_PPO, "each round runs PPO from the current policy on the training prompts "
+                                         "against the round's reward model into round-NN/checkpoint"),
+    }
+
+
+def train_schema(section: str = "train") -> dict[str, Any]:
+    """JSON schema of a trainer mapping (``train``, ``rm``, ``ppo``): its
+    config dataclass minus the fields the loop sets."""
+    cls, reserved, _ = _trainer_sections()[section]
+    schema = dataclass_schema(cls)
+    for k in reserved:
         schema["properties"].pop(k, None)
     return schema
 
@@ -160,6 +194,10 @@ class LoopConfig:
     train: dict[str, Any]
     eval: EvalConfig
     judge: str | None = None
+    method: str = "dpo"
+    rm: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+    rm_pairs: str = "round"
     description: str = ""
     license: str | None = None
     backend: str = "vllm"
@@ -203,15 +241,25 @@ class LoopConfig:
             out.append(sd)
         return out
 
+    def policy_messages(self, prompt: str) -> list[dict[str, str]]:
+        """A training prompt as the policy sees it when it samples pairs (the
+        ``system`` of the ``onpolicy_pairs`` stage, then the user turn); PPO
+        rollouts use the same chat turns."""
+        system = next((sd.get("system") for sd in self.pairs_stages if sd["stage"] == "onpolicy_pairs"), None)
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
     def fingerprint(self) -> str:
         """Everything that shapes a round besides its starting policy: prompts,
         stages, training and eval settings, engine options and seed."""
-        return stable_hash({
+        parts = {
             "prompts": self.prompts, "stages": self.pairs_stages, "train": self.train,
             "eval": dataclasses.asdict(self.eval), "backend": self.backend,
             "backend_options": self.backend_options, "models": self.models, "seed": self.seed,
             "chunk_size": self.chunk_size, "judge": self.judge,
-        })
+        }
+        if self.method != "dpo":
+            parts.update(method=self.method, rm=self.rm, ppo=self.ppo, rm_pairs=self.rm_pairs)
+        return stable_hash(parts)
 
 
 def _read_prompts(value: Any, column: str, limit: int | None, base_dir: Path, source: str, where: str,
@@ -284,20 +332,39 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str) -> None:
                         f"{lacking} (columns {cols}); end with `onpolicy_pairs` or `judge_pairs`")
 
 
-def _check_train(train: dict, source: str) -> dict:
+def _check_trainer(section: str, values: dict, source: str) -> dict:
+    """A trainer mapping (``train``, ``rm`` or ``ppo``) against its config class."""
     from ..train.config import ConfigError, load_config
-    from ..train.dpo import DPOConfig
 
-    for k in RESERVED_TRAIN:
-        if k in train:
-            raise LoopError(f"{source}: train.{k}: set by the loop (each round trains the current policy on its "
-                            f"own pairs into round-NN/checkpoint); remove it")
-    _validate(train, train_schema(), source, ["train"])
+    cls, reserved, what = _trainer_sections()[section]
+    for k in reserved:
+        if k in values:
+            raise LoopError(f"{source}: {section}.{k}: set by the loop ({what}); remove it")
+    _validate(values, train_schema(section), source, [section])
+    filled = {"model": "-", "dataset": "-", "output_dir": "-", **({"reward_model": "-"} if section == "ppo" else {})}
     try:
-        load_config(DPOConfig, {**train, "model": "-", "dataset": "-", "output_dir": "-"}, where=f"{source}: train")
+        load_config(cls, {**filled, **values}, where=f"{source}: {section}")
     except ConfigError as e:
         raise LoopError(str(e)) from None
-    return dict(train)
+    return dict(values)
+
+
+def _check_method(data: dict, source: str) -> tuple[str, dict, dict, dict]:
+    """(method, train, rm, ppo) with the seed default filled in; a section
+    that the chosen method does not use is an error, not silently ignored."""
+    method = data.get("method", "dpo")
+    seed = {"seed": data.get("seed", 0)}
+    unused = ("rm", "ppo", "rm_pairs") if method == "dpo" else ("train",)
+    for k in unused:
+        if k in data:
+            use = "`train:` (DPO settings)" if method == "dpo" else "`rm:` and `ppo:`"
+            raise LoopError(f"{source}: {k}: not used by method {method!r} (which reads {use}); remove it or set "
+                            f"`method: {'rm_ppo' if method == 'dpo' else 'dpo'}`")
+    if method == "dpo":
+        return method, {**seed, **_check_trainer("train", data.get("train") or {}, source)}, {}, {}
+    rm = {**seed, "margin_column": None, **_check_trainer("rm", data.get("rm") or {}, source)}
+    ppo = {**seed, **_check_trainer("ppo", data.get("ppo") or {}, source)}
+    return method, {}, rm, ppo
 
 
 def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_dir: Path | None = None,
@@ -331,7 +398,7 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     _validate(data, LOOP_SCHEMA, source, [])
     _check_stages(data["pairs"]["stages"], base_dir, source)
-    train = {"seed": data.get("seed", 0), **_check_train(data.get("train") or {}, source)}
+    method, train, rm, ppo = _check_method(data, source)
     column = data.get("prompt_column", "prompt")
     prompts = _read_prompts(data["prompts"], column, data.get("limit"), base_dir, source, "prompts",
                            "prompt_column")
@@ -362,7 +429,8 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
                      judge_chat=ev.get("judge_chat", False), options=list(options))
     return LoopConfig(
         name=data["name"], policy=data["policy"], prompts=prompts, pairs_stages=data["pairs"]["stages"],
-        train=train, eval=evc, judge=data.get("judge"), description=data.get("description", ""),
+        train=train, eval=evc, judge=data.get("judge"), method=method, rm=rm, ppo=ppo,
+        rm_pairs=data.get("rm_pairs", "round"), description=data.get("description", ""),
         license=data.get("license"), backend=data.get("backend", "vllm"),
         backend_options=dict(data.get("backend_options") or {}), models=dict(data.get("models") or {}),
         seed=data.get("seed", 0), rounds=data.get("rounds", 2), chunk_size=data["pairs"].get("chunk_size", 2048),
