@@ -149,3 +149,37 @@ def test_ppo_resume_matches_uninterrupted_run(small_policy, tmp_path):
     sa, sb = a["model"].state_dict(), b["model"].state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     assert torch.allclose(a["value_head"].weight, b["value_head"].weight, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_ppo_rollouts_through_vllm_from_the_saved_policy(small_policy, tmp_path):
+    """The default rollout path: each iteration saves the policy and a real vLLM
+    engine samples from that folder; the completions it returns are the ones scored."""
+    from synthfb.train.ppo import default_generator_factory
+
+    rows = [{"prompt": [{"role": "user", "content": f"Explain {w}"}]} for w in "a b c d".split()]
+    cfg = PPOConfig(model=str(small_policy), dataset="-", output_dir=str(tmp_path / "ppo"), reward_function="-:-",
+                    rollout_backend="vllm", rollout_options={"max_model_len": 512}, rollout_batch_size=4,
+                    samples_per_prompt=2, max_new_tokens=6, ppo_epochs=1, batch_size=8, learning_rate=1e-3,
+                    max_steps=1, seed=0)
+    made, scored = [], []
+
+    def factory(path, seed):
+        gen = default_generator_factory(cfg)(path, seed)
+        made.append((type(gen).__name__, gen.info.path, gen.info.revision, seed))
+        return gen
+
+    def reward(prompts, completions):
+        scored.extend(completions)
+        return letter_e(prompts, completions)
+
+    out = train_ppo(cfg, rows, reward_fn=reward, generator_factory=factory)
+    from synthfb.llm.models import model_revision
+
+    (name, path, revision, seed), = made
+    assert name == "VLLMGenerator" and path == str(tmp_path / "ppo" / "rollout-policy") and seed == 0
+    assert revision != "unknown"
+    h, = out["history"]
+    assert len(scored) == 8 and h["response_length"] > 0 and h["kl"] == 0.0  # first rollout: policy == reference
+    assert h["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5) and h["first_minibatch_clipfrac"] == 0.0
+    assert model_revision(str(tmp_path / "ppo")) != model_revision(str(small_policy))
