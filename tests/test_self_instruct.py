@@ -374,3 +374,18 @@ def test_bad_seed_rows_and_configs_are_named(tmp_path):
     _stage(d, "self_instruct_bootstrap")["num_instrucions"] = 3
     with pytest.raises(ValueError, match="num_instrucions"):
         Pipeline.from_dict(d, PIPELINES, "x.yaml")
+
+
+def test_system_message_is_kept_in_completion_mode():
+    """One request builder for all text stages: in completion mode a system
+    message becomes a paragraph before the prompt instead of being dropped."""
+    from synthfb.llm.types import SamplingParams
+    from synthfb.stages.templates import text_request
+
+    sp = SamplingParams(max_tokens=4)
+    assert text_request("List tasks.", sp, chat=False, system="Be brief.").prompt == "Be brief.\n\nList tasks."
+    assert text_request("List tasks.", sp, chat=False).prompt == "List tasks."
+    chat = text_request("List tasks.", sp, chat=True, system="Be brief.")
+    assert chat.prompt is None and chat.messages == [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "List tasks."}]
+    assert text_request("x", sp, chat=True).messages == [{"role": "user", "content": "x"}]

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
-from ..llm.types import GenerationRequest, SamplingParams
-from .templates import PromptTemplate
+from ..llm.types import SamplingParams
+from .templates import PromptTemplate, text_request
 
 # The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
 # augmented (web) data S_w; both are appended at inference.
@@ -32,12 +32,6 @@ AUGMENTED_TAG = "Answer with knowledge from web search."
 TAGS = {"seed": SEED_TAG, "augmented": AUGMENTED_TAG}
 
 _HEADER = re.compile(r"^(?:#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*|<h[1-6][^>]*>(.*?)</h[1-6]>)[ \t]*$", re.M | re.I)
-
-
-def _chat(text: str, params: SamplingParams, chat: bool) -> GenerationRequest:
-    if chat:
-        return GenerationRequest(messages=[{"role": "user", "content": text}], params=params)
-    return GenerationRequest(prompt=text, params=params)
 
 
 # -- segments ------------------------------------------------------------------
@@ -187,8 +181,8 @@ class BacktranslateStage(Stage):
     def process(self, rows, ctx):
         c = self.config
         gen = ctx.generator(c.model)
-        reqs = [_chat(self.template.render({"output": r[c.output_column], "chat": c.chat}, r.get(ROW_ID)),
-                      self.params, c.chat) for r in rows]
+        reqs = [text_request(self.template.render({"output": r[c.output_column], "chat": c.chat}, r.get(ROW_ID)),
+                             self.params, c.chat) for r in rows]
         out = []
         for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
             if res.error:
@@ -303,9 +297,10 @@ class SelfCurateStage(Stage):
     def process(self, rows, ctx):
         c = self.config
         gen = ctx.generator(c.model)
-        reqs = [_chat(with_prefill(self.template.render({"instruction": r[c.instruction_column], "output": r[c.output_column],
-                                                         "chat": c.chat}, r.get(ROW_ID)), c.prefill),
-                      self.params, c.chat) for r in rows]
+        reqs = [text_request(with_prefill(self.template.render({"instruction": r[c.instruction_column],
+                                                                "output": r[c.output_column], "chat": c.chat},
+                                                               r.get(ROW_ID)), c.prefill),
+                             self.params, c.chat) for r in rows]
         out = []
         for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
             if res.error:

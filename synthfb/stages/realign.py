@@ -23,8 +23,8 @@ import yaml
 
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
-from ..llm.types import GenerationRequest, SamplingParams
-from .templates import PromptTemplate, find_file
+from ..llm.types import SamplingParams
+from .templates import PromptTemplate, find_file, text_request
 
 CODE_GROUP = "Code"
 _BAD_EVIDENCE = ("Missing:", "Duration:", "Posted:")
@@ -75,14 +75,6 @@ def _formats(path_name: str, base_dir) -> tuple[Any, dict[str, Category], str, s
     path = find_file(path_name, base_dir, "formats file")
     cats, default = load_formats(path)
     return path, cats, default, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _request(text: str, chat: bool, params: SamplingParams, system: str | None = None) -> GenerationRequest:
-    if not chat:
-        return GenerationRequest(prompt=(system + "\n\n" + text) if system else text, params=params)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": text})
-    return GenerationRequest(messages=messages, params=params)
 
 
 # -- parsers and filters (pure) ------------------------------------------------------
@@ -241,8 +233,8 @@ class RealignClassifyStage(Stage):
             q = r.get(c.query_column)
             if not isinstance(q, str):
                 raise ValueError(f"row {r.get(ROW_ID)!r}: column {c.query_column!r} must be text")
-            reqs.append(_request(self.template.render({"query": q, "categories": cat_list}, r.get(ROW_ID)),
-                                 c.chat, self.params))
+            reqs.append(text_request(self.template.render({"query": q, "categories": cat_list}, r.get(ROW_ID)),
+                                     self.params, c.chat))
         gen = ctx.generator(c.model)
         results = dict(zip((r[ROW_ID] for r in todo), gen.generate(reqs, desc=ctx.stage_name)))
         out = []
@@ -352,7 +344,7 @@ class RealignRewriteStage(Stage):
             text = self.template.render({"query": q, "response": resp, "format": cat.format,
                                          "evidence": evidence}, r.get(ROW_ID))
             plans[r[ROW_ID]] = (cat, evidence)
-            reqs.append(_request(f"{text}\n{c.prefill}" if c.prefill else text, c.chat, self.params, system))
+            reqs.append(text_request(f"{text}\n{c.prefill}" if c.prefill else text, self.params, c.chat, system))
             req_ids.append(r[ROW_ID])
         results = dict(zip(req_ids, gen.generate(reqs, desc=ctx.stage_name)))
         out = []

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
-from ..llm.types import GenerationRequest, SamplingParams
+from ..llm.types import SamplingParams
 from .filters import RougeLIndex
 from .self_instruct_filters import (
     ALPACA_EXTRA_BLACKLIST,
@@ -36,7 +36,7 @@ from .self_instruct_filters import (
     parse_output_first,
     parse_yes_no,
 )
-from .templates import PromptTemplate
+from .templates import PromptTemplate, text_request
 
 # Reference decoding (GPT-3 davinci, section 1.2); user ``sampling`` overrides.
 BOOTSTRAP_SAMPLING = dict(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
@@ -44,14 +44,6 @@ BOOTSTRAP_SAMPLING = dict(temperature=0.7, top_p=0.5, max_tokens=1024, presence_
 ALPACA_SAMPLING = dict(temperature=1.0, top_p=1.0, max_tokens=3072, stop=["\n20", "20.", "20."])
 CLASSIFY_SAMPLING = dict(temperature=0.0, max_tokens=3, stop=["\n", "Task"])
 INSTANCE_SAMPLING = dict(temperature=0.0, presence_penalty=1.5, stop=["Example 6", "Task:"])
-
-
-def _request(text: str, chat: bool, params: SamplingParams, system: str | None = None) -> GenerationRequest:
-    if not chat:
-        return GenerationRequest(prompt=text, params=params)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": text})
-    return GenerationRequest(messages=messages, params=params)
 
 
 def _seed_text(row: dict[str, Any], column: str) -> str:
@@ -71,7 +63,7 @@ class BootstrapConfig:
     instruction_column: str = field(default="instruction", metadata={"help": "seed column holding the instruction"})
     prompt: str = field(default="self_instruct_generate.jinja", metadata={"help": "prompt template (variables: demos, chat, classification_only)"})
     chat: bool = field(default=False, metadata={"help": "send the prompt as a chat message (false: raw completion ending in '9.')"})
-    system: str | None = field(default=None, metadata={"help": "system message (chat mode)"})
+    system: str | None = field(default=None, metadata={"help": "system message (chat mode; in completion mode a paragraph before the prompt)"})
     sampling: dict = field(default_factory=dict, metadata={"help": "overrides of the reference decoding (temperature 0.7, top_p 0.5, presence_penalty 2, ...)"})
     discard_truncated: bool = field(default=True, metadata={"help": "drop a whole response that hit max_tokens (reference)"})
     faithful_capitalize: bool = field(default=True, metadata={"help": "str.capitalize() like the reference (lower-cases the rest)"})
@@ -185,7 +177,7 @@ class SelfInstructBootstrapStage(Stage):
         index = self._novelty_index(seeds, produced)
         rng = random.Random(f"{ctx.seed}:{self.kind}:{step}")
         demo_sets = [self._demos(seeds, produced, rng) for _ in range(c.prompts_per_step)]
-        requests = [_request(self._prompt(d), c.chat, self.params, c.system) for d in demo_sets]
+        requests = [text_request(self._prompt(d), self.params, c.chat, c.system) for d in demo_sets]
         gen = ctx.generator(c.model)
         results = gen.generate(requests, desc=ctx.stage_name)
         ctx.stats.add("prompts", len(requests))
@@ -242,7 +234,7 @@ class AlpacaConfig:
     output_column: str | None = field(default=None, metadata={"help": "seed column: output (default: instances[0].output)"})
     prompt: str = field(default="alpaca_generate.jinja", metadata={"help": "prompt template (variables: demos, chat, num_tasks)"})
     chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
-    system: str | None = field(default=None, metadata={"help": "system message (chat mode)"})
+    system: str | None = field(default=None, metadata={"help": "system message (chat mode; in completion mode a paragraph before the prompt)"})
     sampling: dict = field(default_factory=dict, metadata={"help": "overrides of Alpaca's decoding (temperature 1, top_p 1, ...)"})
     faithful_capitalize: bool = field(default=False, metadata={"help": "Alpaca does not capitalize; true applies str.capitalize()"})
     extra_blacklist: list[str] = field(default_factory=list, metadata={"help": "words added to the keyword blacklist"})
@@ -359,8 +351,8 @@ class SelfInstructClassifyStage(Stage):
         gen = ctx.generator(c.model)
         todo = [r for r in rows if r.get(c.output_column) is None]
         ctx.stats.add("already_labelled", len(rows) - len(todo))
-        reqs = [_request(self.template.render({"instruction": _seed_text(r, c.instruction_column), "chat": c.chat},
-                                              r.get(ROW_ID)), c.chat, self.params) for r in todo]
+        reqs = [text_request(self.template.render({"instruction": _seed_text(r, c.instruction_column), "chat": c.chat},
+                                                  r.get(ROW_ID)), self.params, c.chat) for r in todo]
         results = dict(zip((r[ROW_ID] for r in todo), gen.generate(reqs, desc=ctx.stage_name)))
         out = []
         for r in rows:
@@ -440,7 +432,7 @@ class SelfInstructInstancesStage(Stage):
             clf = bool(r.get(c.classification_column))
             tpl = self.output_first if clf else self.input_first
             text = tpl.render({"instruction": _seed_text(r, c.instruction_column), "chat": c.chat}, r.get(ROW_ID))
-            reqs.append(_request(text, c.chat, self.params[clf]))
+            reqs.append(text_request(text, self.params[clf], c.chat))
         results = gen.generate(reqs, desc=ctx.stage_name)
         out = []
         for r, res in zip(rows, results):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
+
+if TYPE_CHECKING:
+    from ..llm.types import GenerationRequest, SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 PROMPTS_DIR = REPO_ROOT / "prompts"
@@ -70,3 +73,16 @@ class PromptTemplate:
             raise ValueError(f"{self.source}: row {row_id}: {e.message}") from e
         except jinja2.exceptions.SecurityError as e:
             raise ValueError(f"{self.source}: blocked by the template sandbox: {e}") from e
+
+
+def text_request(text: str, params: "SamplingParams", chat: bool, system: str | None = None) -> "GenerationRequest":
+    """A rendered prompt as a request: a user turn (after an optional system
+    turn) in chat mode; in completion mode the raw text, with ``system``
+    (if any) as a paragraph before it, so it is never dropped silently."""
+    from ..llm.types import GenerationRequest
+
+    if not chat:
+        return GenerationRequest(prompt=f"{system}\n\n{text}" if system else text, params=params)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return GenerationRequest(messages=messages, params=params)
