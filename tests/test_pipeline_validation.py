@@ -135,7 +135,7 @@ def test_cli_reports_error_without_traceback(pdir):
 
 def test_cli_help_for_every_command():
     for args in ([], ["run"], ["validate"], ["card"], ["publish"], ["models"], ["models", "prepare"], ["models", "tiny"],
-                 ["train"], ["train", "sft"], ["train", "rm"], ["train", "dpo"], ["train", "ppo"]):
+                 ["train"], ["train", "sft"], ["train", "rm"], ["train", "dpo"], ["train", "ppo"], ["loop"]):
         r = subprocess.run([sys.executable, "-m", "synthfb.cli", *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: synthfb" in r.stdout
 
@@ -143,10 +143,14 @@ def test_cli_help_for_every_command():
 def test_shipped_pipelines_validate():
     import yaml
 
-    checked = 0
+    checked = loops = 0
     for f in sorted((REPO / "pipelines").glob("*.yaml")):
         if "rounds" in yaml.safe_load(f.read_text()):
-            continue  # an RLAIF loop file (`synthfb loop`), validated in tests/test_loop.py
+            from synthfb.loop import load_loop
+
+            load_loop(f)  # an RLAIF loop file (`synthfb loop`): stages, trainer sections, prompts
+            loops += 1
+            continue
         Pipeline.from_yaml(f).check_columns()
         checked += 1
-    assert checked >= 9
+    assert checked >= 9 and loops >= 4
