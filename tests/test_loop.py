@@ -79,6 +79,26 @@ def test_two_rounds_end_to_end(tiny_loop, tiny_model):
     assert model_revision(str(ck0)) != model_revision(str(tiny_model))
 
 
+def _as_killed_in_round_1_training(out: Path, marker: str, keep: tuple[str, ...]) -> None:
+    """Put a finished loop folder into the on-disk state of a kill in round 1
+    after training step 1 (its resumable checkpoint-1 kept): the final model
+    files (except names starting with ``keep``), the eval and the round's
+    metrics gone, the training's ``marker`` and the round unfinished."""
+    r1 = out / "round-01"
+    for p in (r1 / "checkpoint").iterdir():
+        if p.is_file() and not p.name.startswith(keep):
+            p.unlink()
+    for name in ("eval.json", "heldout-answers.json", "metrics.json"):
+        (r1 / name).unlink()
+    rec = json.loads((r1 / marker).read_text())
+    (r1 / marker).write_text(json.dumps({"fingerprint": rec["fingerprint"], "finished": False}))
+    state = json.loads((out / "loop.json").read_text())
+    state["status"] = "running"
+    state["rounds"][1] = {k: v for k, v in state["rounds"][1].items() if k in ("round", "fingerprint", "policy")}
+    state["rounds"][1]["status"] = "running"
+    (out / "loop.json").write_text(json.dumps(state))
+
+
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -94,18 +114,7 @@ def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
 
     uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
     assert (ckpt / "checkpoint-1" / "trainer_state.pt").exists()
-    for p in ckpt.iterdir():
-        if p.is_file() and not p.name.startswith(("ref_logps", "metrics")):
-            p.unlink()
-    for name in ("eval.json", "heldout-answers.json", "metrics.json"):
-        (r1 / name).unlink()
-    marker = json.loads((r1 / "train.json").read_text())
-    (r1 / "train.json").write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
-    state = json.loads((out / "loop.json").read_text())
-    state["status"] = "running"
-    state["rounds"][1] = {k: v for k, v in state["rounds"][1].items() if k in ("round", "fingerprint", "policy")}
-    state["rounds"][1]["status"] = "running"
-    (out / "loop.json").write_text(json.dumps(state))
+    _as_killed_in_round_1_training(out, "train.json", keep=("ref_logps", "metrics"))
     round0 = _files(out / "round-00")
     pairs1 = _files(r1 / "pairs" / "stages")
 
@@ -329,18 +338,7 @@ def test_rm_ppo_loop_resumes_mid_ppo(tiny_ppo_loop, tiny_model, vllm_tiny):
     ckpt = r1 / "checkpoint"
     uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
     assert (ckpt / "checkpoint-1" / "value_head.pt").exists()
-    for p in ckpt.iterdir():
-        if p.is_file() and p.name != "metrics.jsonl":
-            p.unlink()
-    for name in ("eval.json", "heldout-answers.json", "metrics.json"):
-        (r1 / name).unlink()
-    marker = json.loads((r1 / "ppo.json").read_text())
-    (r1 / "ppo.json").write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
-    state = json.loads((out / "loop.json").read_text())
-    state["status"] = "running"
-    state["rounds"][1] = {k: v for k, v in state["rounds"][1].items() if k in ("round", "fingerprint", "policy")}
-    state["rounds"][1]["status"] = "running"
-    (out / "loop.json").write_text(json.dumps(state))
+    _as_killed_in_round_1_training(out, "ppo.json", keep=("metrics",))
     round0 = _files(out / "round-00")
 
     def kept_files():  # the reward model's own resumable checkpoint-N folders are dropped on reuse

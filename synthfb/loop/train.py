@@ -35,21 +35,19 @@ def _history_summary(out: dict) -> tuple[dict, dict]:
     return (hist[0] if hist else {}), (out.get("last") or (hist[-1] if hist else {}))
 
 
-def _dpo_summary(out: dict, pair_accuracy: float, resumed_from: int, log_file: Path) -> dict[str, Any]:
-    """Training metrics of a DPO round: the last logged step (loss, reward
-    accuracy and margin of that batch), the first loss, and the accuracy of
-    the trained implicit reward over all the round's pairs."""
+def _pairwise_summary(out: dict, pair_accuracy: float, resumed_from: int, log_file: Path) -> dict[str, Any]:
+    """Metrics of a training on preference pairs (DPO or a reward model): the
+    last logged step (loss, reward accuracy and margin of that batch), the
+    first loss, and the accuracy of the trained (implicit) reward over all the
+    pairs it trained on."""
     first, last = _history_summary(out)
     return {
-        "method": "dpo",
         "steps": out["steps"],
         "resumed_from_step": resumed_from,
         "first_loss": first.get("loss"),
         "final_loss": last.get("loss"),
         "final_reward_accuracy": last.get("reward_accuracy"),
         "final_reward_margin": last.get("reward_margin"),
-        "final_rewards_chosen": last.get("rewards_chosen"),
-        "final_rewards_rejected": last.get("rewards_rejected"),
         "pair_accuracy": pair_accuracy,
         "seconds": round(out["seconds"], 3),
         "log": str(log_file),
@@ -116,7 +114,10 @@ def train_round(train: dict, policy_path: str, policy_revision: str, pairs: dict
             + (f" (resuming at step {resumed_from})" if resumed_from else ""))
         out = train_dpo(cfg)
         acc = preference_accuracy(out["model"], out["tokenizer"], out["examples"], cfg)
-        return _dpo_summary(out, acc, resumed_from, ckpt / "metrics.jsonl")
+        last = _history_summary(out)[1]
+        return {"method": "dpo", **_pairwise_summary(out, acc, resumed_from, ckpt / "metrics.jsonl"),
+                "final_rewards_chosen": last.get("rewards_chosen"),
+                "final_rewards_rejected": last.get("rewards_rejected")}
 
     return resumable_step(rdir, "train", fp, ckpt, keep_checkpoints, log, run)
 
@@ -142,21 +143,10 @@ def train_reward_model(cfg: LoopConfig, rm_init: tuple[str, str], pair_sets: lis
         log(f"{rdir.name}: reward model on {n} pairs from {len(pair_sets)} round(s), initialized from {rm.model}"
             + (f" (resuming at step {resumed_from})" if resumed_from else ""))
         out = train_rm(rm, rows)
-        first, last = _history_summary(out)
-        return {
-            "init": {"path": rm_init[0], "revision": rm_init[1]},
-            "pairs": n,
-            "pair_datasets": [p["dataset"] for p in pair_sets],
-            "steps": out["steps"],
-            "resumed_from_step": resumed_from,
-            "first_loss": first.get("loss"),
-            "final_loss": last.get("loss"),
-            "final_reward_accuracy": last.get("reward_accuracy"),
-            "final_reward_margin": last.get("reward_margin"),
-            "pair_accuracy": pair_accuracy(out["model"], out["tokenizer"], out["examples"]),
-            "seconds": round(out["seconds"], 3),
-            "log": str(out_dir / "metrics.jsonl"),
-        }
+        acc = pair_accuracy(out["model"], out["tokenizer"], out["examples"])
+        return {"init": {"path": rm_init[0], "revision": rm_init[1]}, "pairs": n,
+                "pair_datasets": [p["dataset"] for p in pair_sets],
+                **_pairwise_summary(out, acc, resumed_from, out_dir / "metrics.jsonl")}
 
     return resumable_step(rdir, "rm", fp, out_dir, cfg.keep_checkpoints, log, run)
 
