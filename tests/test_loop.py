@@ -115,6 +115,7 @@ def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
     uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
     assert (ckpt / "checkpoint-1" / "trainer_state.pt").exists()
     _as_killed_in_round_1_training(out, "train.json", keep=("ref_logps", "metrics"))
+    step1 = (ckpt / "metrics.jsonl").read_text().splitlines()[0]  # with its timings: rewritten if step 1 is redone
     round0 = _files(out / "round-00")
     pairs1 = _files(r1 / "pairs" / "stages")
 
@@ -136,6 +137,7 @@ def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
     assert not (r1 / "eval.json").exists() and json.loads((out / "loop.json").read_text())["status"] == "running"
     train = json.loads((r1 / "train.json").read_text())
     assert train["finished"] and train["metrics"]["resumed_from_step"] == 1  # resumed from checkpoint-1
+    assert (ckpt / "metrics.jsonl").read_text().splitlines()[0] == step1, "DPO step 1 was redone"
     resumed = st.load_file(str(ckpt / "model.safetensors"))
     for name, w in uninterrupted.items():  # resuming gives the uninterrupted weights
         assert (resumed[name] - w).abs().max() <= 1e-6, name
@@ -339,6 +341,7 @@ def test_rm_ppo_loop_resumes_mid_ppo(tiny_ppo_loop, tiny_model, vllm_tiny):
     uninterrupted = st.load_file(str(ckpt / "model.safetensors"))
     assert (ckpt / "checkpoint-1" / "value_head.pt").exists()
     _as_killed_in_round_1_training(out, "ppo.json", keep=("metrics",))
+    step1 = (ckpt / "metrics.jsonl").read_text().splitlines()[0]  # with its timings: rewritten if step 1 is redone
     round0 = _files(out / "round-00")
 
     def kept_files():  # the reward model's own resumable checkpoint-N folders are dropped on reuse
@@ -354,6 +357,8 @@ def test_rm_ppo_loop_resumes_mid_ppo(tiny_ppo_loop, tiny_model, vllm_tiny):
     assert kept_files() == kept, "round 1's pairs or reward model were redone"
     ppo = res.rounds[1]["train"]["ppo"]
     assert ppo["resumed_from_step"] == 1 and ppo["steps"] == 2
+    lines = (ckpt / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == step1, "PPO iteration 1 was redone"
     resumed = st.load_file(str(ckpt / "model.safetensors"))
     for name, w in uninterrupted.items():
         assert (resumed[name] - w).abs().max() <= 1e-6, name

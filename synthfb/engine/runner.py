@@ -132,12 +132,10 @@ class Runner:
         return model or self.pipeline.model
 
     def _options(self, model: str) -> dict[str, Any]:
-        opts = dict(self.pipeline.backend_options)
-        opts.update(self.pipeline.models.get(model, {}))
-        if self.pipeline.backend != "openai":
-            opts.setdefault("seed", self.pipeline.seed)
-            opts.setdefault("progress", self.progress)
-        return opts
+        from ..llm import engine_options
+
+        p = self.pipeline
+        return engine_options(p.backend, p.backend_options, p.models, model, p.seed, self.progress)
 
     def generator(self, model: str | None = None) -> Generator:
         name = self._model_name(model)
@@ -155,18 +153,13 @@ class Runner:
         name = self._model_name(model)
         gen = self._given.get(name) or self._owned.get(name)
         if gen is not None:
-            i = gen.info
-            return {"name": i.name, "path": i.path, "revision": i.revision, "backend": i.backend}
+            return gen.info.to_dict()
         if self.pipeline.backend == "openai":
             return {"name": name, "path": self._options(name).get("base_url", ""), "revision": "served",
                     "backend": "openai"}
-        from ..llm.models import model_revision, resolve_model
+        from ..llm import local_model_info
 
-        path = resolve_model(name)
-        # `vllm-cpu` is the vllm backend on a CPU build: a loaded engine reports "vllm", and so must this,
-        # or a stage's fingerprint would depend on whether an engine happened to be loaded already
-        backend = "vllm" if self.pipeline.backend == "vllm-cpu" else self.pipeline.backend
-        return {"name": name, "path": path, "revision": model_revision(path), "backend": backend}
+        return local_model_info(self.pipeline.backend, name).to_dict()
 
     def close(self) -> None:
         for gen in self._owned.values():

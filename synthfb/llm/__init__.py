@@ -22,6 +22,29 @@ from .types import (
 BACKENDS = ("vllm", "vllm-cpu", "openai", "transformers")
 
 
+def engine_options(backend: str, backend_options: dict[str, Any], models: dict[str, dict[str, Any]], name: str,
+                   seed: int, progress: bool) -> dict[str, Any]:
+    """Constructor options for model ``name``: ``backend_options``, then its
+    entry in ``models``; ``seed`` and ``progress`` unless set (local engines only)."""
+    opts = dict(backend_options)
+    opts.update(models.get(name, {}))
+    if backend != "openai":
+        opts.setdefault("seed", seed)
+        opts.setdefault("progress", progress)
+    return opts
+
+
+def local_model_info(backend: str, name: str) -> ModelInfo:
+    """The identity a local engine on ``name`` reports, without starting one.
+    ``vllm-cpu`` is the vllm backend on a CPU build and reports ``vllm`` as a
+    loaded engine does, so fingerprints do not depend on whether one is loaded."""
+    from .models import model_revision, resolve_model
+
+    path = resolve_model(name)
+    return ModelInfo(name=name, path=path, revision=model_revision(path),
+                     backend="vllm" if backend == "vllm-cpu" else backend)
+
+
 def load_generator(backend: str, model: str, **options: Any) -> Generator:
     """Build a Generator: ``backend`` is one of BACKENDS; ``model`` a model
     alias (``default``), a local checkpoint folder, a hub id, or (openai) the

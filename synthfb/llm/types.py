@@ -134,6 +134,10 @@ class ModelInfo:
     revision: str
     backend: str
 
+    def to_dict(self) -> dict[str, str]:
+        """``{name, path, revision, backend}``: how run and loop records name a model."""
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class UsageCounter:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from ..llm.types import Generator, ModelInfo, UsageCounter
-
-_INFO_BACKEND = {"vllm": "vllm", "vllm-cpu": "vllm", "transformers": "transformers"}
+from ..llm.types import Generator, UsageCounter
 
 
 class LazyGenerator:
@@ -26,12 +24,11 @@ class LazyGenerator:
 
     def __init__(self, backend: str, name: str, options: dict[str, Any],
                  before_start: Callable[["LazyGenerator"], None] | None = None, log: Callable[[str], None] | None = None):
-        from ..llm.models import model_revision, resolve_model
+        from ..llm import local_model_info
 
-        path = resolve_model(name)
         self.backend = backend
         self.options = dict(options)
-        self.info = ModelInfo(name=name, path=path, revision=model_revision(path), backend=_INFO_BACKEND[backend])
+        self.info = local_model_info(backend, name)
         self._idle = UsageCounter()
         self._gen: Generator | None = None
         self._before_start = before_start
@@ -92,11 +89,9 @@ class EnginePool:
 
     def options(self, name: str) -> dict[str, Any]:
         """Backend options for ``name``, as the pipeline runner computes them."""
-        opts = dict(self.backend_options)
-        opts.update(self.models.get(name, {}))
-        opts.setdefault("seed", self.seed)
-        opts.setdefault("progress", self.progress)
-        return opts
+        from ..llm import engine_options
+
+        return engine_options(self.backend, self.backend_options, self.models, name, self.seed, self.progress)
 
     def get(self, name: str) -> Generator:
         if name in self.given:

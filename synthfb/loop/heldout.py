@@ -28,10 +28,6 @@ from .state import read_json
 _TIE = 1e-9
 
 
-def _identity(gen: Generator) -> dict[str, str]:
-    return {"name": gen.info.name, "path": gen.info.path, "revision": gen.info.revision, "backend": gen.info.backend}
-
-
 def answer(cfg: LoopConfig, gen: Generator, path: Path, log) -> dict[str, Any]:
     """``gen``'s answers to the held-out prompts, stored in ``path`` (reused
     when the prompts, decoding and model revision are unchanged)."""
@@ -45,7 +41,7 @@ def answer(cfg: LoopConfig, gen: Generator, path: Path, log) -> dict[str, Any]:
                         for p in cfg.eval.prompts], desc="held-out answers")
     rec = {
         "fingerprint": fp,
-        "model": _identity(gen),
+        "model": gen.info.to_dict(),
         "sampling": params.to_dict(),
         "responses": [None if r.error else r.completions[0].text for r in res],
         "finish_reasons": [None if r.error else r.completions[0].finish_reason for r in res],
@@ -83,7 +79,7 @@ def win_rate(cfg: LoopConfig, new: dict[str, Any], base: dict[str, Any], judge: 
         "win_rate": (wins + 0.5 * ties) / n if n else None,
         "mean_p_new": sum(r["p_new"] for r in per_prompt) / n if n else None,
         "position_bias_gap": sum(r["position_gap"] for r in per_prompt) / n if n else None,
-        "judge": _identity(judge) | {"template_sha256": tpl.sha256, "options": list(cfg.eval.options)},
+        "judge": judge.info.to_dict() | {"template_sha256": tpl.sha256, "options": list(cfg.eval.options)},
         "per_prompt": per_prompt,
     }
 

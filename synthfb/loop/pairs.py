@@ -22,9 +22,10 @@ from .config import LoopConfig
 TIE_REASONS = ("tie",)
 
 
-def write_prompts(path: Path, prompts: list[str]) -> Path:
-    """The prompts as ``{"id", "prompt"}`` JSON lines (same bytes every time,
-    so the load stage's fingerprint does not change on resume)."""
+def write_prompts(path: Path, prompts: list[Any]) -> Path:
+    """The prompts (strings or chat turns) as ``{"id", "prompt"}`` JSON lines,
+    rewritten only when they changed (same bytes every time, so a stage's or
+    a training's fingerprint of the file does not change on resume)."""
     text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": p}, ensure_ascii=False) + "\n"
                    for i, p in enumerate(prompts))
     path = Path(path)

@@ -49,11 +49,6 @@ class LoopResult:
     state: dict[str, Any]
 
 
-def _identity(gen: Generator) -> dict[str, str]:
-    i = gen.info
-    return {"name": i.name, "path": i.path, "revision": i.revision, "backend": i.backend}
-
-
 class _Loop:
     def __init__(self, cfg: LoopConfig, folder: LoopFolder, pool: EnginePool, progress: bool):
         self.cfg, self.folder, self.pool, self.progress = cfg, folder, pool, progress
@@ -71,7 +66,7 @@ class _Loop:
         pool.pin(cfg.eval_judge())
         self.folder.start({
             "synthfb_loop": 1, "name": cfg.name, "description": cfg.description, "source": cfg.source,
-            "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": _identity(initial),
+            "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": initial.info.to_dict(),
             "judge": "the round's policy" if cfg.self_judging else cfg.judge_for(cfg.policy),
             "eval_judge": cfg.eval_judge(), "versions": package_versions(),
         })
@@ -119,7 +114,7 @@ class _Loop:
             self.log(f"round {k}: finished before with the same settings and policy; reusing it")
             return rec["metrics"]
         self.log(f"round {k}: policy {policy_name}")
-        self.folder.set_round(k, {"status": "running", "fingerprint": fp, "policy": _identity(policy),
+        self.folder.set_round(k, {"status": "running", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "started": now()})
         t0 = time.time()
         res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs", {policy_name: policy, judge_name: judge},
@@ -139,8 +134,8 @@ class _Loop:
         em = heldout.evaluate(cfg, new, base, eval_judge, rdir, self.log)
         metrics = {
             "round": k,
-            "policy": _identity(policy),
-            "judge": _identity(judge),
+            "policy": policy.info.to_dict(),
+            "judge": judge.info.to_dict(),
             "checkpoint": str(ckpt),
             "checkpoint_revision": new.info.revision,
             "pairs": pm,
@@ -149,7 +144,7 @@ class _Loop:
             "seconds": {"pairs": round(t1 - t0, 3), "train": round(t2 - t1, 3), "eval": round(time.time() - t2, 3)},
         }
         atomic_write_json(rdir / "metrics.json", metrics)
-        self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": _identity(policy),
+        self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
         trained = (f"final DPO loss {tm['final_loss']}" if cfg.method == "dpo" else
                    f"RM pair accuracy {tm['rm']['pair_accuracy']}, PPO score {tm['ppo']['first_score_mean']} -> "

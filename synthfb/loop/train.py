@@ -20,12 +20,11 @@ redone; an unfinished one resumes from its newest ``checkpoint-N``
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data.io import atomic_write_bytes, atomic_write_json
+from ..data.io import atomic_write_json
 from .config import LoopConfig, LoopError, stable_hash
 from .state import read_json
 
@@ -123,12 +122,12 @@ def train_round(train: dict, policy_path: str, policy_revision: str, pairs: dict
 
 
 def train_reward_model(cfg: LoopConfig, rm_init: tuple[str, str], pair_sets: list[dict[str, Any]], rdir: Path,
-                       log) -> dict[str, Any]:
+                       fp: str, log) -> dict[str, Any]:
     """A Bradley-Terry reward model on ``pair_sets`` (this round's pairs, or
     those of rounds 0..k) into ``rdir/reward_model``, starting from
-    ``rm_init`` = (path, revision) with a fresh score head."""
+    ``rm_init`` = (path, revision) with a fresh score head; ``fp`` is its
+    fingerprint (settings, pair sets, initial weights)."""
     out_dir = rdir / "reward_model"
-    fp = stable_hash({"rm": cfg.rm, "pairs": [p["fingerprint"] for p in pair_sets], "init": rm_init[1]})
 
     def run(resumed_from: int) -> dict[str, Any]:
         from ..train.collate import load_rows
@@ -154,11 +153,9 @@ def train_reward_model(cfg: LoopConfig, rm_init: tuple[str, str], pair_sets: lis
 def ppo_prompts_file(cfg: LoopConfig, path: Path) -> Path:
     """The training prompts as chat turns (``prompt`` = messages), the same
     turns the policy answered when it sampled the pairs."""
-    text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": cfg.policy_messages(p)}, ensure_ascii=False) + "\n"
-                   for i, p in enumerate(cfg.prompts))
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        atomic_write_bytes(path, text.encode("utf-8"))
-    return path
+    from .pairs import write_prompts
+
+    return write_prompts(path, [cfg.policy_messages(p) for p in cfg.prompts])
 
 
 def rollout_settings(cfg: LoopConfig) -> dict[str, Any]:
@@ -210,8 +207,8 @@ def train_ppo_round(cfg: LoopConfig, policy_path: str, policy_revision: str, rm_
 def train_rm_ppo(cfg: LoopConfig, rm_init: tuple[str, str], policy_path: str, policy_revision: str,
                  pair_sets: list[dict[str, Any]], prompts_file: Path, rdir: Path, log) -> dict[str, Any]:
     """Reward model, then PPO against it; the round's training metrics."""
-    rm = train_reward_model(cfg, rm_init, pair_sets, rdir, log)
-    rm_fp = read_json(rdir / "rm.json")["fingerprint"]
+    rm_fp = stable_hash({"rm": cfg.rm, "pairs": [p["fingerprint"] for p in pair_sets], "init": rm_init[1]})
+    rm = train_reward_model(cfg, rm_init, pair_sets, rdir, rm_fp, log)
     ppo = train_ppo_round(cfg, policy_path, policy_revision, rm_fp, prompts_file, rdir, log)
     return {"method": "rm_ppo", "rm": rm, "ppo": ppo}
 
