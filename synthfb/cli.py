@@ -13,18 +13,31 @@ import sys
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine import Pipeline, run_pipeline
 
     if args.executor != "ray" and (args.ray_address or args.ray_workers):
         print("synthfb: error: --ray-address and --ray-workers need --executor ray", file=sys.stderr)
         return 2
+    if args.resume and args.overwrite:
+        print("synthfb: error: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
     pipeline = Pipeline.from_yaml(args.pipeline)
     if args.backend:
         pipeline.backend = args.backend
     if args.model:
         pipeline.model = args.model
-    if args.chunk_size:
+    if args.chunk_size is not None:
         pipeline.chunk_size = args.chunk_size
     out = Path(args.out) if args.out else Path("runs") / pipeline.name
     executor = None
@@ -98,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume continues a stopped run (even after kill -9) without losing or duplicating rows."))
     p.add_argument("pipeline", help="pipeline YAML file")
     p.add_argument("--out", help="run folder (default runs/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, reusing finished chunks and unchanged stages")
-    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, reusing finished chunks and unchanged stages; chunks with failed "
+                        "rows are run again")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the synthfb run in --out afresh (deletes only what synthfb wrote there; a folder "
+                        "synthfb did not write is never deleted)")
     p.add_argument("--backend", choices=["vllm", "vllm-cpu", "openai", "transformers"], help="override the pipeline's backend")
     p.add_argument("--model", help="override the pipeline's default model")
-    p.add_argument("--chunk-size", type=int, help="override the pipeline's chunk size")
+    p.add_argument("--chunk-size", type=_positive_int, metavar="N", help="override the pipeline's chunk size (>= 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where model stages' chunks run: here (local, default) or on a Ray cluster, one engine per "
@@ -169,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .cards.builder import CardError
     from .data.io import InputError
-    from .engine import PipelineError, RunError
+    from .data.owned import FolderError
+    from .data.redact import redact_text
+    from .engine import PipelineError, RunError, StageFailed
 
     try:
         return args.func(args)
-    except (PipelineError, InputError, RunError, CardError, FileNotFoundError) as e:
-        print(f"synthfb: error: {e}", file=sys.stderr)
+    except (PipelineError, InputError, RunError, CardError, FolderError, FileNotFoundError) as e:
+        print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("synthfb: interrupted; finished chunks are saved, continue with --resume", file=sys.stderr)
         return 130

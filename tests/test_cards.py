@@ -101,9 +101,12 @@ def test_publish_hub_up_to_the_upload(finished_run, tmp_path, monkeypatch):
         def create_repo(self, repo_id, **kw):
             calls.append(("create_repo", repo_id, kw))
 
-        def upload_folder(self, folder_path, repo_id, **kw):
-            calls.append(("upload_folder", repo_id, sorted(str(p.relative_to(folder_path))
-                                                            for p in Path(folder_path).rglob("*") if p.is_file())))
+        def upload_folder(self, folder_path, repo_id, ignore_patterns=(), **kw):
+            import fnmatch
+
+            files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            calls.append(("upload_folder", repo_id, sorted(f for f in files  # what the Hub client would upload
+                                                           if not any(fnmatch.fnmatch(f, i) for i in ignore_patterns))))
             return "https://hub/commit/1"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)

@@ -74,10 +74,24 @@ def read_tables(paths: list[Path]) -> pa.Table | None:
 
 
 def rows_to_table(rows: list[dict[str, Any]], where: str) -> pa.Table:
-    try:
-        return pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"{where}: rows have inconsistent types for one column ({e})") from e
+    """Rows as a table whose columns are the union of every row's keys (in
+    order of first appearance; a missing value is null). ``pa.Table.from_pylist``
+    alone takes the columns of the first row and drops the rest silently."""
+    columns: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            columns.setdefault(k, None)
+    data = {}
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        try:
+            data[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            first = next((type(v).__name__ for v in values if v is not None), "null")
+            bad = next((i for i, v in enumerate(values) if v is not None and type(v).__name__ != first), None)
+            at = f" (row {bad + 1} is {type(values[bad]).__name__}, earlier rows {first})" if bad is not None else ""
+            raise InputError(f"{where}: column {c!r}: values of different types{at}: {e}") from e
+    return pa.table(data) if data else pa.Table.from_pylist(rows)
 
 
 def read_user_file(path: str | Path) -> pa.Table:

@@ -21,12 +21,10 @@ stage after it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -39,17 +37,20 @@ import pyarrow as pa
 
 from ..data import ROW_ID
 from ..data.io import atomic_write_json, read_tables, replace_dir_atomic, rows_to_table, write_table_atomic
+from ..data.owned import FolderError, OwnedFolder
+from ..data.redact import redact_obj, redact_text
 from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
 from .stage import Stage, StageContext
 
-# keys whose values are credentials: api_key, hf_token, client_secret, password, ...
-# (not max_tokens or api_key_env, which name a number and an environment variable)
-_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key|token|secret|password|authorization|auth)$", re.IGNORECASE)
-
-
 class RunError(RuntimeError):
     """The run cannot proceed (e.g. an existing run folder without --resume)."""
+
+
+class StageFailed(RuntimeError):
+    """Too many rows of a stage failed (``max_failure_rate``); the run ends
+    with status ``failed`` and ``synthfb run`` exits 1. ``--resume`` retries
+    the chunks that had failed rows."""
 
 
 @dataclass
@@ -69,12 +70,14 @@ def _hash(obj: Any) -> str:
 
 
 def scrub(obj: Any) -> Any:
-    """Drop values whose key looks like a credential (never persisted)."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub(v) for v in obj]
-    return obj
+    """What synthfb writes of a config or record: values under credential-like
+    keys, credentials in URLs and every registered secret redacted
+    (:func:`synthfb.data.redact.redact_obj`)."""
+    return redact_obj(obj)
+
+
+def scrub_text(text: str) -> str:
+    return redact_text(text)
 
 
 def package_versions() -> dict[str, str]:
@@ -153,10 +156,11 @@ class Runner:
         name = self._model_name(model)
         gen = self._given.get(name) or self._owned.get(name)
         if gen is not None:
-            return gen.info.to_dict()
+            return redact_obj(gen.info.to_dict())
         if self.pipeline.backend == "openai":
-            return {"name": name, "path": self._options(name).get("base_url", ""), "revision": "served",
-                    "backend": "openai"}
+            from ..llm import served_model_info
+
+            return served_model_info(name, self._options(name).get("base_url", "")).to_dict()
         from ..llm import local_model_info
 
         return local_model_info(self.pipeline.backend, name).to_dict()
@@ -169,43 +173,36 @@ class Runner:
     # -- run ---------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.progress:
-            print(f"synthfb: {msg}", file=sys.stderr, flush=True)
+            print(f"synthfb: {redact_text(msg)}", file=sys.stderr, flush=True)
 
-    def _prepare_dir(self) -> None:
-        existing = (self.out / "run.json").exists() or (self.out / "stages").exists()
-        if existing and not (self.resume or self.overwrite):
-            raise RunError(
-                f"{self.out} already holds a run; pass --resume to continue it (finished chunks and "
-                f"unchanged stages are reused) or --overwrite to start afresh"
-            )
-        if existing and self.overwrite:
-            for name in ("stages", "dataset", "run.json"):
-                p = self.out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+    def _mode(self) -> str:
+        if self.resume and self.overwrite:
+            raise RunError("--resume and --overwrite exclude each other")
+        return "overwrite" if self.overwrite else "resume" if self.resume else "new"
 
     def run(self) -> RunResult:
+        """Claim the folder (see :mod:`synthfb.data.owned`: only an empty or new
+        folder, or synthfb's own run with --resume/--overwrite; the lock is
+        taken before anything in it changes), then run the stages."""
         self.pipeline.check_columns()
-        self._prepare_dir()
-        lock = open(self.out / ".lock", "w")
+        hint = ("pass --resume to continue it (finished chunks and unchanged stages are reused) or --overwrite "
+                "to start afresh")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"{self.out} is in use by another synthfb run") from None
+            folder = OwnedFolder(self.out, "run", self._mode(), flag_hint=hint).acquire()
+        except FolderError as e:
+            raise RunError(str(e)) from None
+        self.folder = folder
         try:
             return self._run()
         finally:
             self.close()
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
+            folder.release()
 
     def _run(self) -> RunResult:
         p = self.pipeline
         manifest: dict[str, Any] = {
             "synthfb_run": 1,
+            "run_id": self.folder.id,
             "pipeline": p.name,
             "description": p.description,
             "license": p.license,
@@ -214,21 +211,42 @@ class Runner:
             "backend": p.backend,
             "seed": p.seed,
             "chunk_size": p.chunk_size,
+            "max_failure_rate": self._max_failure_rate(),
             "started": _now(),
             "status": "running",
             "versions": package_versions(),
             "stages": [],
         }
+        self._manifest = manifest
         atomic_write_json(self.out / "run.json", manifest)
+        try:
+            return self._run_stages(manifest)
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            manifest.update(status=status, error=scrub_text(f"{type(e).__name__}: {e}"), finished=_now())
+            if self.folder.still_ours():
+                atomic_write_json(self.out / "run.json", manifest)
+            self._summary(manifest)
+            raise
+
+    def _max_failure_rate(self) -> float:
+        rate = getattr(self.pipeline, "max_failure_rate", None)
+        return 0.5 if rate is None else float(rate)
+
+    def _run_stages(self, manifest: dict[str, Any]) -> RunResult:
+        p = self.pipeline
         table: pa.Table | None = None
         prev_fp = "input"
         t_run = time.time()
         for i, stage in enumerate(p.stages):
             record, table, prev_fp = self._run_stage(i, stage, table, prev_fp)
             manifest["stages"].append(record)
+            self._check_ours()
             atomic_write_json(self.out / "run.json", manifest)
+            self._check_failures(i, stage, record)
         cols = p.stages[-1].output_columns([])
         final = table if table is not None else pa.table({c: pa.array([], pa.string()) for c in cols if c})
+        self._check_ours()
         dataset_dir = self._write_dataset(final)
         manifest.update(
             status="finished",
@@ -236,10 +254,46 @@ class Runner:
             seconds=round(time.time() - t_run, 3),
             output={"path": "dataset", "rows": final.num_rows, "columns": final.column_names},
         )
+        self._check_ours()
         atomic_write_json(self.out / "run.json", manifest)
         self._write_card()
+        self._summary(manifest)
         self._log(f"done: {final.num_rows} rows -> {dataset_dir}")
         return RunResult(self.out, dataset_dir, final.num_rows, manifest)
+
+    def _check_ours(self) -> None:
+        """The folder must still be this run's (same marker id): a run whose
+        folder was replaced under it can never report ``finished``."""
+        if not self.folder.still_ours():
+            raise RunError(f"{self.out}: the run folder was replaced or removed by another process while this run "
+                           f"was writing it; this run's rows are not complete")
+
+    def _check_failures(self, i: int, stage: Stage, record: dict[str, Any]) -> None:
+        """End the run (status ``failed``, exit 1) when too many of a stage's
+        rows failed: all of them, or more than ``max_failure_rate``."""
+        failures = record.get("failures") or []
+        if not failures:
+            return
+        failed = len({f["row_id"] for f in failures})
+        base = record["rows_in"] if not stage.is_iterative else max(record["usage"].get("requests", 0), failed)
+        rate = failed / max(base, 1)
+        limit = self._max_failure_rate()
+        if failed >= base or rate > limit:
+            first = failures[0]
+            raise StageFailed(
+                f"stage [{i + 1}/{len(self.pipeline.stages)}] {stage.kind}: {failed} of {base} row(s) failed "
+                f"({rate:.0%} > max_failure_rate {limit:g}); first error (row {first['row_id']}): "
+                f"{first['reason']}; fix the cause and continue with --resume (failed rows are retried)")
+
+    def _summary(self, manifest: dict[str, Any]) -> None:
+        """Rows in / out / failed per stage, always printed (also with --quiet)."""
+        parts = []
+        for r in manifest.get("stages", []):
+            failed = len({f["row_id"] for f in r.get("failures") or []})
+            parts.append(f"{r['kind']} {r['rows_in']}->{r['rows_out']} (failed {failed})")
+        status = manifest.get("status", "?")
+        print(f"synthfb: {status}: " + ("; ".join(parts) if parts else "no stage finished"), file=sys.stderr,
+              flush=True)
 
     def _write_card(self) -> None:
         """README.md card + plots in the run folder. The data is already safe
@@ -255,7 +309,7 @@ class Runner:
             for w in caught:
                 self._log(f"card: {w.message}")
         except Exception as e:  # noqa: BLE001 - reported, the run's data is complete
-            print(f"synthfb: warning: could not write the data card: {e}; run `synthfb card {self.out}`",
+            print(f"synthfb: warning: could not write the data card: {redact_text(str(e))}; run `synthfb card {self.out}`",
                   file=sys.stderr)
 
     def _write_dataset(self, table: pa.Table) -> Path:
@@ -299,13 +353,19 @@ class Runner:
             self._log(f"{label}: config, input, model or prompt changed since the last run; re-running it")
             shutil.rmtree(sdir)
             meta = None
-        if meta is not None and meta.get("finished"):
+        retry = self._failed_chunks(sdir) if meta is not None and not stage.is_iterative else []
+        if meta is not None and meta.get("finished") and not retry:
             self._log(f"{label}: unchanged and finished; reusing {meta['rows_out']} rows")
             out = read_tables(self._chunk_files(sdir))
-            return {**meta["record"], "reused": True}, out, fp
+            return {**meta["record"], "reused": True}, out, self._output_fp(fp, sdir)
         sdir.mkdir(parents=True, exist_ok=True)
         for stale in sdir.glob(".*.tmp-*"):  # half-written files of a killed run
             stale.unlink()
+        if retry:
+            self._log(f"{label}: retrying {len(retry)} chunk(s) with failed rows")
+            for c in retry:  # stats first: a chunk without its parquet file is not finished
+                (sdir / f"chunk-{c:05d}.parquet").unlink(missing_ok=True)
+                (sdir / f"chunk-{c:05d}.stats.json").unlink(missing_ok=True)
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": False})
 
         t0 = time.time()
@@ -323,15 +383,22 @@ class Runner:
         counts: dict[str, int] = {}
         failures: list[dict[str, str]] = []
         usage: dict[str, int] = {}
-        for sf in sorted(sdir.glob("chunk-*.stats.json")):
+        recorded = 0
+        stats_files = sorted(sdir.glob("chunk-*.stats.json"))
+        for sf in stats_files:
             s = json.loads(sf.read_text())
+            recorded += s.get("rows_out", 0)
             for k, v in s["counts"].items():
                 counts[k] = counts.get(k, 0) + v
             for k, v in s.get("usage", {}).items():
                 usage[k] = usage.get(k, 0) + v
             failures.extend(s.get("failures", []))
+        n_files = len(self._chunk_files(sdir))
+        if recorded != rows_out or n_files != len(stats_files):
+            raise RunError(f"{sdir}: {rows_out} row(s) in {n_files} chunk file(s) on disk, but the chunks' records "
+                           f"say {recorded} in {len(stats_files)}; another process changed this run folder")
         if failures:
-            self._log(f"{label}: {len(failures)} row(s) failed for good; see run.json stages[{i}].failures")
+            self._log(f"{label}: {len(failures)} row(s) failed; see run.json stages[{i}].failures")
         record = {
             "index": i,
             "kind": stage.kind,
@@ -349,7 +416,28 @@ class Runner:
         }
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": True,
                                       "rows_out": rows_out, "record": record})
-        return record, out, fp
+        return record, out, self._output_fp(fp, sdir)
+
+    def _failed_chunks(self, sdir: Path) -> list[int]:
+        """Chunks of a map stage whose stats record failed rows (retried on resume)."""
+        out = []
+        for sf in sorted(sdir.glob("chunk-*.stats.json")):
+            try:
+                if json.loads(sf.read_text()).get("failures"):
+                    out.append(int(sf.name.split(".")[0].split("-")[1]))
+            except (ValueError, OSError):
+                continue
+        return out
+
+    def _output_fp(self, fp: str, sdir: Path) -> str:
+        """What the next stage's fingerprint builds on: this stage's
+        fingerprint and its chunks' records, so a stage whose failed chunks
+        were retried makes every later stage run again on the new rows."""
+        records = []
+        for sf in sorted(sdir.glob("chunk-*.stats.json")):
+            st = json.loads(sf.read_text())
+            records.append([sf.name, st.get("rows_out"), sorted(f["row_id"] for f in st.get("failures", []))])
+        return _hash({"stage": fp, "chunks": records})
 
     @staticmethod
     def _chunk_files(sdir: Path) -> list[Path]:
@@ -372,7 +460,7 @@ class Runner:
             raise RunError(f"{sdir.name}: row id {dup!r} appears more than once in the stage output")
 
     def _write_chunk(self, sdir: Path, c: int, rows: list[dict], stats: dict[str, Any], where: str) -> None:
-        atomic_write_json(sdir / f"chunk-{c:05d}.stats.json", stats)
+        atomic_write_json(sdir / f"chunk-{c:05d}.stats.json", redact_obj(stats))
         table = rows_to_table(rows, where) if rows else pa.table({ROW_ID: pa.array([], pa.string())})
         write_table_atomic(sdir / f"chunk-{c:05d}.parquet", table)
 

@@ -25,13 +25,32 @@ BACKENDS = ("vllm", "vllm-cpu", "openai", "transformers")
 def engine_options(backend: str, backend_options: dict[str, Any], models: dict[str, dict[str, Any]], name: str,
                    seed: int, progress: bool) -> dict[str, Any]:
     """Constructor options for model ``name``: ``backend_options``, then its
-    entry in ``models``; ``seed`` and ``progress`` unless set (local engines only)."""
+    entry in ``models``; ``seed`` and ``progress`` unless set (local engines only).
+
+    The options hold credentials as given (``base_url`` with ``user:pass@`` or
+    ``?api-key=``); their secrets, and the key in the variable ``api_key_env``
+    names, are registered with :mod:`synthfb.data.redact` here, so any record
+    or message redacted later (``redact_obj``/``redact_text``) drops them. Show
+    options only through ``redact_obj(opts)``."""
+    from ..data.redact import register_secrets_in
+
     opts = dict(backend_options)
     opts.update(models.get(name, {}))
     if backend != "openai":
         opts.setdefault("seed", seed)
         opts.setdefault("progress", progress)
+    register_secrets_in(opts)
     return opts
+
+
+def served_model_info(name: str, base_url: str) -> ModelInfo:
+    """The identity an ``openai`` model ``name`` served at ``base_url`` reports
+    before a client is started: the path is the URL with its credentials
+    redacted (``redact_url``), never the URL as configured."""
+    from ..data.redact import redact_url, register_secrets_in
+
+    register_secrets_in(base_url)
+    return ModelInfo(name=name, path=redact_url(base_url or ""), revision="served", backend="openai")
 
 
 def local_model_info(backend: str, name: str) -> ModelInfo:
@@ -78,4 +97,6 @@ __all__ = [
     "ScoreResult",
     "UsageCounter",
     "load_generator",
+    "local_model_info",
+    "served_model_info",
 ]

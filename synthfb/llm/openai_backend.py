@@ -21,6 +21,17 @@ so the counts sum to the total). Such counts are estimates.
 
 The API key is read from the environment variable named by ``api_key_env``
 each time a client is built; it is never stored on the object.
+
+Credentials never leave this module in anything it reports: ``base_url`` may
+carry them (``http://user:pass@host/v1``, ``...?api-key=KEY``; the requests
+use them as given: userinfo as HTTP basic auth, the query on every request),
+but ``self.base_url``, ``self.info.path``, ``repr()``, log records, exception
+messages and ``GenerationResult.error`` show the URL through
+:func:`synthfb.data.redact.redact_url`, and every text taken from a server
+(error bodies may echo the key or the request URL) goes through
+:func:`~synthfb.data.redact.redact_text`. The key and the URL's secrets are
+registered with :mod:`synthfb.data.redact`, so whoever writes this module's
+messages to disk (the runner) redacts them too.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import os
 import random
 import time
 from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from tenacity import (
@@ -44,6 +56,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+from ..data.redact import install_log_redaction, redact_text, redact_url, register_secret, register_secrets_in
 from .base import make_completion
 from .types import (
     Completion,
@@ -56,6 +69,7 @@ from .types import (
 )
 
 logger = logging.getLogger(__name__)
+install_log_redaction(logger)  # records of this module never show a registered secret
 
 T = TypeVar("T")
 
@@ -66,6 +80,7 @@ class _StatusError(Exception):
     """The server answered with an HTTP error status."""
 
     def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        message = redact_text(message)
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
@@ -88,6 +103,7 @@ class _NotFound(Exception):
     """404/405 on an endpoint: the server does not offer it."""
 
     def __init__(self, url: str, status: int, message: str) -> None:
+        url, message = redact_url(url), redact_text(message)
         super().__init__(f"HTTP {status} on {url}: {message}")
         self.url = url
         self.status = status
@@ -103,14 +119,29 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line on a failed try, with credentials redacted."""
     if isinstance(exc, (_StatusError, _NotFound)):
-        return str(exc)
-    if isinstance(exc, _BadResponse):
-        return f"invalid response body: {exc}"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timeout ({type(exc).__name__}){': ' + str(exc) if str(exc) else ''}"
-    detail = str(exc) or "(no detail)"
-    return f"{type(exc).__name__}: {detail}"
+        text = str(exc)
+    elif isinstance(exc, _BadResponse):
+        text = f"invalid response body: {exc}"
+    elif isinstance(exc, httpx.TimeoutException):
+        text = f"timeout ({type(exc).__name__}){': ' + str(exc) if str(exc) else ''}"
+    else:
+        text = f"{type(exc).__name__}: {str(exc) or '(no detail)'}"
+    return redact_text(text)
+
+
+def _redacted(exc: BaseException) -> BaseException:
+    """``exc`` itself if its message shows no credential, else an exception of
+    the same type (or RuntimeError) with the redacted message."""
+    text = str(exc)
+    clean = redact_text(text)
+    if clean == text:
+        return exc
+    try:
+        return type(exc)(clean)
+    except Exception:  # noqa: BLE001 - a constructor with other arguments
+        return RuntimeError(f"{type(exc).__name__}: {clean}")
 
 
 def _error_message(resp: httpx.Response) -> str:
@@ -133,7 +164,8 @@ def _error_message(resp: httpx.Response) -> str:
         msg = text
     if not isinstance(msg, str):
         msg = json.dumps(msg)
-    msg = " ".join(msg.split())
+    # redacted before it is cut, so no part of a secret survives at the cut
+    msg = redact_text(" ".join(msg.split()))
     return (msg[:_EXCERPT] + "...") if len(msg) > _EXCERPT else (msg or "(empty body)")
 
 
@@ -206,12 +238,16 @@ class OpenAIGenerator:
         if max_retries < 1:
             raise ValueError(f"max_retries must be >= 1 (tries in all), got {max_retries}")
         self.model = model
-        self.base_url = base_url.rstrip("/")
-        root = self.base_url
-        if root.endswith("/v1"):
-            root = root[: -len("/v1")]
-        self.root_url = root  # vLLM's /tokenize lives here, not under /v1
+        register_secrets_in(base_url)
+        parts = urlsplit(base_url.strip())
+        path = parts.path.rstrip("/")
+        root = path[: -len("/v1")] if path.endswith("/v1") else path  # vLLM's /tokenize lives here, not under /v1
+        # what requests use: the URL as given (userinfo -> basic auth; the query goes on every request)
+        self._endpoint = (parts.scheme, parts.netloc, path, root, parts.query)
+        self.base_url = self._shown("")  # for display: credentials redacted
+        self.root_url = self._shown("", root=True)
         self.api_key_env = api_key_env
+        self._headers()  # registers the key (not stored here)
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_retries = max_retries
@@ -226,10 +262,21 @@ class OpenAIGenerator:
         self._probe()
 
     # ------------------------------------------------------------------ setup
+    def _url(self, suffix: str, root: bool = False) -> str:
+        """The request URL of endpoint ``suffix`` (e.g. ``/models``) under the
+        API root (or the server root), credentials included."""
+        scheme, netloc, path, root_path, query = self._endpoint
+        return urlunsplit((scheme, netloc, (root_path if root else path) + suffix, query, ""))
+
+    def _shown(self, suffix: str, root: bool = False) -> str:
+        """The URL of ``suffix`` for messages: credentials redacted."""
+        return redact_url(self._url(suffix, root))
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
+            register_secret(key)
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
@@ -238,14 +285,14 @@ class OpenAIGenerator:
         A server that is not up yet is probed again on the first call."""
         try:
             with httpx.Client(timeout=min(self.timeout, 10.0), headers=self._headers()) as client:
-                resp = client.get(f"{self.base_url}/models")
+                resp = client.get(self._url("/models"))
             if resp.status_code != 200:
-                logger.warning("GET %s/models: HTTP %d: %s", self.base_url, resp.status_code, _error_message(resp))
+                logger.warning("GET %s: HTTP %d: %s", self._shown("/models"), resp.status_code, _error_message(resp))
                 self._probed = True  # reachable; the endpoint is just not there
                 return
             data = resp.json().get("data") or []
         except (httpx.HTTPError, ValueError, AttributeError) as e:
-            logger.warning("could not read %s/models (%s); will try again on first use", self.base_url, _describe(e))
+            logger.warning("could not read %s (%s); will try again on first use", self._shown("/models"), _describe(e))
             return
         self._probed = True
         cards = [c for c in data if isinstance(c, dict)]
@@ -268,11 +315,17 @@ class OpenAIGenerator:
         if not self._probed:
             self._probe()
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(factory())
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(lambda: asyncio.run(factory())).result()
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(factory())
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                return pool.submit(lambda: asyncio.run(factory())).result()
+        except Exception as e:
+            clean = _redacted(e)
+            if clean is e:
+                raise
+            raise clean from None  # the original (and its chain) would show the credential
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -339,13 +392,13 @@ class OpenAIGenerator:
             # reads the whole body; a cut-off body or dropped connection raises here
             resp = await client.post(url, json=body)
         if resp.status_code in (404, 405):
-            raise _NotFound(url, resp.status_code, _error_message(resp))
+            raise _NotFound(redact_url(url), resp.status_code, _error_message(resp))
         if resp.status_code >= 400:
             raise _StatusError(resp.status_code, _error_message(resp), _retry_after(resp))
         try:
             data = json.loads(resp.content)
         except ValueError as e:
-            excerpt = resp.text[:80].replace("\n", " ")
+            excerpt = redact_text(resp.text)[:80].replace("\n", " ")
             raise _BadResponse(f"not JSON ({e}); body starts {excerpt!r}") from e
         if not isinstance(data, dict):
             raise _BadResponse(f"expected a JSON object, got {type(data).__name__}")
@@ -376,7 +429,7 @@ class OpenAIGenerator:
                     "type": "json_schema",
                     "json_schema": {"name": "output", "schema": req.json_schema},
                 }
-            return f"{self.base_url}/chat/completions", body
+            return self._url("/chat/completions"), body
         body["prompt"] = req.prompt
         if req.json_schema is not None:
             if self.is_vllm:
@@ -386,7 +439,7 @@ class OpenAIGenerator:
                     "type": "json_schema",
                     "json_schema": {"name": "output", "schema": req.json_schema},
                 }
-        return f"{self.base_url}/completions", body
+        return self._url("/completions"), body
 
     @staticmethod
     def _parse(data: dict[str, Any], chat: bool, schema: dict | None) -> tuple[list[Completion], int, int]:
@@ -432,10 +485,10 @@ class OpenAIGenerator:
             (completions, prompt_tokens, completion_tokens), _ = await self._with_retries(f"request {i}", attempt)
         except _RequestFailed as e:
             self.usage.failures += 1
-            return GenerationResult(completions=[], error=str(e))
+            return GenerationResult(completions=[], error=redact_text(str(e)))
         except _NotFound as e:
             self.usage.failures += 1
-            return GenerationResult(completions=[], error=f"request {i} failed (not retried): {e}")
+            return GenerationResult(completions=[], error=redact_text(f"request {i} failed (not retried): {e}"))
         self.usage.prompt_tokens += prompt_tokens
         self.usage.completion_tokens += completion_tokens
         return GenerationResult(completions=completions, prompt_tokens=prompt_tokens)
@@ -467,7 +520,7 @@ class OpenAIGenerator:
     async def _tokenize(
         self, client: httpx.AsyncClient, sem: asyncio.Semaphore, label: str, body: dict[str, Any]
     ) -> list[int]:
-        url = f"{self.root_url}/tokenize"
+        url = self._url("/tokenize", root=True)
 
         async def attempt() -> list[int]:
             data = await self._post(client, sem, url, {"model": self.model, **body})
@@ -502,7 +555,7 @@ class OpenAIGenerator:
         self.usage.requests += 1
 
         async def attempt() -> list[float]:
-            data = await self._post(client, sem, f"{self.base_url}/completions", body)
+            data = await self._post(client, sem, self._url("/completions"), body)
             choices = data.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise _BadResponse("no 'choices' in the response")
@@ -511,7 +564,7 @@ class OpenAIGenerator:
                 plp = data.get("prompt_logprobs")
             if plp is None:
                 raise NotImplementedError(
-                    f"{self.base_url}/completions returned no 'prompt_logprobs'; score() needs a vLLM server"
+                    f"{self._shown('/completions')} returned no 'prompt_logprobs'; score() needs a vLLM server"
                 )
             if len(plp) != len(ids):
                 raise _BadResponse(f"prompt_logprobs has {len(plp)} entries for {len(ids)} prompt tokens")
@@ -556,13 +609,15 @@ class OpenAIGenerator:
         self.usage.failures += len(errors)
         for e in errors:
             if isinstance(e, (NotImplementedError, _NotFound)):
-                raise NotImplementedError(
+                raise NotImplementedError(redact_text(
                     f"score() needs vLLM's /tokenize endpoint and prompt_logprobs on /v1/completions; "
                     f"the server at {self.base_url} does not provide them ({e})"
-                ) from e
+                )) from _redacted(e)
         if errors:
             e = errors[0]
-            raise RuntimeError(f"{len(errors)} of {len(requests)} score requests failed; first: {e}") from e
+            raise RuntimeError(
+                redact_text(f"{len(errors)} of {len(requests)} score requests failed; first: {e}")
+            ) from _redacted(e)
         return results
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ def _trained(t: dict) -> dict:
 
 
 def _cmd_loop(args: argparse.Namespace) -> int:
+    from ..data.owned import FolderError
     from ..train.config import ConfigError
     from .config import LoopError
 
@@ -28,7 +29,7 @@ def _cmd_loop(args: argparse.Namespace) -> int:
 
         result = run_loop(args.loop, args.out, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
-    except (LoopError, ConfigError) as e:
+    except (LoopError, ConfigError, FolderError) as e:
         print(f"synthfb: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({

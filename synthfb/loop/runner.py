@@ -66,7 +66,7 @@ class _Loop:
         pool.pin(cfg.eval_judge())
         self.folder.start({
             "synthfb_loop": 1, "name": cfg.name, "description": cfg.description, "source": cfg.source,
-            "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": initial.info.to_dict(),
+            "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": scrub(initial.info.to_dict()),
             "judge": "the round's policy" if cfg.self_judging else cfg.judge_for(cfg.policy),
             "eval_judge": cfg.eval_judge(), "versions": package_versions(),
         })

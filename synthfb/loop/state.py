@@ -17,14 +17,14 @@ Every file is written atomically (temporary name, fsync, rename), so a
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write_json
+from ..data.redact import redact_obj
+from ..data.owned import FolderError, OwnedFolder, check_folder
 from .config import LoopError
 
 
@@ -48,39 +48,35 @@ def round_dir(out: Path, k: int) -> Path:
 
 
 class LoopFolder:
-    """Owns ``OUT``: refuses an existing loop without resume/overwrite, holds
-    an exclusive lock while running, and keeps ``loop.json`` current."""
+    """Owns ``OUT`` (see :mod:`synthfb.data.owned`): a new or empty folder, or
+    synthfb's own loop with resume/overwrite; holds its lock while running
+    (taken before anything in it changes) and keeps ``loop.json`` current.
+    ``overwrite`` deletes only what the loop wrote there."""
 
     def __init__(self, out: Path, *, resume: bool, overwrite: bool):
         self.out = Path(out).resolve()
         self.path = self.out / "loop.json"
-        existing = self.path.exists() or any(self.out.glob("round-*"))
-        if existing and not (resume or overwrite):
-            raise LoopError(f"{self.out} already holds a loop; pass --resume to continue it (finished rounds and "
-                            f"steps are reused) or --overwrite to start afresh")
-        self._lock = None
-        self._clear = existing and overwrite
+        if resume and overwrite:
+            raise LoopError("--resume and --overwrite exclude each other")
+        self._mode = "overwrite" if overwrite else "resume" if resume else "new"
+        hint = ("pass --resume to continue it (finished rounds and steps are reused) or --overwrite to start "
+                "afresh")
+        try:  # refuse at once (reads only); the lock is taken in __enter__
+            check_folder(self.out, "loop", self._mode, hint)
+        except FolderError as e:
+            raise LoopError(str(e)) from None
+        self._folder = OwnedFolder(self.out, "loop", self._mode, flag_hint=hint)
 
     def __enter__(self) -> "LoopFolder":
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out / ".lock", "w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise LoopError(f"{self.out} is in use by another synthfb loop") from None
-        if self._clear:
-            for p in list(self.out.glob("round-*")) + [self.out / "data"]:
-                shutil.rmtree(p, ignore_errors=True)
-            for p in (self.path, self.out / "heldout-base.json"):
-                p.unlink(missing_ok=True)
+            self._folder.acquire()
+        except FolderError as e:
+            raise LoopError(str(e)) from None
         self.state = read_json(self.path) or {}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._folder.release()
 
     def start(self, header: dict[str, Any]) -> None:
         """(Re)open the state for a run: header fields replaced, round records kept."""
@@ -104,4 +100,4 @@ class LoopFolder:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.state)
+        atomic_write_json(self.path, redact_obj(self.state))

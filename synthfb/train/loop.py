@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.owned import FolderError, OwnedFolder
 from .config import TrainConfig
 
 
@@ -151,14 +152,45 @@ def save_checkpoint(out_dir: Path, step: int, model, tok, state: dict, limit: in
     return final
 
 
+def output_folder(cfg: TrainConfig) -> OwnedFolder:
+    """Claim ``cfg.output_dir`` for training (see :mod:`synthfb.data.owned`):
+    a new or empty folder, or an earlier synthfb training output (continued
+    with ``resume``, otherwise cleared of what synthfb wrote there). A
+    non-empty folder synthfb did not write is refused, never overwritten.
+    Re-entrant: trainers and the CLI may both claim it."""
+    mode = "resume" if (cfg.resume or cfg.resume_from) else "replace"
+    try:
+        return OwnedFolder(cfg.output_dir, "train", mode).acquire()
+    except FolderError as e:
+        raise FolderError(f"output_dir: {e}") from None
+
+
+def owns_output(train_fn: Callable) -> Callable:
+    """Decorator of a trainer ``fn(cfg, ...)``: its ``output_dir`` is claimed
+    (:func:`output_folder`) before anything is read or written, and held
+    until it returns."""
+    import functools
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg, *args, **kwargs):
+        folder = output_folder(cfg)
+        try:
+            return train_fn(cfg, *args, **kwargs)
+        finally:
+            folder.release()
+
+    return wrapper
+
+
 def save_final(out_dir: Path, model, tok, cfg: TrainConfig) -> None:
     """The trained model as an HF folder in ``output_dir`` itself."""
     import yaml
 
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    (out_dir / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    with OwnedFolder(out_dir, "train", "resume") as folder, folder.track():
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+        (out_dir / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -207,7 +239,14 @@ def accumulate(model, task: Task, batches: list, dev) -> tuple[float, float, dic
 def run(cfg: TrainConfig, model, tok, items: list, task: Task, extra_state: dict | None = None) -> dict:
     """Train ``model`` on ``items``; returns a summary (steps, last metrics, seconds)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(cfg)
+    try:
+        return _run(cfg, out, model, tok, items, task, extra_state)
+    finally:
+        folder.release()
+
+
+def _run(cfg: TrainConfig, out: Path, model, tok, items: list, task: Task, extra_state: dict | None) -> dict:
     dev = next(model.parameters()).device
     n_micro = math.ceil(len(items) / cfg.batch_size)
     if n_micro == 0:
