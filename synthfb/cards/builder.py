@@ -121,19 +121,38 @@ def _citations(kinds: list[str], backends: set[str]) -> list[str]:
 
 
 def _prompt_files(stage: dict[str, Any], pipeline_dir: Path) -> list[dict[str, str]]:
-    from ..stages.templates import find_file
+    """The prompt templates a stage used, for the card.
 
-    out = []
+    Only the stage's template fields (``Stage.template_fields``) are listed,
+    and a file's text is copied only when the stage, rebuilt from its
+    recorded config and resolving its templates the way the run did, has the
+    template hash the run recorded; otherwise (file changed or gone, stage
+    no longer loads) the text is left empty. No other file is ever read into
+    the card."""
+    from ..stages import STAGES
+
+    cls = STAGES.get(stage.get("kind"))
     cfg = stage.get("config") or {}
-    for key, value in cfg.items():
-        if isinstance(value, str) and value.endswith((".jinja", ".j2", ".txt")):
-            entry = {"stage": f"{stage['index']:02d}-{stage['kind']}", "field": key, "file": value,
-                     "sha256": stage.get("template_sha256") or ""}
-            try:
-                entry["text"] = find_file(value, pipeline_dir, "prompt").read_text(encoding="utf-8")
-            except (FileNotFoundError, UnicodeDecodeError):
-                entry["text"] = ""
-            out.append(entry)
+    if cls is None or not cls.template_fields or not isinstance(cfg, dict):
+        return []
+    recorded = stage.get("template_sha256") or ""
+    if not recorded:
+        return []  # the run recorded no template for this stage (e.g. onpolicy_pairs with a reward-model ranker)
+    used: dict[str, Any] = {}
+    try:
+        rebuilt = cls.from_dict(cfg, pipeline_dir)
+        if rebuilt.fingerprint().get("template_sha256") == recorded:
+            used = rebuilt.prompt_templates
+    except Exception:  # noqa: BLE001 - the card must still be written; the text just stays empty
+        used = {}
+    out = []
+    for key in cls.template_fields:
+        value = cfg.get(key)
+        if not isinstance(value, str) or (used and key not in used):
+            continue  # unset, or a template this configuration does not use (e.g. cai_label's cot_prompt)
+        tpl = used.get(key)
+        out.append({"stage": f"{stage['index']:02d}-{stage['kind']}", "field": key, "file": value,
+                    "sha256": tpl.sha256 if tpl is not None else recorded, "text": tpl.text if tpl is not None else ""})
     return out
 
 

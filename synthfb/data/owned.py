@@ -131,6 +131,7 @@ class OwnedFolder:
         self.marker: dict[str, Any] = {}
         self._lock = None
         self._outer: OwnedFolder | None = None
+        self._created = False
 
     # -- lifetime ---------------------------------------------------------
     def acquire(self) -> "OwnedFolder":
@@ -175,13 +176,26 @@ class OwnedFolder:
                                                     *self.extra]))
         self.marker = marker
         self._write_marker()
+        self._created = created
         _HELD[self.path] = self
         return self
 
-    def release(self) -> None:
+    def release(self, *, discard_if_unused: bool = False) -> None:
+        """Unlock. With ``discard_if_unused``, a folder this call created that
+        holds nothing but the marker and the lock is removed again (a command
+        that failed before writing anything leaves no trace)."""
         if self._outer is not None:
             return
         _HELD.pop(self.path, None)
+        if discard_if_unused and self._created and set(os.listdir(self.path)) <= {MARKER, LOCK}:
+            (self.path / MARKER).unlink(missing_ok=True)
+            self._unlock()
+            (self.path / LOCK).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+            return
         self._unlock()
 
     def _unlock(self) -> None:

@@ -8,22 +8,32 @@ expected.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
+from ..data import yamlio
 from ..llm import BACKENDS
-from .stage import Stage, dataclass_schema
+from .stage import Stage, StrictValidator, dataclass_schema
+
+# A pipeline's (or loop's) name is the default output folder runs/NAME, so it
+# must be one plain path component: no '/', no '..', no leading '.'.
+NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    "description": "a plain name (letters, digits, '.', '_', '-', starting with a letter or digit; "
+                   "the default output folder is runs/NAME)",
+}
 
 PIPELINE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name", "stages"],
     "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "minLength": 1, "description": "pipeline name (default output folder runs/NAME)"},
+        "name": NAME_SCHEMA,
         "description": {"type": "string", "description": "what is built and why (goes into the data card)"},
         "license": {"type": "string", "description": "license of the output dataset"},
         "backend": {"enum": list(BACKENDS), "description": "inference backend"},
@@ -36,6 +46,9 @@ PIPELINE_SCHEMA: dict[str, Any] = {
         },
         "seed": {"type": "integer"},
         "chunk_size": {"type": "integer", "minimum": 1},
+        "max_failure_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                             "description": "a stage with a larger fraction of failed rows (or all of them) fails "
+                                            "the run (exit 1); --resume retries them (default 0.5)"},
         "stages": {
             "type": "array",
             "minItems": 1,
@@ -69,11 +82,26 @@ def _describe(err: jsonschema.ValidationError) -> str:
         return f"{where}: expected {want}, got {type(err.instance).__name__} {err.instance!r}"
     if err.validator == "enum":
         return f"{where}: {err.instance!r} is not one of {err.schema['enum']}"
+    if err.validator == "pattern" and err.schema.get("description"):
+        return f"{where}: {err.instance!r} is not allowed; expected {err.schema['description']}"
     return f"{where}: {err.message}"
 
 
+def stage_error(where: str, kind: str, stage_cls: type, err: Exception) -> str:
+    """One line for an error raised while building or checking a stage:
+    ``stages[1].sampling.temperature (generate): expected ...`` when the
+    message starts with one of the stage's config fields, else
+    ``stages[1] (generate): ...``."""
+    msg = " ".join(str(err).split())
+    head, sep, rest = msg.partition(": ")
+    fields = {f.name for f in dataclasses.fields(stage_cls.Config)} if dataclasses.is_dataclass(stage_cls.Config) else set()
+    if sep and head.split(".")[0] in fields and " " not in head:
+        return f"{where}.{head} ({kind}): {rest}"
+    return f"{where} ({kind}): {msg}"
+
+
 def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = StrictValidator(schema)
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
         e = jsonschema.exceptions.best_match(errors)
@@ -95,6 +123,7 @@ class Pipeline:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     chunk_size: int = 2048
+    max_failure_rate: float = 0.5
     source: str = "<python>"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -121,7 +150,7 @@ class Pipeline:
                 stage = cls_.from_dict(cfg, base_dir)
                 stage.check()
             except (ValueError, FileNotFoundError) as e:
-                raise PipelineError(f"{source}: stages[{i}] ({kind}): {e}") from e
+                raise PipelineError(f"{source}: {stage_error(f'stages[{i}]', kind, cls_, e)}") from e
             stages.append(stage)
         top = {k: v for k, v in data.items() if k != "stages"}
         return cls(stages=stages, source=source, raw=data, **top)
@@ -129,18 +158,10 @@ class Pipeline:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Pipeline":
         p = Path(path)
-        if not p.exists():
-            raise PipelineError(f"{p}: pipeline file not found")
         try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise PipelineError(f"{p}: not valid UTF-8 (byte offset {e.start})") from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise PipelineError(f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}") from e
+            data = yamlio.load_file(p, "pipeline file")
+        except yamlio.YAMLInputError as e:
+            raise PipelineError(str(e)) from e
         return cls.from_dict(data, p.parent.resolve(), str(p))
 
     def check_columns(self) -> None:

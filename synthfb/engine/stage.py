@@ -7,6 +7,7 @@ the whole chunk, hands them to ``ctx.generator`` in one call, and parses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,11 +16,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jsonschema
+
+from ..data import PROVENANCE, ROW_ID
 from ..llm.types import Generator, SamplingParams
+
+# Columns synthfb keeps for itself: no stage field may name them as a column
+# (a stage writing `row_id` or `provenance` would overwrite the record of
+# where each row came from).
+RESERVED_COLUMNS = (ROW_ID, PROVENANCE)
 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def config_field(name: str):
+    """Prefix a ValueError / FileNotFoundError raised inside with the config
+    field it concerns (``formats: formats file 'x' not found ...``), so the
+    pipeline loader can name ``stages[i].formats``."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def dataclass_schema(cls: type) -> dict[str, Any]:
@@ -40,6 +60,20 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+def _is_strict_int(checker: Any, instance: Any) -> bool:
+    # JSON Schema's "integer" accepts 2.0; a config field typed `int` must not
+    # (`n: 2.0` is a typo or a computed value, not a count). bool is not an int.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_int),
+)
+"""The validator for config files: Draft 2020-12 with "integer" meaning a
+Python int (not 2.0, not true)."""
 
 
 def _type_schema(tp: Any) -> dict[str, Any]:
@@ -131,6 +165,12 @@ class Stage:
 
     kind: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    # Config fields that name a prompt template file (loaded with
+    # ``stages.templates.load_template(self, field)``); the data card copies
+    # these files' text, and only these.
+    template_fields: ClassVar[tuple[str, ...]] = ()
+    # ``*_column`` fields allowed to name a reserved column (RESERVED_COLUMNS).
+    reserved_column_fields: ClassVar[tuple[str, ...]] = ()
     is_source: ClassVar[bool] = False
     is_iterative: ClassVar[bool] = False
     max_steps: ClassVar[int] = 100_000
@@ -139,10 +179,54 @@ class Stage:
     def __init__(self, config: Any, base_dir: Path):
         self.config = config
         self.base_dir = Path(base_dir)
+        # field -> PromptTemplate, filled by stages.templates.load_template
+        self.prompt_templates: dict[str, Any] = {}
+        self._check_column_fields()
+
+    def _check_column_fields(self) -> None:
+        """Every ``*_column`` field names a real column: a non-empty string,
+        and not one of RESERVED_COLUMNS (unless the stage allows it)."""
+        if not dataclasses.is_dataclass(self.config):
+            return
+        for f in dataclasses.fields(self.config):
+            if not f.name.endswith("_column"):
+                continue
+            v = getattr(self.config, f.name)
+            if v is None:
+                continue
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{f.name}: expected a column name (a non-empty string), got {v!r}")
+            if v in RESERVED_COLUMNS and f.name not in self.reserved_column_fields:
+                raise ValueError(f"{f.name}: {v!r} is reserved (synthfb keeps the columns {list(RESERVED_COLUMNS)} "
+                                 f"for row ids and provenance); choose another column name")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base_dir: Path) -> "Stage":
         return cls(cls.Config(**d), base_dir)
+
+    def sampling_params(self, field: str = "sampling", defaults: dict[str, Any] | None = None,
+                        **set_by: str) -> SamplingParams:
+        """SamplingParams from ``defaults`` overridden by the config mapping
+        ``field``. ``set_by`` names sampling keys that other config fields
+        set (``n="num_ratings"``): writing them in the mapping as well is an
+        error, not silently overridden. Errors name the field
+        (``sampling.temperature: expected a finite number, got str 'hot'``)."""
+        user = getattr(self.config, field) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"{field}: expected a mapping, got {type(user).__name__} {user!r}")
+        fixed = {}
+        for key, other in set_by.items():
+            if key in user:
+                raise ValueError(f"{field}.{key}: set by the stage's `{other}` field; remove it from `{field}`")
+            fixed[key] = getattr(self.config, other)
+        try:
+            return SamplingParams.from_dict({**(defaults or {}), **user, **fixed}, where=field)
+        except ValueError as e:
+            msg = str(e)
+            for key, other in set_by.items():
+                if msg.startswith(f"{field}.{key}"):
+                    msg = other + msg[len(f"{field}.{key}"):]
+            raise ValueError(msg) from None
 
     # -- overridable -----------------------------------------------------
     def check(self) -> None:

@@ -9,8 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+
+def _show(v: Any) -> str:
+    return f"{type(v).__name__} {v!r}"
+
+
+def _need_int(name: str, v: Any, lo: int | None = None) -> None:
+    # bool is an int subclass in Python; `n: true` is a mistake, not 1
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"sampling.{name}: expected an integer, got {_show(v)}")
+    if lo is not None and v < lo:
+        raise ValueError(f"sampling.{name} must be >= {lo}, got {v}")
+
+
+def _need_number(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"sampling.{name}: expected a finite number, got {_show(v)}")
 
 
 @dataclass(frozen=True)
@@ -32,27 +50,52 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop or ()))
-        if self.n < 1:
-            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.max_tokens < 1:
-            raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            stop = tuple(stop)
+        elif stop is None:
+            stop = ()
+        else:
+            raise ValueError(f"sampling.stop: expected a string or a list of strings, got {_show(stop)}")
+        if any(not s for s in stop):
+            raise ValueError("sampling.stop: stop strings must be non-empty")
+        object.__setattr__(self, "stop", stop)
+        _need_int("n", self.n, lo=1)
+        _need_int("max_tokens", self.max_tokens, lo=1)
+        if self.seed is not None:
+            _need_int("seed", self.seed)
+        _need_number("temperature", self.temperature)
+        _need_number("top_p", self.top_p)
+        _need_number("presence_penalty", self.presence_penalty)
+        _need_number("frequency_penalty", self.frequency_penalty)
         if self.temperature < 0:
             raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"sampling.{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "sampling") -> "SamplingParams":
+        """Build from a config mapping; errors name ``where`` (the config field),
+        e.g. ``sampling.temperature: expected a finite number, got str 'hot'``."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping, got {_show(d)}")
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"{where}: unknown sampling parameter(s) {unknown}; expected some of {sorted(known)}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            msg = str(e)
+            if where != "sampling" and msg.startswith("sampling."):
+                msg = where + msg[len("sampling"):]
+            raise ValueError(msg) from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -21,6 +21,8 @@ def _trained(t: dict) -> dict:
 
 def _cmd_loop(args: argparse.Namespace) -> int:
     from ..data.owned import FolderError
+    from ..data.redact import redact_text
+    from ..engine import RunError, StageFailed
     from ..train.config import ConfigError
     from .config import LoopError
 
@@ -29,9 +31,12 @@ def _cmd_loop(args: argparse.Namespace) -> int:
 
         result = run_loop(args.loop, args.out, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
-    except (LoopError, ConfigError, FolderError) as e:
-        print(f"synthfb: error: {e}", file=sys.stderr)
+    except (LoopError, ConfigError, FolderError, RunError) as e:
+        print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
+        return 1
     print(json.dumps({
         "out": str(result.out),
         "policy": result.policy,

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
+from jsonschema.exceptions import best_match
 
-from ..engine.pipeline import _describe
-from ..engine.stage import dataclass_schema
+from ..data import yamlio
+from ..engine.pipeline import NAME_SCHEMA, _describe, stage_error
+from ..engine.stage import StrictValidator, dataclass_schema
 
 # The loop trains new checkpoints, so the backend must load local folders.
 LOOP_BACKENDS = ("vllm", "vllm-cpu", "transformers")
@@ -71,7 +71,7 @@ LOOP_SCHEMA: dict[str, Any] = {
     "required": ["name", "policy", "prompts", "pairs", "eval"],
     "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "minLength": 1, "description": "loop name (default output folder runs/NAME)"},
+        "name": NAME_SCHEMA,
         "description": {"type": "string", "description": "what is built and why (goes into each round's data card)"},
         "license": {"type": "string", "description": "license of the pairs datasets"},
         "backend": {"enum": list(LOOP_BACKENDS), "description": "inference backend (must load local checkpoints)"},
@@ -134,9 +134,9 @@ class LoopError(ValueError):
 
 
 def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(obj))
+    errors = list(StrictValidator(schema).iter_errors(obj))
     if errors:
-        e = jsonschema.exceptions.best_match(errors)
+        e = best_match(errors)
         e.path.extendleft(reversed(prefix))  # type: ignore[attr-defined]
         raise LoopError(f"{source}: {_describe(e)}")
 
@@ -321,7 +321,7 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str) -> None:
             stage = cls.from_dict(cfg, base_dir)
             stage.check()
         except (ValueError, FileNotFoundError, PipelineError) as e:
-            raise LoopError(f"{source}: {where} ({kind}): {e}") from None
+            raise LoopError(f"{source}: {stage_error(where, kind, cls, e)}") from None
         missing = sorted(stage.required_columns() - set(cols))
         if missing:
             raise LoopError(f"{source}: {where} ({kind}): needs column(s) {missing}, but its input has {cols}")
@@ -379,16 +379,10 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
             raise LoopError("load_loop needs a path or data")
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise LoopError(f"{p}: loop file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise LoopError(f"{p}: not valid UTF-8 (byte offset {e.start})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise LoopError(f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}") from None
+            data = yamlio.load_file(p, "loop file")
+        except yamlio.YAMLInputError as e:
+            raise LoopError(str(e)) from None
         base_dir = p.parent.resolve()
     else:
         source = str(path) if path else "<python>"
@@ -414,10 +408,13 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
 
     sampling = {"temperature": 0.0, "max_tokens": 128, **(ev.get("sampling") or {}), "n": 1}
     try:
-        SamplingParams.from_dict(sampling)
+        SamplingParams.from_dict(sampling, where="eval.sampling")
+    except ValueError as e:
+        raise LoopError(f"{source}: {e}") from None
+    try:
         tpl = PromptTemplate.load(ev.get("judge_prompt", "pairwise_judge.jinja"), base_dir)
     except (ValueError, FileNotFoundError) as e:
-        raise LoopError(f"{source}: eval: {e}") from None
+        raise LoopError(f"{source}: eval.judge_prompt: {e}") from None
     missing = {"prompt", "response_a", "response_b"} - tpl.variables
     if missing:
         raise LoopError(f"{source}: eval.judge_prompt: {tpl.source} must use {sorted(missing)}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
 from ..llm.types import SamplingParams
-from .templates import PromptTemplate, text_request
+from .templates import load_template, text_request
 
 # The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
 # augmented (web) data S_w; both are appended at inference.
@@ -157,13 +157,14 @@ class BacktranslateStage(Stage):
     answer; rows get ``instruction`` and the augmented source tag."""
 
     kind = "backtranslate"
+    template_fields = ("prompt",)
     Config = BacktranslateConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
         self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 128, **config.sampling})
-        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        self.template = load_template(self, "prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.output_column}
@@ -268,6 +269,7 @@ class SelfCurateStage(Stage):
     ``curation_ratings`` (None where a rating could not be read)."""
 
     kind = "self_curate"
+    template_fields = ("prompt",)
     Config = CurateConfig
     uses_model = True
 
@@ -277,9 +279,9 @@ class SelfCurateStage(Stage):
             raise ValueError("num_ratings must be >= 1")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
-        self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 256,
-                                                **config.sampling, "n": config.num_ratings})
-        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        self.params = self.sampling_params("sampling", {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256},
+                                           n="num_ratings")
+        self.template = load_template(self, "prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column, self.config.output_column}

@@ -27,14 +27,23 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext
+from ..data import PROVENANCE, ROW_ID, yamlio
+from ..engine.stage import Stage, StageContext, config_field
 from ..llm.types import GenerationRequest, SamplingParams
 from ..rank.aggregate import FORMATS, trl_completion, trl_pair
 from ..rank.llm_judge import OptionScorer, clamp, merge_orders, soft_label
-from .templates import PromptTemplate, find_file
+from .templates import REPO_ROOT, find_file, load_template
 
-DEFAULT_CONSTITUTION = "pipelines/data/constitution.yaml"
+DEFAULT_CONSTITUTION = "pipelines/data/constitution.yaml"  # the shipped one, relative to the synthfb checkout
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yamlio.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: {yamlio.describe(e)}") from None
 
 
 # -- the constitution file -------------------------------------------------
@@ -58,12 +67,12 @@ class Constitution:
 
     @classmethod
     def load(cls, name: str, base_dir: Path, need: tuple[str, ...] = ("critique", "revision", "comparison")) -> "Constitution":
-        path = find_file(name, base_dir, "constitution file")
+        # the default names the shipped file; any other path is the user's (absolute or
+        # relative to the pipeline's folder)
+        path = find_file(name, base_dir, "constitution file", want="file",
+                         shipped=(REPO_ROOT,) if name == DEFAULT_CONSTITUTION else ())
         raw = path.read_bytes()
-        try:
-            data = yaml.safe_load(raw.decode("utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: not a valid UTF-8 YAML file ({e})") from e
+        data = _read_yaml(path)
         items = data.get("principles") if isinstance(data, dict) else data
         if not isinstance(items, list) or not items:
             raise ValueError(f"{path}: expected a non-empty list under `principles:`")
@@ -128,6 +137,7 @@ class CAIReviseStage(Stage):
     """SL-CAI critique/revision rounds -> SFT rows with the full history."""
 
     kind = "cai_revise"
+    template_fields = ("critique_prompt", "revision_prompt")
     Config = CAIReviseConfig
     uses_model = True
 
@@ -135,19 +145,21 @@ class CAIReviseStage(Stage):
         super().__init__(config, base_dir)
         if config.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {config.rounds}")
-        self.constitution = Constitution.load(config.constitution, self.base_dir, need=("critique", "revision"))
-        self.t_crit = PromptTemplate.load(config.critique_prompt, self.base_dir)
-        self.t_rev = PromptTemplate.load(config.revision_prompt, self.base_dir)
+        with config_field("constitution"):
+            self.constitution = Constitution.load(config.constitution, self.base_dir, need=("critique", "revision"))
+        self.t_crit = load_template(self, "critique_prompt")
+        self.t_rev = load_template(self, "revision_prompt")
         self.params = SamplingParams.from_dict({"temperature": 1.0, "max_tokens": 256, **config.sampling})
-        self.shots = self._load_shots(config.few_shot) if config.few_shot else []
+        with config_field("few_shot"):
+            self.shots = self._load_shots(config.few_shot) if config.few_shot else []
         for t, need in ((self.t_crit, {"prompt", "response", "critique_request"}),
                         (self.t_rev, {"prompt", "response", "critique", "revision_request"})):
             if need - t.variables:
                 raise ValueError(f"{t.source}: template must use {sorted(need - t.variables)}")
 
     def _load_shots(self, name: str) -> list[dict[str, str]]:
-        path = find_file(name, self.base_dir, "few-shot file")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path = find_file(name, self.base_dir, "few-shot file", want="file")
+        data = _read_yaml(path)
         keys = ("prompt", "response", "critique_request", "critique", "revision_request", "revision")
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a list of transcripts")
@@ -270,6 +282,7 @@ class CAILabelStage(Stage):
     """RL-CAI soft preference labels from option log-probs, both orders."""
 
     kind = "cai_label"
+    template_fields = ("compare_prompt", "cot_prompt")
     Config = CAILabelConfig
     uses_model = True
 
@@ -279,15 +292,17 @@ class CAILabelStage(Stage):
             raise ValueError("principles_per_label and cot_samples must be >= 1")
         if len(config.clamp) != 2 or not 0 <= config.clamp[0] <= config.clamp[1] <= 1:
             raise ValueError(f"clamp must be [lo, hi] with 0 <= lo <= hi <= 1, got {config.clamp}")
-        self.constitution = Constitution.load(config.constitution, self.base_dir, need=("comparison",))
-        self.template = PromptTemplate.load(config.cot_prompt if config.cot else config.compare_prompt, self.base_dir)
+        with config_field("constitution"):
+            self.constitution = Constitution.load(config.constitution, self.base_dir, need=("comparison",))
+        self.template = load_template(self, "cot_prompt" if config.cot else "compare_prompt")
         need = {"prompt", "comparison", "response_a", "response_b"} - self.template.variables
         if need:
             raise ValueError(f"{self.template.source}: template must use {sorted(need)}")
-        self.scorer = OptionScorer(config.options, config.chat)
-        self.cot_params = SamplingParams.from_dict(
-            {"temperature": 1.0, "max_tokens": 256, "stop": ["Human:", "User:", config.cot_answer], **config.cot_sampling,
-             "n": config.cot_samples})
+        with config_field("options"):
+            self.scorer = OptionScorer(config.options, config.chat)
+        self.cot_params = self.sampling_params(
+            "cot_sampling", {"temperature": 1.0, "max_tokens": 256, "stop": ["Human:", "User:", config.cot_answer]},
+            n="cot_samples")
 
     def required_columns(self) -> set[str]:
         return {self.config.prompt_column, self.config.responses_column}

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
+
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
-from ..llm.types import GenerationRequest, SamplingParams
-from .templates import PromptTemplate
+from ..llm.types import GenerationRequest
+from .templates import PromptTemplate, load_template
 
 
 @dataclass
@@ -38,13 +40,20 @@ class GenerateStage(Stage):
 
     kind = "generate"
     Config = GenerateConfig
+    template_fields = ("prompt",)
     uses_model = True
 
     def __init__(self, config: GenerateConfig, base_dir):
         super().__init__(config, base_dir)
-        self.params = SamplingParams.from_dict({**config.sampling, "n": config.n})
+        self.params = self.sampling_params("sampling", n="n")
+        if config.json_schema is not None:  # a bad schema would only fail once the engine uses it
+            try:
+                jsonschema.validators.validator_for(config.json_schema).check_schema(config.json_schema)
+            except jsonschema.SchemaError as e:
+                where = "/".join(str(p) for p in e.absolute_path) or "(top)"
+                raise ValueError(f"json_schema: not a valid JSON schema at {where}: {e.message}") from None
         if config.prompt is not None:
-            self.template = PromptTemplate.load(config.prompt, self.base_dir)
+            self.template = load_template(self, "prompt")
         else:
             self.template = PromptTemplate("{{ " + config.input_column + " }}", f"column {config.input_column!r}")
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
 from ..engine.stage import Stage, StageContext
-from ..llm.types import GenerationRequest, SamplingParams
+from ..llm.types import GenerationRequest
 from ..rank.aggregate import pick_pair, trl_pair
-from .templates import PromptTemplate
+from .templates import load_template
 
 # "Score: 4", "**Score:** 4.5", "score = 3/5", "Score: **2**" (case-insensitive)
 _SCORE = re.compile(r"score\s*(?:\*\*)?\s*[:=]\s*(?:\*\*)?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -88,6 +88,7 @@ class JudgePairsStage(Stage):
     (best, worst) preference pairs; counts unparseable judgements."""
 
     kind = "judge_pairs"
+    template_fields = ("judge_prompt",)
     Config = JudgePairsConfig
     uses_model = True
 
@@ -95,11 +96,11 @@ class JudgePairsStage(Stage):
         super().__init__(config, base_dir)
         if config.samples < 1 or config.min_scored < 2:
             raise ValueError("samples must be >= 1 and min_scored >= 2")
-        self.template = PromptTemplate.load(config.judge_prompt, self.base_dir)
+        self.template = load_template(self, "judge_prompt")
         if {"prompt", "response"} - self.template.variables:
             raise ValueError(f"{self.template.source}: judge template must use `prompt` and `response`")
-        self.params = SamplingParams.from_dict(
-            {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256, **config.sampling, "n": config.samples})
+        self.params = self.sampling_params("sampling", {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256},
+                                           n="samples")
 
     def required_columns(self) -> set[str]:
         return {self.config.prompt_column, self.config.responses_column}

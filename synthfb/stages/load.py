@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ..data import ROW_ID
 from ..data.io import InputError, read_user_file
-from ..engine.stage import Stage, StageContext
+from ..engine.stage import Stage, StageContext, config_field
 from .templates import find_file
 
 
@@ -31,12 +31,14 @@ class LoadStage(Stage):
     kind = "load"
     Config = LoadConfig
     is_source = True
+    reserved_column_fields = ("id_column",)  # a file written by synthfb keeps its `row_id`s
 
     def _path(self):
         return find_file(self.config.path, self.base_dir, "data file")
 
     def check(self) -> None:
-        self._path()
+        with config_field("path"):
+            self._path()
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext
+from ..engine.stage import Stage, StageContext, config_field
 from ..llm.types import GenerationRequest, SamplingParams
 from ..rank import load_ranker
 from ..rank.aggregate import pick_pair, position_bias, ranks_from_scores, scores_from_matrix, trl_pair
-from .templates import PromptTemplate, find_file
+from .templates import find_file, load_template
 
 _SCORING = SamplingParams(n=1, temperature=0.0, max_tokens=1)  # what provenance records for log-prob scoring
 
@@ -52,6 +52,7 @@ class OnPolicyPairsStage(Stage):
     """Sample N, rank with a pairwise ranker, keep (best, worst)."""
 
     kind = "onpolicy_pairs"
+    template_fields = ("ranker_prompt",)
     Config = OnPolicyPairsConfig
     uses_model = True
 
@@ -59,18 +60,21 @@ class OnPolicyPairsStage(Stage):
         super().__init__(config, base_dir)
         if config.n < 2:
             raise ValueError(f"n must be >= 2, got {config.n}")
-        self.params = SamplingParams.from_dict(
-            {"temperature": 0.8, "top_p": 0.95, "max_tokens": 512, **config.sampling, "n": config.n})
+        self.params = self.sampling_params("sampling", {"temperature": 0.8, "top_p": 0.95, "max_tokens": 512}, n="n")
         self.template = None
         if config.ranker == "llm_judge":
-            self.template = PromptTemplate.load(config.ranker_prompt, self.base_dir)
+            self.template = load_template(self, "ranker_prompt")
+            opts = config.ranker_options
+            if len(opts) != 2 or opts[0] == opts[1]:
+                raise ValueError(f"ranker_options: need exactly two distinct option strings, got {opts!r}")
         elif not config.ranker_path:
             raise ValueError(f"ranker {config.ranker} needs `ranker_path` (a local checkpoint folder)")
         self._ranker = None
 
     def check(self) -> None:
         if self.config.ranker_path:
-            find_file(self.config.ranker_path, self.base_dir, "ranker checkpoint")
+            with config_field("ranker_path"):
+                find_file(self.config.ranker_path, self.base_dir, "ranker checkpoint", want="dir")
 
     def required_columns(self) -> set[str]:
         cols = {self.config.prompt_column}

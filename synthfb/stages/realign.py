@@ -17,14 +17,17 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext
+from ..data import PROVENANCE, ROW_ID, yamlio
+from ..engine.stage import Stage, StageContext, config_field
 from ..llm.types import SamplingParams
-from .templates import PromptTemplate, find_file, text_request
+from .templates import REPO_ROOT, find_file, load_template, text_request
+
+DEFAULT_FORMATS = "data/realign_formats.yaml"
 
 CODE_GROUP = "Code"
 _BAD_EVIDENCE = ("Missing:", "Duration:", "Posted:")
@@ -46,8 +49,12 @@ class Category:
 def load_formats(path) -> tuple[dict[str, Category], str]:
     """Read and check a formats file; returns (categories, default name).
     Errors name the file and the category."""
-    text = path.read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
+    try:
+        data = yamlio.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: {yamlio.describe(e)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("categories"), dict) or not data["categories"]:
         raise ValueError(f"{path}: expected a mapping with a non-empty 'categories' mapping")
     cats = {}
@@ -72,7 +79,9 @@ def load_formats(path) -> tuple[dict[str, Category], str]:
 
 
 def _formats(path_name: str, base_dir) -> tuple[Any, dict[str, Category], str, str]:
-    path = find_file(path_name, base_dir, "formats file")
+    # the default names the shipped file (pipelines/data/); any other path is the user's
+    path = find_file(path_name, base_dir, "formats file", want="file",
+                     shipped=(REPO_ROOT / "pipelines",) if path_name == DEFAULT_FORMATS else ())
     cats, default = load_formats(path)
     return path, cats, default, hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -185,7 +194,7 @@ def rewrite_reject_reason(category: Category, query: str, original: str, revised
 class ClassifyConfig:
     query_column: str = field(default="instruction", metadata={"help": "column holding the user query"})
     output_column: str = field(default="category", metadata={"help": "column written"})
-    formats: str = field(default="data/realign_formats.yaml", metadata={"help": "categories/formats data file"})
+    formats: str = field(default=DEFAULT_FORMATS, metadata={"help": "categories/formats data file"})
     prompt: str = field(default="realign_classify.jinja", metadata={"help": "classifier prompt (variables: query, categories)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
     sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default greedy, max_tokens 50)"})
@@ -198,13 +207,15 @@ class RealignClassifyStage(Stage):
     name no category become the default category (``unknown_category``)."""
 
     kind = "realign_classify"
+    template_fields = ("prompt",)
     Config = ClassifyConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
-        self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
-        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        with config_field("formats"):
+            self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self.template = load_template(self, "prompt")
         self.params = SamplingParams.from_dict({"temperature": 0.0, "max_tokens": 50, **config.sampling})
 
     def required_columns(self) -> set[str]:
@@ -265,7 +276,7 @@ class RewriteConfig:
     response_column: str = field(default="output", metadata={"help": "column holding the response to reformat (replaced)"})
     category_column: str = field(default="category", metadata={"help": "column with the task category"})
     evidence_column: str | None = field(default=None, metadata={"help": "optional column of evidence text(s), used for rag categories"})
-    formats: str = field(default="data/realign_formats.yaml", metadata={"help": "categories/formats data file"})
+    formats: str = field(default=DEFAULT_FORMATS, metadata={"help": "categories/formats data file"})
     system_prompt: str = field(default="realign_system.jinja", metadata={"help": "system prompt (variables: adaptive, with_evidence)"})
     prompt: str = field(default="realign_rewrite.jinja", metadata={"help": "user prompt (variables: query, response, format, evidence)"})
     adaptive: bool = field(default=True, metadata={"help": "let the model keep the response when the format does not fit"})
@@ -285,18 +296,19 @@ class RealignRewriteStage(Stage):
     ``realign_reason`` and ``edit_rate``."""
 
     kind = "realign_rewrite"
+    template_fields = ("system_prompt", "prompt")
     Config = RewriteConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
-        self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
-        self.system = PromptTemplate.load(config.system_prompt, self.base_dir)
-        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        with config_field("formats"):
+            self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self.system = load_template(self, "system_prompt")
+        self.template = load_template(self, "prompt")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
-        self.params = SamplingParams.from_dict({"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024,
-                                                **config.sampling, "n": config.n})
+        self.params = self.sampling_params("sampling", {"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024}, n="n")
 
     def required_columns(self) -> set[str]:
         c = self.config

@@ -36,7 +36,7 @@ from .self_instruct_filters import (
     parse_output_first,
     parse_yes_no,
 )
-from .templates import PromptTemplate, text_request
+from .templates import load_template, text_request
 
 # Reference decoding (GPT-3 davinci, section 1.2); user ``sampling`` overrides.
 BOOTSTRAP_SAMPLING = dict(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
@@ -84,6 +84,7 @@ class SelfInstructBootstrapStage(Stage):
     """
 
     kind = "self_instruct_bootstrap"
+    template_fields = ("prompt",)
     Config = BootstrapConfig
     is_iterative = True
     uses_model = True
@@ -98,7 +99,7 @@ class SelfInstructBootstrapStage(Stage):
         if c.num_instructions < 1 or c.prompts_per_step < 1:
             raise ValueError("num_instructions and prompts_per_step must be >= 1")
         self.params = SamplingParams.from_dict({**self.default_sampling, **c.sampling})
-        self.template = PromptTemplate.load(c.prompt, self.base_dir)
+        self.template = load_template(self, "prompt")
         self.blacklist = tuple(self.base_blacklist) + tuple(c.extra_blacklist)
         self._index: RougeLIndex | None = None
         self._index_key: tuple | None = None
@@ -325,13 +326,14 @@ class SelfInstructClassifyStage(Stage):
     ``unparseable_as``; rows with an existing label are not re-asked."""
 
     kind = "self_instruct_classify"
+    template_fields = ("prompt",)
     Config = ClassifyConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
         self.params = SamplingParams.from_dict({**CLASSIFY_SAMPLING, **config.sampling})
-        self.template = PromptTemplate.load(config.prompt, self.base_dir)
+        self.template = load_template(self, "prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column}
@@ -398,13 +400,14 @@ class SelfInstructInstancesStage(Stage):
     instance filters and emits one row per kept instance (``row_id/k``)."""
 
     kind = "self_instruct_instances"
+    template_fields = ("input_first_prompt", "output_first_prompt")
     Config = InstancesConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
-        self.input_first = PromptTemplate.load(config.input_first_prompt, self.base_dir)
-        self.output_first = PromptTemplate.load(config.output_first_prompt, self.base_dir)
+        self.input_first = load_template(self, "input_first_prompt")
+        self.output_first = load_template(self, "output_first_prompt")
         self.params = {
             True: SamplingParams.from_dict({**INSTANCE_SAMPLING, "max_tokens": 300, **config.sampling}),
             False: SamplingParams.from_dict({**INSTANCE_SAMPLING, "max_tokens": 350, **config.sampling}),

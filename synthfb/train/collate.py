@@ -27,8 +27,13 @@ from ..data.io import InputError, read_user_file
 
 
 def load_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a ``save_to_disk`` folder, a .jsonl/.json/.csv or a .parquet file."""
-    return read_user_file(path).to_pylist()
+    """Rows of a ``save_to_disk`` folder, a .jsonl/.json/.csv or a .parquet
+    file; an empty dataset is an error (there is nothing to train on), said
+    before any model is loaded."""
+    table = read_user_file(path)
+    if table.num_rows == 0:
+        raise InputError(f"{path}: the dataset is empty (0 rows); nothing to train on (config field `dataset`)")
+    return table.to_pylist()
 
 
 def _is_messages(x: Any) -> bool:

@@ -101,9 +101,9 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = _f(0.0, "cDPO: probability that a preference label is flipped (0 = plain DPO)")
     soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. p_chosen); sets label smoothing to 1 - p per example")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma")
-    ref_model: str | None = _f(None, "reference model path; none = the starting model")
-    ref_batch_size: int = _f(16, "batch size for the one-time reference log-prob pass")
-    learning_rate: float = _f(5e-7, "peak learning rate (AdamW)")
+    ref_model: str | None = _f(None, "reference model path; none = the starting model", path=True)
+    ref_batch_size: int = _f(16, "batch size for the one-time reference log-prob pass", ge=1)
+    learning_rate: float = _f(5e-7, "peak learning rate (AdamW)", gt=0)
 
     def check(self) -> None:
         if not 0 <= self.label_smoothing < 0.5:
@@ -261,9 +261,11 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
     return right / max(1, len(examples))
 
 
+@loop.owns_output
 def train_dpo(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
     """Run DPO (or a variant); the model ends up in ``cfg.output_dir``."""
     loop.seed_all(cfg.seed)
+    rows = load_rows(cfg.dataset) if rows is None else rows  # data errors before the model loads
     model = loop.load_causal_lm(cfg.model, cfg)
     resuming = loop.resume_path(cfg) is not None
     # before any update the policy is the reference; after a resume it is not, so load the reference

@@ -175,9 +175,12 @@ def owns_output(train_fn: Callable) -> Callable:
     def wrapper(cfg, *args, **kwargs):
         folder = output_folder(cfg)
         try:
-            return train_fn(cfg, *args, **kwargs)
-        finally:
-            folder.release()
+            out = train_fn(cfg, *args, **kwargs)
+        except BaseException:
+            folder.release(discard_if_unused=True)
+            raise
+        folder.release()
+        return out
 
     return wrapper
 

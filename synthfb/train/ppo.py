@@ -44,29 +44,29 @@ from .logprobs import hidden_states, last_token_index
 class PPOConfig(TrainConfig):
     """PPO (``synthfb train ppo``). ``max_steps`` counts PPO iterations (rollouts)."""
 
-    reward_model: str | None = _f(None, "reward model checkpoint (from `synthfb train rm`)")
+    reward_model: str | None = _f(None, "reward model checkpoint (from `synthfb train rm`)", path=True)
     reward_function: str | None = _f(None, "Python reward `module:function` or `file.py:function`, called as f(prompts, completions) -> list of floats")
-    ref_model: str | None = _f(None, "frozen reference model for the KL penalty; none = the starting model")
+    ref_model: str | None = _f(None, "frozen reference model for the KL penalty; none = the starting model", path=True)
     rollout_backend: Literal["vllm", "transformers"] = _f("vllm", "Generator used for rollouts (reloaded from the saved policy each rollout)")
     rollout_options: dict = _f({}, "extra options for the rollout Generator (e.g. kv_cache_gib, max_model_len)")
-    rollout_batch_size: int = _f(16, "prompts per rollout")
-    samples_per_prompt: int = _f(1, "completions sampled per prompt")
-    max_new_tokens: int = _f(64, "max generated tokens per completion")
-    temperature: float = _f(1.0, "sampling temperature for rollouts")
-    top_p: float = _f(1.0, "nucleus sampling for rollouts")
-    ppo_epochs: int = _f(4, "passes over each rollout")
-    kl_coef: float = _f(0.05, "per-token KL penalty coefficient")
-    gamma: float = _f(1.0, "discount")
-    lam: float = _f(0.95, "GAE lambda")
-    cliprange: float = _f(0.2, "policy ratio clip")
-    cliprange_value: float = _f(0.2, "value clip around the rollout values")
-    vf_coef: float = _f(0.1, "value loss weight")
+    rollout_batch_size: int = _f(16, "prompts per rollout", ge=1)
+    samples_per_prompt: int = _f(1, "completions sampled per prompt", ge=1)
+    max_new_tokens: int = _f(64, "max generated tokens per completion", ge=1)
+    temperature: float = _f(1.0, "sampling temperature for rollouts", ge=0)
+    top_p: float = _f(1.0, "nucleus sampling for rollouts", gt=0, le=1)
+    ppo_epochs: int = _f(4, "passes over each rollout", ge=1)
+    kl_coef: float = _f(0.05, "per-token KL penalty coefficient", ge=0)
+    gamma: float = _f(1.0, "discount", ge=0, le=1)
+    lam: float = _f(0.95, "GAE lambda", ge=0, le=1)
+    cliprange: float = _f(0.2, "policy ratio clip", gt=0)
+    cliprange_value: float = _f(0.2, "value clip around the rollout values", gt=0)
+    vf_coef: float = _f(0.1, "value loss weight", ge=0)
     whiten_advantages: bool = _f(True, "normalize advantages to mean 0, std 1 per rollout")
     missing_eos_penalty: float | None = _f(None, "subtract this from the score of completions that did not end with EOS")
-    batch_size: int = _f(8, "sequences per micro-batch; a PPO minibatch is batch_size * grad_accum sequences")
-    learning_rate: float = _f(1e-6, "peak learning rate (AdamW)")
+    batch_size: int = _f(8, "sequences per micro-batch; a PPO minibatch is batch_size * grad_accum sequences", ge=1)
+    learning_rate: float = _f(1e-6, "peak learning rate (AdamW)", gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate decay after warmup")
-    max_steps: int | None = _f(10, "PPO iterations (rollouts) to run; none = num_epochs passes over the prompts")
+    max_steps: int | None = _f(10, "PPO iterations (rollouts) to run; none = num_epochs passes over the prompts", ge=1)
 
     def check(self) -> None:
         if not (self.reward_model or self.reward_function):
@@ -262,15 +262,16 @@ def _prompt_of(row: dict, i: int):
     return p
 
 
+@loop.owns_output
 def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callable | None = None,
               generator_factory: Callable[[str, int], Any] | None = None) -> dict:
     """Run PPO; the policy ends up in ``cfg.output_dir`` (value head in ``value_head.pt``)."""
     loop.seed_all(cfg.seed)
+    rows = load_rows(cfg.dataset) if rows is None else rows  # data errors before anything is written or loaded
+    prompts = [_prompt_of(r, i) for i, r in enumerate(rows)]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = loop.device_of(cfg)
-    rows = load_rows(cfg.dataset) if rows is None else rows
-    prompts = [_prompt_of(r, i) for i, r in enumerate(rows)]
     tok = loop.load_tokenizer(cfg.model)
     T = Tokenizer(tok)  # prompts exactly as the Generator tokenized them (no truncation)
     eos = tok.eos_token_id

@@ -25,9 +25,9 @@ class RMConfig(TrainConfig):
     """Reward model (``synthfb train rm``)."""
 
     margin_column: str | None = _f("margin", "column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m); ignored if absent")
-    center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)")
+    center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)", ge=0)
     ranked: bool = _f(False, "rows are ranked lists (`completions` + `scores`, K >= 2): Plackett-Luce loss")
-    learning_rate: float = _f(1e-5, "peak learning rate (AdamW)")
+    learning_rate: float = _f(1e-5, "peak learning rate (AdamW)", gt=0)
 
 
 def load_reward_model(path: str, dtype: str = "float32", device=None):
@@ -167,9 +167,11 @@ def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> flo
     return right / max(1, len(examples))
 
 
+@loop.owns_output
 def train_rm(cfg: RMConfig, rows: list[dict] | None = None) -> dict:
     """Train a reward model; it ends up in ``cfg.output_dir`` (a sequence-classification checkpoint)."""
     loop.seed_all(cfg.seed)
+    rows = load_rows(cfg.dataset) if rows is None else rows  # data errors before the model loads
     model, tok = load_reward_model(cfg.model, cfg.dtype, loop.device_of(cfg))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -56,9 +56,11 @@ def build_examples(cfg: SFTConfig, tok, rows: list[dict] | None = None) -> list:
     return ex
 
 
+@loop.owns_output
 def train_sft(cfg: SFTConfig, rows: list[dict] | None = None) -> dict:
     """Run SFT; the model ends up in ``cfg.output_dir``. Returns the loop summary."""
     loop.seed_all(cfg.seed)
+    rows = load_rows(cfg.dataset) if rows is None else rows  # data errors before the model loads
     tok = loop.load_tokenizer(cfg.model)
     items = build_examples(cfg, tok, rows)
     model = loop.load_causal_lm(cfg.model, cfg)

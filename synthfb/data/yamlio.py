@@ -1,0 +1,151 @@
+"""YAML for files users write (pipelines, loop files, trainer configs, stage data files).
+
+``yaml.safe_load`` accepts two things that lose or bury a user's intent:
+
+- a key written twice in one mapping (the second silently wins), and
+- aliases that expand into a huge document (the "billion laughs": ten
+  levels of ten aliases is 10**10 nodes once anything walks or serializes
+  the result, e.g. a JSON schema check or a fingerprint).
+
+:class:`StrictSafeLoader` refuses both: a duplicate key names both lines,
+and a document whose alias-expanded size exceeds :data:`MAX_NODES` nodes
+(or that refers to itself) is refused before anything is constructed.
+Errors are ``yaml.MarkedYAMLError``; :func:`describe` turns one into
+``line L, column C: problem``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import re
+
+import yaml
+
+# Expanded node count above which a document is refused. A pipeline file is a
+# few hundred nodes; this leaves room for large inline JSON schemas.
+MAX_NODES = 100_000
+
+
+class YAMLInputError(ValueError):
+    """A YAML file that cannot be read; the message names the file and line."""
+
+
+class AliasExpansionError(yaml.MarkedYAMLError):
+    """Aliases expand the document beyond :data:`MAX_NODES` nodes, or an alias refers to itself."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> None:
+    """Raise :class:`AliasExpansionError` if the tree that ``root``'s node graph
+    stands for (each alias counted as a full copy) has more than ``limit``
+    nodes. Linear in the graph: a shared node's size is computed once."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            if isinstance(node, yaml.MappingNode):
+                kids = [n for kv in node.value for n in kv]
+            else:
+                kids = list(node.value)
+            total = 1 + sum(size[id(k)] for k in kids)
+            if total > limit:
+                raise AliasExpansionError(
+                    None, None,
+                    f"aliases expand this document to more than {limit} nodes (refused: a YAML alias bomb?); "
+                    "write the values out instead of repeating aliases",
+                    node.start_mark)
+            size[key] = total
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise AliasExpansionError(None, None, "an alias refers to a node that contains it (a recursive "
+                                                  "structure); write the value out", node.start_mark)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            size[key] = 1
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else node.value
+        for k in kids:
+            if id(k) not in size:
+                stack.append((k, False))
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys and alias bombs."""
+
+    max_nodes = MAX_NODES
+
+    def construct_document(self, node):
+        _expanded_size(node, self.max_nodes)
+        return super().construct_document(node)
+
+    def compose_mapping_node(self, anchor):
+        # checked as written (before `<<` merges are flattened into the mapping)
+        node = super().compose_mapping_node(anchor)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: explicit keys may override merged ones
+            key = self.construct_object(key_node)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {first + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return node
+
+
+# YAML 1.1 (PyYAML) reads `1e-5` as the string '1e-5' (its float pattern wants a dot); YAML 1.2 and
+# every config a TRL user writes mean a number. Resolve exponent floats without a dot as floats too.
+StrictSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML text with :class:`StrictSafeLoader` (raises ``yaml.YAMLError``)."""
+    loader = StrictSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def describe(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` for a YAML error (one line)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return f"{where}invalid YAML: {' '.join(str(problem).split())}"
+
+
+def load_file(path: str | Path, what: str = "file") -> Any:
+    """Read and parse a YAML file; :class:`YAMLInputError` names the file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise YAMLInputError(f"{p}: {what} not found")
+    if not p.is_file():
+        raise YAMLInputError(f"{p}: {what} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise YAMLInputError(f"{p}: not valid UTF-8 (byte offset {e.start})") from None
+    except OSError as e:
+        raise YAMLInputError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        return safe_load(text)
+    except yaml.YAMLError as e:
+        raise YAMLInputError(f"{p}: {describe(e)}") from None
