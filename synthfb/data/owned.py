@@ -40,11 +40,10 @@ TEMPORARIES = (".*.tmp-*", ".*.partial-*", ".*.old-*")
 
 # what each kind of folder holds (names or fnmatch patterns, first level only)
 ENTRIES: dict[str, tuple[str, ...]] = {
-    "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish", "logs"),
+    "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish"),
     "publish": ("README.md", "data", "plots"),
-    "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]", "logs"),
-    "train": ("metrics.jsonl", "train_config.yaml", "checkpoint-[0-9]*", "ref_logps-*.pt", "rollout-policy",
-              "value_head.pt", "train.log"),
+    "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]"),
+    "train": ("metrics.jsonl", "train_config.yaml", "ref_logps-*.pt", "rollout-policy", "value_head.pt"),
 }
 
 WHAT = {"run": "pipeline run", "publish": "published dataset", "loop": "loop", "train": "training output"}
@@ -123,7 +122,7 @@ class OwnedFolder:
 
     def __init__(self, folder: str | Path, kind: str, mode: str, *, flag_hint: str = "",
                  entries: Iterable[str] = ()):
-        self.path = Path(os.path.abspath(folder))
+        self.path = _checked_path(folder)
         self.kind = kind
         self.mode = mode
         self.flag_hint = flag_hint
@@ -172,8 +171,9 @@ class OwnedFolder:
             marker = {"synthfb": self.kind, "id": uuid.uuid4().hex,
                       "entries": list(dict.fromkeys([*ENTRIES.get(self.kind, ()), *self.extra]))}
         else:
-            marker["entries"] = list(dict.fromkeys([*marker.get("entries", []), *ENTRIES.get(self.kind, ()),
-                                                    *self.extra]))
+            old = marker.get("entries")
+            old = [e for e in old if isinstance(e, str) and _plain_name(e)] if isinstance(old, list) else []
+            marker["entries"] = list(dict.fromkeys([*old, *ENTRIES.get(self.kind, ()), *self.extra]))
         self.marker = marker
         self._write_marker()
         self._created = created
@@ -251,7 +251,11 @@ class OwnedFolder:
     # -- deletion ---------------------------------------------------------
     def owned_paths(self, marker: dict[str, Any] | None = None) -> list[Path]:
         marker = marker or self.marker
-        pats = [*marker.get("entries", []), *TEMPORARIES]
+        # patterns only from the code; from the marker file, plain names only (a hand-edited
+        # marker cannot widen what is deleted with '*', '../x' or an absolute path)
+        entries = marker.get("entries")
+        listed = [e for e in entries if isinstance(e, str) and _plain_name(e)] if isinstance(entries, list) else []
+        pats = [*ENTRIES.get(marker.get("synthfb", self.kind), ()), *TEMPORARIES, *listed]
         out = []
         for name in sorted(os.listdir(self.path)):
             if name in (MARKER, LOCK):
@@ -267,6 +271,27 @@ class OwnedFolder:
     def clear(self) -> None:
         """Remove every entry synthfb wrote here (the marker stays)."""
         self._clear(self.marker)
+
+
+def _checked_path(folder: str | Path) -> Path:
+    """The absolute path of ``folder``, refusing paths whose meaning differs
+    between the text and the file system: a leading ``~`` (not expanded by
+    every writer) and a ``..`` after a symbolic link (``abspath`` would drop
+    it while the OS resolves it from the link's target)."""
+    text = os.fspath(folder)
+    if not text:
+        raise FolderError("an empty path is not a folder")
+    if text.startswith("~"):
+        raise FolderError(f"{text}: '~' is not expanded here; give the full path")
+    raw = os.path.join(os.getcwd(), text)
+    norm = os.path.abspath(text)
+    if ".." in Path(text).parts and os.path.realpath(os.path.dirname(raw)) != os.path.realpath(os.path.dirname(norm)):
+        raise FolderError(f"{text}: the path goes through a symbolic link and '..'; give the real path")
+    return Path(norm)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\*?[]")
 
 
 def remove(p: Path) -> None:

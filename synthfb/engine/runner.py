@@ -192,6 +192,7 @@ class Runner:
         except FolderError as e:
             raise RunError(str(e)) from None
         self.folder = folder
+        self.out = folder.path  # write exactly where the claim was checked
         try:
             return self._run()
         finally:

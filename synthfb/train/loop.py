@@ -116,8 +116,13 @@ def load_weights(model, folder: Path) -> None:
             raise ValueError(f"{f}: weights do not fit this model (unexpected {missing_ok.unexpected_keys[:3]})")
 
 
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders (N digits only: a user's ``checkpoint-3.bak`` is not one)."""
+    return [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    cks = [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").exists()]
+    cks = [p for p in _checkpoints(out_dir) if (p / "trainer_state.pt").exists()]
     return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
 
 
@@ -143,10 +148,12 @@ def save_checkpoint(out_dir: Path, step: int, model, tok, state: dict, limit: in
     if extra:
         extra(tmp)
     torch.save(state, tmp / "trainer_state.pt")
+    with OwnedFolder(out_dir, "train", "resume") as folder:
+        folder.add(final.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if limit:
-        cks = sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        cks = sorted(_checkpoints(out_dir), key=lambda p: int(p.name.split("-")[1]))
         for p in cks[:-limit]:
             shutil.rmtree(p, ignore_errors=True)
     return final
