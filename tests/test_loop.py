@@ -86,7 +86,8 @@ def _as_killed_in_round_1_training(out: Path, marker: str, keep: tuple[str, ...]
     metrics gone, the training's ``marker`` and the round unfinished."""
     r1 = out / "round-01"
     for p in (r1 / "checkpoint").iterdir():
-        if p.is_file() and not p.name.startswith(keep):
+        # the folder's synthfb marker is written before any training file, so a real kill leaves it
+        if p.is_file() and not p.name.startswith((*keep, ".synthfb")):
             p.unlink()
     for name in ("eval.json", "heldout-answers.json", "metrics.json"):
         (r1 / name).unlink()

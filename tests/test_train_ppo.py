@@ -143,6 +143,7 @@ def test_ppo_resume_matches_uninterrupted_run(small_policy, tmp_path):
               max_steps=2, save_steps=1, seed=0)
     a = train_ppo(PPOConfig(output_dir=str(tmp_path / "a"), **kw), rows, reward_fn=letter_e)
     shutil.copytree(tmp_path / "a" / "checkpoint-1", tmp_path / "b" / "checkpoint-1")
+    shutil.copy(tmp_path / "a" / ".synthfb.json", tmp_path / "b")  # a killed training keeps its folder's marker
     b = train_ppo(PPOConfig(output_dir=str(tmp_path / "b"), resume=True, **kw), rows, reward_fn=letter_e)
     assert [h["step"] for h in b["history"]] == [2]
     assert b["history"][-1]["score_mean"] == pytest.approx(a["history"][-1]["score_mean"])

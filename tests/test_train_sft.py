@@ -85,6 +85,7 @@ def test_sft_learns_with_packing_and_resume_is_exact(small, tmp_path):
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
     # kill after step 4: a fresh run resumes from checkpoint-4 and ends with the same weights
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    shutil.copy(tmp_path / "a" / ".synthfb.json", tmp_path / "b")  # a killed training keeps its folder's marker
     (tmp_path / "b" / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist[:5]))  # one stale line
     b = train_sft(SFTConfig(output_dir=str(tmp_path / "b"), resume=True, **kw), rows)
     assert [h["step"] for h in b["history"]] == list(range(1, 9))
