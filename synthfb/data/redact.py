@@ -186,6 +186,11 @@ def _url_secrets(url: str) -> set[str]:
         user, colon, password = userinfo.partition(":")
         if colon and password:
             found.update({password, unquote(password)})
+            # the Basic credential the client sends (a server may echo the header's token)
+            import base64
+
+            basic = f"{unquote(user)}:{unquote(password)}".encode()
+            found.add(base64.b64encode(basic).decode().rstrip("="))
         # a username with a password is part of the credential; one alone is
         # usually a token (https://TOKEN@host)
         if user and len(unquote(user)) >= MIN_USERNAME_LEN:
