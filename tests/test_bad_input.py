@@ -199,7 +199,7 @@ def test_templates_that_use_rows_normally_pass_the_probe(pdir):
                                   "{{ instruction|upper }} {{ instruction['_id'] }} {{ (instruction ~ '!')|length }}")
     r = validate(pdir, PIPELINE)
     assert r.returncode == 0, r.stderr
-    from synthfb.stages.templates import PROMPTS_DIR, PromptTemplate
+    from synthfb.llm.prompts import PROMPTS_DIR, PromptTemplate
 
     for f in sorted(PROMPTS_DIR.glob("*.jinja")):  # every shipped template
         PromptTemplate(f.read_text(), str(f))
@@ -397,12 +397,11 @@ def test_every_shipped_pipeline_still_validates():
 
 
 def _generate_record(pdir: Path, **config) -> dict:
-    from synthfb.stages.generate import GenerateConfig
+    from synthfb.stages import STAGES
 
-    cfg = dataclasses.asdict(GenerateConfig(**config))
-    text = (pdir / cfg["prompt"]).read_text()
-    return {"index": 1, "kind": "generate", "config": json.loads(json.dumps(cfg)),
-            "template_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    st = STAGES["generate"].from_dict(config, pdir)
+    return {"index": 1, "kind": "generate", "config": json.loads(json.dumps(dataclasses.asdict(st.config))),
+            "template_sha256": st.template_sha256, "templates": st.templates_used()}
 
 
 def test_card_copies_only_the_templates_the_run_used(pdir):
@@ -416,13 +415,13 @@ def test_card_copies_only_the_templates_the_run_used(pdir):
     # the file changed since the run: listed, text left empty
     (pdir / "p.jinja").write_text("Answer differently: {{ instruction }}")
     assert [p["text"] for p in _prompt_files(rec, pdir)] == [""]
-    # a template field that does not hold the recorded template: nothing copied
+    # a recorded hash that the file does not have: nothing copied
     (pdir / "p.jinja").write_text("API_KEY=hunter2")
-    rec_other = dict(rec, template_sha256="0" * 64)
+    rec_other = dict(rec, templates=[dict(x, sha256="0" * 64) for x in rec["templates"]])
     assert all(p["text"] == "" for p in _prompt_files(rec_other, pdir))
-    # no template recorded (stage used none), unknown stage kinds: nothing listed
-    assert _prompt_files(dict(rec, template_sha256=None), pdir) == []
-    assert _prompt_files(dict(rec, kind="gone"), pdir) == []
+    # no template recorded (the stage used none): nothing listed
+    assert _prompt_files(dict(rec, templates=[]), pdir) == []
+    assert _prompt_files(_generate_record(pdir, system="secret.txt"), pdir) == []
 
 
 def test_card_lists_each_template_of_a_multi_template_stage(pdir):
@@ -431,7 +430,7 @@ def test_card_lists_each_template_of_a_multi_template_stage(pdir):
 
     st = STAGES["self_instruct_instances"].from_dict({}, pdir)
     rec = {"index": 2, "kind": st.kind, "config": json.loads(json.dumps(dataclasses.asdict(st.config))),
-           "template_sha256": st.fingerprint()["template_sha256"]}
+           "template_sha256": st.template_sha256, "templates": st.templates_used()}
     got = _prompt_files(rec, pdir)
     assert [p["field"] for p in got] == ["input_first_prompt", "output_first_prompt"]
     assert all(p["text"] and hashlib.sha256(p["text"].encode()).hexdigest() == p["sha256"] for p in got)

@@ -15,7 +15,7 @@ import yaml
 from synthfb.engine import Pipeline, run_pipeline
 from synthfb.llm.types import ScoreRequest
 from synthfb.stages.constitutional import Constitution, clean_revision
-from synthfb.stages.templates import PromptTemplate
+from synthfb.llm.prompts import PromptTemplate
 from test_trl_format import assert_trl_preference
 
 REPO = Path(__file__).resolve().parent.parent

@@ -57,7 +57,7 @@ def test_judge_pairs_on_tiny_counts_unparseable(tmp_path, vllm_tiny):
     assert counts["judgements"] == 3 * 3 * 2
     unparseable = sum(v for k, v in counts.items() if k.startswith("unparseable_judgements_"))
     assert unparseable == counts["judgements"]
-    assert counts["unscored_candidates"] == 9 and counts["too_few_scored"] == 3
+    assert counts["unscored_candidates"] == 9 and counts["dropped_too_few_scored"] == 3
 
 
 def test_judge_config_errors(tmp_path):

@@ -380,7 +380,7 @@ def test_system_message_is_kept_in_completion_mode():
     """One request builder for all text stages: in completion mode a system
     message becomes a paragraph before the prompt instead of being dropped."""
     from synthfb.llm.types import SamplingParams
-    from synthfb.stages.templates import text_request
+    from synthfb.llm.prompts import text_request
 
     sp = SamplingParams(max_tokens=4)
     assert text_request("List tasks.", sp, chat=False, system="Be brief.").prompt == "Be brief.\n\nList tasks."

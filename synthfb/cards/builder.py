@@ -10,6 +10,7 @@ lengths, scores), and taken from the run record otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-CARDS_DIR = REPO_ROOT / "data_cards"
+from ..data.shipped import shipped_dir
+
+CARDS_DIR = shipped_dir("data_cards")
 SCHEMA_PATH = CARDS_DIR / "card_metadata.schema.json"
 TEMPLATE_PATH = CARDS_DIR / "card.md.jinja"
 
@@ -121,38 +123,26 @@ def _citations(kinds: list[str], backends: set[str]) -> list[str]:
 
 
 def _prompt_files(stage: dict[str, Any], pipeline_dir: Path) -> list[dict[str, str]]:
-    """The prompt templates a stage used, for the card.
-
-    Only the stage's template fields (``Stage.template_fields``) are listed,
-    and a file's text is copied only when the stage, rebuilt from its
-    recorded config and resolving its templates the way the run did, has the
-    template hash the run recorded; otherwise (file changed or gone, stage
-    no longer loads) the text is left empty. No other file is ever read into
-    the card."""
-    from ..stages import STAGES
-
-    cls = STAGES.get(stage.get("kind"))
-    cfg = stage.get("config") or {}
-    if cls is None or not cls.template_fields or not isinstance(cfg, dict):
-        return []
-    recorded = stage.get("template_sha256") or ""
-    if not recorded:
-        return []  # the run recorded no template for this stage (e.g. onpolicy_pairs with a reward-model ranker)
-    used: dict[str, Any] = {}
-    try:
-        rebuilt = cls.from_dict(cfg, pipeline_dir)
-        if rebuilt.fingerprint().get("template_sha256") == recorded:
-            used = rebuilt.prompt_templates
-    except Exception:  # noqa: BLE001 - the card must still be written; the text just stays empty
-        used = {}
+    """The prompt templates a stage used, for the card: the run records
+    each one (config field, file as written, resolved path, sha256). A
+    file's text is copied only when it still has the hash the run recorded;
+    otherwise (changed or gone) the text is left empty. No other file is
+    ever read into the card."""
     out = []
-    for key in cls.template_fields:
-        value = cfg.get(key)
-        if not isinstance(value, str) or (used and key not in used):
-            continue  # unset, or a template this configuration does not use (e.g. cai_label's cot_prompt)
-        tpl = used.get(key)
-        out.append({"stage": f"{stage['index']:02d}-{stage['kind']}", "field": key, "file": value,
-                    "sha256": tpl.sha256 if tpl is not None else recorded, "text": tpl.text if tpl is not None else ""})
+    for rec in stage.get("templates") or []:
+        if not isinstance(rec, dict) or not isinstance(rec.get("field"), str):
+            continue
+        text = ""
+        path = rec.get("path")
+        if isinstance(path, str) and path:
+            try:
+                raw = Path(path).read_text(encoding="utf-8")
+                if hashlib.sha256(raw.encode()).hexdigest() == rec.get("sha256"):
+                    text = raw
+            except (OSError, UnicodeDecodeError):
+                text = ""
+        out.append({"stage": f"{stage['index']:02d}-{stage['kind']}", "field": rec["field"],
+                    "file": str(rec.get("file") or ""), "sha256": str(rec.get("sha256") or ""), "text": text})
     return out
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from ..data import yamlio
 from ..llm import BACKENDS
-from .stage import Stage, StrictValidator, dataclass_schema
+from ..data.config import describe as _describe, validate as _validate_with  # noqa: F401 - _describe re-exported
+from ..data.config import dataclass_schema
+from .stage import SourceStage, Stage, stage_kinds
 
 # A pipeline's (or loop's) name is the default output folder runs/NAME, so it
 # must be one plain path component: no '/', no '..', no leading '.'.
@@ -62,29 +62,8 @@ class PipelineError(ValueError):
     """A pipeline file is invalid; the message names file and field."""
 
 
-def _path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
-def _describe(err: jsonschema.ValidationError) -> str:
-    where = _path(err.absolute_path)
-    if err.validator == "additionalProperties":
-        allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
-        return f"{where}: unknown field(s) {extra}; expected some of {allowed}"
-    if err.validator == "required":
-        return f"{where}: {err.message}"
-    if err.validator in ("type", "anyOf"):
-        want = err.schema.get("type") or [s.get("type") or s.get("enum") for s in err.schema.get("anyOf", [])]
-        return f"{where}: expected {want}, got {type(err.instance).__name__} {err.instance!r}"
-    if err.validator == "enum":
-        return f"{where}: {err.instance!r} is not one of {err.schema['enum']}"
-    if err.validator == "pattern" and err.schema.get("description"):
-        return f"{where}: {err.instance!r} is not allowed; expected {err.schema['description']}"
-    return f"{where}: {err.message}"
+def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
+    _validate_with(obj, schema, source, prefix, error=PipelineError)
 
 
 def stage_error(where: str, kind: str, stage_cls: type, err: Exception) -> str:
@@ -98,15 +77,6 @@ def stage_error(where: str, kind: str, stage_cls: type, err: Exception) -> str:
     if sep and head.split(".")[0] in fields and " " not in head:
         return f"{where}.{head} ({kind}): {rest}"
     return f"{where} ({kind}): {msg}"
-
-
-def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
-    validator = StrictValidator(schema)
-    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
-    if errors:
-        e = jsonschema.exceptions.best_match(errors)
-        e.path.extendleft(reversed(prefix))  # type: ignore[attr-defined]
-        raise PipelineError(f"{source}: {_describe(e)}")
 
 
 @dataclass
@@ -129,22 +99,21 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Path, source: str = "<python>") -> "Pipeline":
-        from ..stages import STAGES
-
         if not isinstance(data, dict):
             raise PipelineError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         _validate(data, PIPELINE_SCHEMA, source, [])
         stages: list[Stage] = []
         for i, sd in enumerate(data["stages"]):
             kind = sd["stage"]
+            STAGES = stage_kinds()
             if kind not in STAGES:
                 raise PipelineError(f"{source}: stages[{i}].stage: unknown stage {kind!r}; expected one of {sorted(STAGES)}")
             cls_ = STAGES[kind]
             cfg = {k: v for k, v in sd.items() if k != "stage"}
             _validate(cfg, dataclass_schema(cls_.Config), source, ["stages", i])
-            if i == 0 and not cls_.is_source:
+            if i == 0 and not issubclass(cls_, SourceStage):
                 raise PipelineError(f"{source}: stages[0]: the first stage must read data (e.g. `stage: load`), got {kind!r}")
-            if i > 0 and cls_.is_source:
+            if i > 0 and issubclass(cls_, SourceStage):
                 raise PipelineError(f"{source}: stages[{i}]: {kind!r} reads data and can only be the first stage")
             try:
                 stage = cls_.from_dict(cfg, base_dir)

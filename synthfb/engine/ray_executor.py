@@ -112,7 +112,7 @@ def dumps(obj: Any) -> bytes:
     """
     from ray import cloudpickle
 
-    from ..stages.templates import PromptTemplate
+    from ..llm.prompts import PromptTemplate
 
     class _Pickler(cloudpickle.CloudPickler):
         dispatch_table = ChainMap({PromptTemplate: _reduce_template}, copyreg.dispatch_table)

@@ -41,7 +41,7 @@ from ..data.owned import FolderError, OwnedFolder
 from ..data.redact import redact_obj, redact_text
 from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
-from .stage import Stage, StageContext
+from .stage import IterativeStage, SourceStage, Stage, StageContext
 
 class RunError(RuntimeError):
     """The run cannot proceed (e.g. an existing run folder without --resume)."""
@@ -276,7 +276,7 @@ class Runner:
         if not failures:
             return
         failed = len({f["row_id"] for f in failures})
-        base = record["rows_in"] if not stage.is_iterative else max(record["usage"].get("requests", 0), failed)
+        base = record["rows_in"] if not isinstance(stage, IterativeStage) else max(record["usage"].get("requests", 0), failed)
         rate = failed / max(base, 1)
         limit = self._max_failure_rate()
         if failed >= base or rate > limit:
@@ -354,7 +354,7 @@ class Runner:
             self._log(f"{label}: config, input, model or prompt changed since the last run; re-running it")
             shutil.rmtree(sdir)
             meta = None
-        retry = self._failed_chunks(sdir) if meta is not None and not stage.is_iterative else []
+        retry = self._failed_chunks(sdir) if meta is not None and not isinstance(stage, IterativeStage) else []
         if meta is not None and meta.get("finished") and not retry:
             self._log(f"{label}: unchanged and finished; reusing {meta['rows_out']} rows")
             out = read_tables(self._chunk_files(sdir))
@@ -370,9 +370,9 @@ class Runner:
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": False})
 
         t0 = time.time()
-        if stage.is_source:
+        if isinstance(stage, SourceStage):
             rows_in = self._write_source(stage, sdir, i)
-        elif stage.is_iterative:
+        elif isinstance(stage, IterativeStage):
             rows_in = table.num_rows if table is not None else 0
             self._process_steps(stage, sdir, i, table, label)
         else:
@@ -405,7 +405,8 @@ class Runner:
             "kind": stage.kind,
             "fingerprint": fp,
             "config": scrub(json.loads(json.dumps(dataclasses.asdict(stage.config), default=str))),
-            "template_sha256": stage.fingerprint().get("template_sha256"),
+            "template_sha256": stage.template_sha256 or None,
+            "templates": stage.templates_used(),
             "model": model,
             "rows_in": rows_in,
             "rows_out": rows_out,
@@ -466,7 +467,7 @@ class Runner:
         write_table_atomic(sdir / f"chunk-{c:05d}.parquet", table)
 
     def _write_source(self, stage: Stage, sdir: Path, i: int) -> int:
-        ctx = StageContext(self, i, stage.kind)
+        ctx = StageContext(self, i, stage.kind, stage)
         rows = stage.read(ctx)
         size = self.pipeline.chunk_size
         n_chunks = max(1, -(-len(rows) // size))
@@ -498,7 +499,7 @@ class Runner:
                    dynamic_ncols=True)
         try:
             while step < stage.max_steps:
-                ctx = StageContext(self, i, stage.kind)
+                ctx = StageContext(self, i, stage.kind, stage)
                 before = self._usage()
                 t0 = time.time()
                 new = stage.step(rows, produced_rows, step, ctx)
@@ -560,7 +561,7 @@ class Runner:
         output rows and the stats stored next to them (drop counts, failed
         rows, token usage, seconds). The one unit of work every executor
         runs, so checkpoints look the same wherever a chunk ran."""
-        ctx = StageContext(self, i, stage.kind)
+        ctx = StageContext(self, i, stage.kind, stage)
         before = self._usage()
         t0 = time.time()
         out = stage.process(rows, ctx)

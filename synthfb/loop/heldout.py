@@ -21,7 +21,7 @@ from ..data.io import atomic_write_json
 from ..llm.types import GenerationRequest, Generator, SamplingParams
 from ..rank import load_ranker
 from ..rank.llm_judge import merge_orders, soft_label
-from ..stages.templates import PromptTemplate
+from ..llm.prompts import PromptTemplate
 from .config import LoopConfig, stable_hash
 from .state import read_json
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 AGGREGATIONS = ("max_logits", "max_wins")
-FORMATS = ("conversational", "standard")
+from ..data.trl import FORMATS, trl_completion, trl_pair  # noqa: F401 - re-exported
 
 
 def _square(m: Any) -> np.ndarray:
@@ -101,36 +101,3 @@ def pick_pair(scores: Any, candidates: list[str] | None = None, min_margin: floa
     return Pick(best, worst, s)
 
 
-def trl_pair(
-    prompt: str,
-    chosen: str,
-    rejected: str,
-    fmt: Literal["conversational", "standard"] = "conversational",
-    system: str | None = None,
-) -> dict[str, Any]:
-    """``prompt``/``chosen``/``rejected`` in TRL's preference format.
-
-    conversational: ``prompt`` is a list of messages ending with the user
-    turn, ``chosen``/``rejected`` are one-message assistant lists;
-    standard: three plain strings (``system`` is then not representable).
-    """
-    if fmt == "conversational":
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return {
-            "prompt": msgs,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        }
-    if fmt == "standard":
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    raise ValueError(f"unknown preference format {fmt!r}; expected one of {FORMATS}")
-
-
-def trl_completion(prompt: str, completion: str, fmt: str = "conversational") -> dict[str, Any]:
-    """``prompt``/``completion`` in TRL's prompt-completion (SFT) format."""
-    if fmt == "conversational":
-        return {"prompt": [{"role": "user", "content": prompt}],
-                "completion": [{"role": "assistant", "content": completion}]}
-    if fmt == "standard":
-        return {"prompt": prompt, "completion": completion}
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")

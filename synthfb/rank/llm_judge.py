@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..llm.prompts import PromptTemplate
 from ..llm.types import Generator, ScoreRequest
 
 DEFAULT_OPTIONS = (" (A)", " (B)")
@@ -96,7 +97,6 @@ class LLMPairwiseJudge:
         chat: bool = False,
         base_dir: str | Path = ".",
     ):
-        from ..stages.templates import PromptTemplate  # late: stages import this module
 
         self.gen = generator
         self.template = template if isinstance(template, PromptTemplate) else PromptTemplate.load(template, Path(base_dir))

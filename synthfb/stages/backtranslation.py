@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext
+from ..engine.stage import MapStage, StageContext
 from ..llm.types import SamplingParams
-from .templates import load_template, text_request
+from ..llm.prompts import text_request
 
 # The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
 # augmented (web) data S_w; both are appended at inference.
@@ -84,7 +84,7 @@ class SegmentsConfig:
     dedupe: bool = field(default=True, metadata={"help": "drop exact duplicates (whitespace-normalised)"})
 
 
-class SegmentsStage(Stage):
+class SegmentsStage(MapStage):
     """Splits documents into candidate answers (no model): one row per kept
     segment with ``header``, ``output`` (the segment) and ``document_id``."""
 
@@ -152,19 +152,18 @@ class BacktranslateConfig:
     model: str | None = field(default=None, metadata={"help": "backward model (prompted base model or one trained on reversed seed pairs)"})
 
 
-class BacktranslateStage(Stage):
+class BacktranslateStage(MapStage):
     """Backward direction ``p(x|y)``: writes the instruction a segment would
     answer; rows get ``instruction`` and the augmented source tag."""
 
     kind = "backtranslate"
-    template_fields = ("prompt",)
     Config = BacktranslateConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
         self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 128, **config.sampling})
-        self.template = load_template(self, "prompt")
+        self.template = self.load_template("prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.output_column}
@@ -262,14 +261,13 @@ class CurateConfig:
     model: str | None = field(default=None, metadata={"help": "curation model M_t (a later iteration names the improved model)"})
 
 
-class SelfCurateStage(Stage):
+class SelfCurateStage(MapStage):
     """Rates each (instruction, output) on the 5-point rubric. Unparsable
     ratings are counted (``unparseable_ratings``); rows with none parsable
     are dropped as ``dropped_unrated``. Adds ``curation_score`` and
     ``curation_ratings`` (None where a rating could not be read)."""
 
     kind = "self_curate"
-    template_fields = ("prompt",)
     Config = CurateConfig
     uses_model = True
 
@@ -281,7 +279,7 @@ class SelfCurateStage(Stage):
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = self.sampling_params("sampling", {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256},
                                            n="num_ratings")
-        self.template = load_template(self, "prompt")
+        self.template = self.load_template("prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column, self.config.output_column}
@@ -342,7 +340,7 @@ class SourceTagConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing source column"})
 
 
-class SourceTagStage(Stage):
+class SourceTagStage(MapStage):
     """Adds ``source`` and ``system_tag`` (the paper's S_a / S_w sentence)."""
 
     kind = "source_tag"

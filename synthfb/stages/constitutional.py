@@ -28,11 +28,12 @@ from typing import Any, Literal
 import yaml
 
 from ..data import PROVENANCE, ROW_ID, yamlio
-from ..engine.stage import Stage, StageContext, config_field
+from ..engine.stage import MapStage, StageContext, config_field
 from ..llm.types import GenerationRequest, SamplingParams
-from ..rank.aggregate import FORMATS, trl_completion, trl_pair
+from ..data.trl import FORMATS, trl_completion, trl_pair
 from ..rank.llm_judge import OptionScorer, clamp, merge_orders, soft_label
-from .templates import REPO_ROOT, find_file, load_template
+from ..llm.prompts import find_file
+from ..data.shipped import shipped_dir
 
 DEFAULT_CONSTITUTION = "pipelines/data/constitution.yaml"  # the shipped one, relative to the synthfb checkout
 
@@ -70,7 +71,7 @@ class Constitution:
         # the default names the shipped file; any other path is the user's (absolute or
         # relative to the pipeline's folder)
         path = find_file(name, base_dir, "constitution file", want="file",
-                         shipped=(REPO_ROOT,) if name == DEFAULT_CONSTITUTION else ())
+                         shipped=(shipped_dir("pipelines").parent,) if name == DEFAULT_CONSTITUTION else ())
         raw = path.read_bytes()
         data = _read_yaml(path)
         items = data.get("principles") if isinstance(data, dict) else data
@@ -133,11 +134,10 @@ class CAIReviseConfig:
     model: str | None = field(default=None, metadata={"help": "model for this stage (default: the pipeline's)"})
 
 
-class CAIReviseStage(Stage):
+class CAIReviseStage(MapStage):
     """SL-CAI critique/revision rounds -> SFT rows with the full history."""
 
     kind = "cai_revise"
-    template_fields = ("critique_prompt", "revision_prompt")
     Config = CAIReviseConfig
     uses_model = True
 
@@ -147,8 +147,8 @@ class CAIReviseStage(Stage):
             raise ValueError(f"rounds must be >= 1, got {config.rounds}")
         with config_field("constitution"):
             self.constitution = Constitution.load(config.constitution, self.base_dir, need=("critique", "revision"))
-        self.t_crit = load_template(self, "critique_prompt")
-        self.t_rev = load_template(self, "revision_prompt")
+        self.t_crit = self.load_template("critique_prompt")
+        self.t_rev = self.load_template("revision_prompt")
         self.params = SamplingParams.from_dict({"temperature": 1.0, "max_tokens": 256, **config.sampling})
         with config_field("few_shot"):
             self.shots = self._load_shots(config.few_shot) if config.few_shot else []
@@ -278,11 +278,10 @@ class CAILabelConfig:
     model: str | None = field(default=None, metadata={"help": "feedback model (default: the pipeline's)"})
 
 
-class CAILabelStage(Stage):
+class CAILabelStage(MapStage):
     """RL-CAI soft preference labels from option log-probs, both orders."""
 
     kind = "cai_label"
-    template_fields = ("compare_prompt", "cot_prompt")
     Config = CAILabelConfig
     uses_model = True
 
@@ -294,7 +293,7 @@ class CAILabelStage(Stage):
             raise ValueError(f"clamp must be [lo, hi] with 0 <= lo <= hi <= 1, got {config.clamp}")
         with config_field("constitution"):
             self.constitution = Constitution.load(config.constitution, self.base_dir, need=("comparison",))
-        self.template = load_template(self, "cot_prompt" if config.cot else "compare_prompt")
+        self.template = self.load_template("cot_prompt" if config.cot else "compare_prompt")
         need = {"prompt", "comparison", "response_a", "response_b"} - self.template.variables
         if need:
             raise ValueError(f"{self.template.source}: template must use {sorted(need)}")

@@ -11,8 +11,8 @@ import pyarrow as pa
 
 from ..data import ROW_ID
 from ..data.io import InputError, read_user_file
-from ..engine.stage import Stage, StageContext, config_field
-from .templates import find_file
+from ..engine.stage import SourceStage, StageContext, config_field
+from ..llm.prompts import find_file
 
 
 @dataclass
@@ -24,13 +24,12 @@ class LoadConfig:
     dedupe: bool = field(default=True, metadata={"help": "drop exact duplicate rows (counted); false keeps them under distinct ids"})
 
 
-class LoadStage(Stage):
+class LoadStage(SourceStage):
     """Reads a data file; adds ``row_id`` (the id column, or a content hash);
     drops exact duplicates (counted as ``duplicate_rows``)."""
 
     kind = "load"
     Config = LoadConfig
-    is_source = True
     reserved_column_fields = ("id_column",)  # a file written by synthfb keeps its `row_id`s
 
     def _path(self):

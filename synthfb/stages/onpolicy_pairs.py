@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext, config_field
+from ..engine.stage import MapStage, StageContext, config_field
 from ..llm.types import GenerationRequest, SamplingParams
 from ..rank import load_ranker
 from ..rank.aggregate import pick_pair, position_bias, ranks_from_scores, scores_from_matrix, trl_pair
-from .templates import find_file, load_template
+from ..llm.prompts import find_file
 
 _SCORING = SamplingParams(n=1, temperature=0.0, max_tokens=1)  # what provenance records for log-prob scoring
 
@@ -48,11 +48,10 @@ class OnPolicyPairsConfig:
     model: str | None = field(default=None, metadata={"help": "policy model (default: the pipeline's)"})
 
 
-class OnPolicyPairsStage(Stage):
+class OnPolicyPairsStage(MapStage):
     """Sample N, rank with a pairwise ranker, keep (best, worst)."""
 
     kind = "onpolicy_pairs"
-    template_fields = ("ranker_prompt",)
     Config = OnPolicyPairsConfig
     uses_model = True
 
@@ -63,7 +62,7 @@ class OnPolicyPairsStage(Stage):
         self.params = self.sampling_params("sampling", {"temperature": 0.8, "top_p": 0.95, "max_tokens": 512}, n="n")
         self.template = None
         if config.ranker == "llm_judge":
-            self.template = load_template(self, "ranker_prompt")
+            self.template = self.load_template("ranker_prompt")
             opts = config.ranker_options
             if len(opts) != 2 or opts[0] == opts[1]:
                 raise ValueError(f"ranker_options: need exactly two distinct option strings, got {opts!r}")

@@ -23,9 +23,10 @@ from typing import Any
 import yaml
 
 from ..data import PROVENANCE, ROW_ID, yamlio
-from ..engine.stage import Stage, StageContext, config_field
+from ..engine.stage import MapStage, StageContext, config_field
 from ..llm.types import SamplingParams
-from .templates import REPO_ROOT, find_file, load_template, text_request
+from ..llm.prompts import find_file, text_request
+from ..data.shipped import shipped_dir
 
 DEFAULT_FORMATS = "data/realign_formats.yaml"
 
@@ -81,7 +82,7 @@ def load_formats(path) -> tuple[dict[str, Category], str]:
 def _formats(path_name: str, base_dir) -> tuple[Any, dict[str, Category], str, str]:
     # the default names the shipped file (pipelines/data/); any other path is the user's
     path = find_file(path_name, base_dir, "formats file", want="file",
-                     shipped=(REPO_ROOT / "pipelines",) if path_name == DEFAULT_FORMATS else ())
+                     shipped=(shipped_dir("pipelines"),) if path_name == DEFAULT_FORMATS else ())
     cats, default = load_formats(path)
     return path, cats, default, hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -202,12 +203,11 @@ class ClassifyConfig:
     model: str | None = field(default=None, metadata={"help": "classifier model (default: the pipeline's)"})
 
 
-class RealignClassifyStage(Stage):
+class RealignClassifyStage(MapStage):
     """Assigns each query one category from the formats file; answers that
     name no category become the default category (``unknown_category``)."""
 
     kind = "realign_classify"
-    template_fields = ("prompt",)
     Config = ClassifyConfig
     uses_model = True
 
@@ -215,7 +215,7 @@ class RealignClassifyStage(Stage):
         super().__init__(config, base_dir)
         with config_field("formats"):
             self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
-        self.template = load_template(self, "prompt")
+        self.template = self.load_template("prompt")
         self.params = SamplingParams.from_dict({"temperature": 0.0, "max_tokens": 50, **config.sampling})
 
     def required_columns(self) -> set[str]:
@@ -289,14 +289,13 @@ class RewriteConfig:
     model: str | None = field(default=None, metadata={"help": "rewriting model (default: the pipeline's)"})
 
 
-class RealignRewriteStage(Stage):
+class RealignRewriteStage(MapStage):
     """Reformats responses of rewritable categories; everything else, and
     every rejected rewrite, keeps the original response. Adds
     ``original_response``, ``realign_tag`` (rewrite/original),
     ``realign_reason`` and ``edit_rate``."""
 
     kind = "realign_rewrite"
-    template_fields = ("system_prompt", "prompt")
     Config = RewriteConfig
     uses_model = True
 
@@ -304,8 +303,8 @@ class RealignRewriteStage(Stage):
         super().__init__(config, base_dir)
         with config_field("formats"):
             self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
-        self.system = load_template(self, "system_prompt")
-        self.template = load_template(self, "prompt")
+        self.system = self.load_template("system_prompt")
+        self.template = self.load_template("prompt")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = self.sampling_params("sampling", {"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024}, n="n")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Stage, StageContext
+from ..engine.stage import IterativeStage, MapStage, StageContext
 from ..llm.types import SamplingParams
 from .filters import RougeLIndex
 from .self_instruct_filters import (
@@ -36,7 +36,7 @@ from .self_instruct_filters import (
     parse_output_first,
     parse_yes_no,
 )
-from .templates import load_template, text_request
+from ..llm.prompts import text_request
 
 # Reference decoding (GPT-3 davinci, section 1.2); user ``sampling`` overrides.
 BOOTSTRAP_SAMPLING = dict(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
@@ -73,7 +73,7 @@ class BootstrapConfig:
     model: str | None = field(default=None, metadata={"help": "model for this stage (default: the pipeline's)"})
 
 
-class SelfInstructBootstrapStage(Stage):
+class SelfInstructBootstrapStage(IterativeStage):
     """Self-Instruct's instruction bootstrap loop (iterative stage).
 
     Input rows are the seed pool. Each step samples demos (RNG seeded from
@@ -84,9 +84,7 @@ class SelfInstructBootstrapStage(Stage):
     """
 
     kind = "self_instruct_bootstrap"
-    template_fields = ("prompt",)
     Config = BootstrapConfig
-    is_iterative = True
     uses_model = True
     default_sampling = BOOTSTRAP_SAMPLING
     base_blacklist = SELF_INSTRUCT_BLACKLIST
@@ -99,7 +97,7 @@ class SelfInstructBootstrapStage(Stage):
         if c.num_instructions < 1 or c.prompts_per_step < 1:
             raise ValueError("num_instructions and prompts_per_step must be >= 1")
         self.params = SamplingParams.from_dict({**self.default_sampling, **c.sampling})
-        self.template = load_template(self, "prompt")
+        self.template = self.load_template("prompt")
         self.blacklist = tuple(self.base_blacklist) + tuple(c.extra_blacklist)
         self._index: RougeLIndex | None = None
         self._index_key: tuple | None = None
@@ -320,20 +318,19 @@ class ClassifyConfig:
     model: str | None = field(default=None, metadata={"help": "model for this stage (default: the pipeline's)"})
 
 
-class SelfInstructClassifyStage(Stage):
+class SelfInstructClassifyStage(MapStage):
     """Labels each instruction as classification or not (few-shot Yes/No).
     Answers that are neither are counted (``unparseable_label``) and get
     ``unparseable_as``; rows with an existing label are not re-asked."""
 
     kind = "self_instruct_classify"
-    template_fields = ("prompt",)
     Config = ClassifyConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
         self.params = SamplingParams.from_dict({**CLASSIFY_SAMPLING, **config.sampling})
-        self.template = load_template(self, "prompt")
+        self.template = self.load_template("prompt")
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column}
@@ -394,20 +391,19 @@ class InstancesConfig:
     model: str | None = field(default=None, metadata={"help": "model for this stage (default: the pipeline's)"})
 
 
-class SelfInstructInstancesStage(Stage):
+class SelfInstructInstancesStage(MapStage):
     """Generates input/output instances per task: output-first for
     classification tasks, input-first otherwise; applies the reference
     instance filters and emits one row per kept instance (``row_id/k``)."""
 
     kind = "self_instruct_instances"
-    template_fields = ("input_first_prompt", "output_first_prompt")
     Config = InstancesConfig
     uses_model = True
 
     def __init__(self, config, base_dir):
         super().__init__(config, base_dir)
-        self.input_first = load_template(self, "input_first_prompt")
-        self.output_first = load_template(self, "output_first_prompt")
+        self.input_first = self.load_template("input_first_prompt")
+        self.output_first = self.load_template("output_first_prompt")
         self.params = {
             True: SamplingParams.from_dict({**INSTANCE_SAMPLING, "max_tokens": 300, **config.sampling}),
             False: SamplingParams.from_dict({**INSTANCE_SAMPLING, "max_tokens": 350, **config.sampling}),

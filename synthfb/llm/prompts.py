@@ -1,4 +1,5 @@
-"""Prompt templates: Jinja files under ``prompts/``, rendered in a sandbox.
+"""Prompt templates and request building: Jinja files under ``prompts/``,
+rendered in a sandbox, turned into :class:`GenerationRequest`.
 
 Templates are rendered with ``jinja2.sandbox.SandboxedEnvironment`` and
 ``StrictUndefined``: a template cannot reach Python internals, and a missing
@@ -11,18 +12,18 @@ import hashlib
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
-if TYPE_CHECKING:
-    from ..llm.types import GenerationRequest, SamplingParams
+from ..data.shipped import shipped_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-PROMPTS_DIR = REPO_ROOT / "prompts"
+from .types import GenerationRequest, SamplingParams
+
+PROMPTS_DIR = shipped_dir("prompts")
 
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
@@ -146,28 +147,12 @@ class PromptTemplate:
             raise ValueError(f"{self.source}: blocked by the template sandbox: {e}") from e
 
 
-def text_request(text: str, params: "SamplingParams", chat: bool, system: str | None = None) -> "GenerationRequest":
+def text_request(text: str, params: SamplingParams, chat: bool, system: str | None = None) -> GenerationRequest:
     """A rendered prompt as a request: a user turn (after an optional system
     turn) in chat mode; in completion mode the raw text, with ``system``
     (if any) as a paragraph before it, so it is never dropped silently."""
-    from ..llm.types import GenerationRequest
-
     if not chat:
         return GenerationRequest(prompt=f"{system}\n\n{text}" if system else text, params=params)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return GenerationRequest(messages=messages, params=params)
-
-
-def load_template(stage: Any, field: str) -> PromptTemplate:
-    """Load the template named by ``stage.config.<field>`` (relative to the
-    pipeline's folder or in PROMPTS_DIR) and record it in
-    ``stage.prompt_templates``; errors name the field."""
-    if field not in type(stage).template_fields:
-        raise RuntimeError(f"{type(stage).__name__}: {field!r} is not in template_fields {type(stage).template_fields}")
-    try:
-        tpl = PromptTemplate.load(getattr(stage.config, field), stage.base_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{field}: {e}") from None
-    stage.prompt_templates[field] = tpl
-    return tpl
