@@ -384,6 +384,12 @@ class ModelStage(MapStage):
     provenance."""
 
     uses_model = True
+    adds: ClassVar[tuple[str, ...]] = ()
+    """Columns this stage adds (the default ``output_columns``)."""
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        drop = self.consumes() | set(self.adds) | {PROVENANCE}
+        return [c for c in input_columns if c not in drop] + list(self.adds) + [PROVENANCE]
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         raise NotImplementedError
