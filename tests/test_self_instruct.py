@@ -15,6 +15,7 @@ from synthfb.engine import Pipeline, run_pipeline
 from synthfb.stages.self_instruct_filters import (
     ALPACA_EXTRA_BLACKLIST,
     SELF_INSTRUCT_BLACKLIST,
+    NoveltyPool,
     clean_instruction,
     demo_instruction,
     filter_instances,
@@ -108,6 +109,21 @@ def test_alpaca_blacklist_extends_self_instruct():
     inst = "Compose music for a short film scene"
     assert instruction_drop_reason(inst, SELF_INSTRUCT_BLACKLIST) is None
     assert instruction_drop_reason(inst, SELF_INSTRUCT_BLACKLIST + ALPACA_EXTRA_BLACKLIST) == "blacklisted_keyword"
+
+
+def test_novelty_pool_matches_rouge_score():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    seeds = ["Write a short poem about the sea.", "Give three tips for staying healthy."]
+    pool = NoveltyPool(seeds)
+    assert pool.drop_reason("Write a short poem about the sea!", 0.7) == "rouge_l_similar"
+    cand = "Write a limerick about a cat."
+    assert pool.drop_reason(cand, 0.7) is None
+    best = max(seeds, key=lambda s: scorer.score(s, cand)["rougeL"].fmeasure)
+    assert pool.add(cand) == (scorer.score(best, cand)["rougeL"].fmeasure, best)
+    # an accepted candidate joins the pool; seeds are not mutated
+    assert pool.drop_reason("Write a limerick about a cat!", 0.7) == "rouge_l_similar"
+    assert len(seeds) == 2 and pool.texts[-1] == cand
+    assert NoveltyPool([]).add("anything at all here") == (0.0, "")
 
 
 # -- classification answers --------------------------------------------------------------
@@ -389,3 +405,79 @@ def test_system_message_is_kept_in_completion_mode():
     assert chat.prompt is None and chat.messages == [{"role": "system", "content": "Be brief."},
                                                      {"role": "user", "content": "List tasks."}]
     assert text_request("x", sp, chat=True).messages == [{"role": "user", "content": "x"}]
+
+
+# -- classify / instances on a scripted fake model -------------------------------------------
+
+def _fake_run(tmp_path, tasks, stages, fake):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthfb.engine import Runner
+
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    p = Pipeline.from_dict({"name": "si", "seed": 0, "stages": [
+        {"stage": "load", "path": str(data), "id_column": "id"}, *stages]}, tmp_path)
+    return Runner(p, tmp_path / "run", generators={p.model: fake}, progress=False).run()
+
+
+def test_classify_passes_labelled_rows_and_labels_failures(tmp_path):
+    from fakes import FakeGenerator
+
+    fake = FakeGenerator(rules=[("Task: Sort these numbers", " Yes"), ("Task: Tell a story", " Maybe")],
+                         failures=[("Task: Name a river", "HTTP 500: down")])
+    tasks = [{"id": "a", "instruction": "Sort these numbers please", "is_classification": None},
+             {"id": "b", "instruction": "Tell a story about a ship"},
+             {"id": "c", "instruction": "Name a river in Asia"},
+             {"id": "d", "instruction": "Already labelled task here", "is_classification": True}]
+    res = _fake_run(tmp_path, tasks, [{"stage": "self_instruct_classify", "unparseable_as": False}], fake)
+    st = res.manifest["stages"][-1]
+    import datasets
+
+    rows = {r["row_id"]: r for r in datasets.load_from_disk(str(res.dataset_dir)).to_list()}
+    assert {k: r["is_classification"] for k, r in rows.items()} == {"a": True, "b": False, "c": False, "d": True}
+    assert len(fake.requests) == 3  # the labelled row was not asked
+    assert not rows["d"]["provenance"] and rows["a"]["provenance"][-1]["stage"] == "self_instruct_classify"
+    c = st["counts"]
+    assert c["already_labelled"] == 1 and c["failed_requests"] == 1 and c["unparseable_label"] == 2
+    assert c["classification"] == 1 and c["not_classification"] == 2
+    assert [f["row_id"] for f in st["failures"]] == ["c"]
+
+
+def test_instances_rows_ids_and_template_provenance(tmp_path):
+    from fakes import FakeGenerator
+
+    fake = FakeGenerator(rules=[
+        ("list its possible class labels", "\nClass label: Positive\nText: I loved it.\n"),
+        ("For each task, write one or more examples.", "\nExample 1\nInput: a\nOutput: b\n"
+                                                       "Example 2\nInput: a\nOutput: c\n"),  # conflicting
+    ])
+    tasks = [{"id": "t1", "instruction": "Classify the sentiment of a review", "is_classification": True},
+             {"id": "t2", "instruction": "Rewrite the sentence more politely", "is_classification": False}]
+    res = _fake_run(tmp_path, tasks, [{"stage": "self_instruct_instances", "sampling": {"max_tokens": 64}}], fake)
+    import datasets
+
+    [row] = datasets.load_from_disk(str(res.dataset_dir)).to_list()
+    assert row["row_id"] == "t1/0" and row["generation_mode"] == "output_first"
+    assert (row["input"], row["output"]) == ("Text: I loved it.", "Positive")
+    from synthfb.llm.prompts import PromptTemplate
+
+    want = PromptTemplate.load("self_instruct_output_first.jinja", tmp_path).sha256
+    assert row["provenance"][-1]["template_sha256"] == want
+    c = res.manifest["stages"][-1]["counts"]
+    assert c["dropped_conflicting_outputs"] == 2 and c["tasks_without_instances"] == 1
+    assert c["instances_parsed"] == c["instances_kept"] + _drop_total(c)
+    assert {r.params.max_tokens for r in fake.requests} == {64}
+
+
+def test_config_errors_name_the_field():
+    for kind in ("self_instruct_bootstrap", "self_instruct_classify", "self_instruct_instances"):
+        d = yaml.safe_load((PIPELINES / "self_instruct.yaml").read_text())
+        _stage(d, kind)["sampling"] = {"temperature": "hot"}
+        with pytest.raises(ValueError, match=r"sampling\.temperature"):
+            Pipeline.from_dict(d, PIPELINES, "x.yaml")
+    d = yaml.safe_load((PIPELINES / "alpaca.yaml").read_text())
+    _stage(d, "alpaca_bootstrap")["max_machine_demos"] = 1  # not an Alpaca setting
+    with pytest.raises(ValueError, match="max_machine_demos"):
+        Pipeline.from_dict(d, PIPELINES, "x.yaml")

@@ -1,4 +1,4 @@
-"""Parsers and filters of Self-Instruct and Alpaca (pure functions, no model).
+"""Parsers and filters of Self-Instruct and Alpaca (no model, no engine).
 
 Every parser returns plain values (possibly empty lists) and never raises on
 model output; every filter returns the *reason* a candidate is dropped (a
@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import re
 import string
+
+from .filters import RougeLIndex
 
 # Whole-word, case-insensitive (section 1.2); Alpaca adds five more (1.7).
 SELF_INSTRUCT_BLACKLIST = (
@@ -83,6 +85,29 @@ def instruction_drop_reason(inst: str, blacklist: tuple[str, ...] | list[str] = 
     if not inst[0].isascii():
         return "non_ascii_start"
     return None
+
+
+class NoveltyPool:
+    """The ROUGE-L novelty filter: the seed instructions plus every one
+    accepted so far. ``drop_reason`` is ``"rouge_l_similar"`` when a
+    candidate's ROUGE-L F1 with some pool text is > ``threshold`` (exactly
+    rouge_score's decision), else None; ``add`` puts an accepted one in."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = list(texts)
+        self.index = RougeLIndex(self.texts)
+
+    def drop_reason(self, inst: str, threshold: float = 0.7) -> str | None:
+        return "rouge_l_similar" if self.index.exceeds(inst, threshold) else None
+
+    def add(self, inst: str) -> tuple[float, str]:
+        """Add ``inst``; returns its best ROUGE-L F1 with the pool before it
+        and that most similar text ("" for an empty pool)."""
+        score, best = self.index.max_score(inst)
+        similar = self.texts[best] if best >= 0 else ""
+        self.index.add(inst)
+        self.texts.append(inst)
+        return float(score), similar
 
 
 # -- classification identification -------------------------------------------
