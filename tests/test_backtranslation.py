@@ -4,6 +4,7 @@ and the pipeline on the tiny model."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from synthfb.stages.backtranslation import (
     split_segments,
     with_prefill,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+from fakes import FakeGenerator, Reply, request_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = REPO / "pipelines"
@@ -108,6 +112,77 @@ def test_prefill_put_back_before_parsing(completion, want):
 def test_tags_are_the_paper_sentences():
     assert SEED_TAG == "Answer in the style of an AI Assistant."
     assert AUGMENTED_TAG == "Answer with knowledge from web search."
+
+
+# -- the stages on a scripted fake model ---------------------------------------------------------------
+
+def _fake_pipeline(tmp_path, fake, **curate):
+    answers = {"a": "Water tomatoes deeply twice a week.", "b": "A long answer.", "c": "Short request answer.",
+               "d": "This one crashes the backward model.", "e": "Stir the soup slowly."}
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": k, "output": v}) + "\n" for k, v in answers.items()))
+    p = Pipeline.from_dict({"name": "t", "model": "default", "stages": [
+        {"stage": "load", "path": str(data), "id_column": "id"},
+        {"stage": "backtranslate", "chat": False},
+        {"stage": "self_curate", "num_ratings": 2, **curate}]}, PIPELINES, "t (test)")
+    return run_pipeline(p, tmp_path / "out", generators={p.model: fake}, progress=False)
+
+
+def _backward(req, k):
+    seg = request_text(req).rsplit("Text: ", 1)[1]
+    if seg.startswith("Water"):
+        return " How often should I water tomatoes?"
+    if seg.startswith("A long"):
+        return Reply(" Tell me something about", "length")
+    if seg.startswith("Short"):
+        return " Hi?"
+    return " How do I make soup?"
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_backtranslate_and_curate_on_a_fake_model(tmp_path, drop):
+    """Drop reasons and truncations under stable codes, a failed request
+    counted and recorded, unrated rows counted and dropped only with drop."""
+    fake = FakeGenerator(rules=[("Request:", _backward),
+                                ("water tomatoes", ["I cannot rate this.", "No idea."]),
+                                ("make soup", ["Fine.\nScore: 5", "Score: 4"])],
+                         failures=[("crashes the backward", "HTTP 500: backward model down")])
+    res = _fake_pipeline(tmp_path, fake, drop=drop, min_score=5.0)
+    bt, cur = res.manifest["stages"][1:]
+    assert bt["counts"] == {"failed_requests": 1, "truncated_outputs": 1, "dropped_instruction_truncated": 1,
+                            "dropped_instruction_too_short": 1}
+    [f] = bt["failures"]
+    assert f["row_id"] == "d" and "backward model down" in f["reason"]
+    assert bt["rows_out"] == cur["rows_in"] == 2
+    cc = cur["counts"]
+    assert (cc["ratings"], cc["unparseable_ratings"], cc["rating_5"], cc["rating_4"]) == (4, 2, 1, 1)
+    assert (cc["unrated"], cc["below_min_score"]) == (1, 1)
+    assert cc.get("dropped_unrated", 0) == cc.get("dropped_below_min_score", 0) == int(drop)
+    assert cc.get("kept", 0) == cur["rows_out"] == (0 if drop else 2)
+    if not drop:
+        import datasets
+
+        out = {r["row_id"]: r for r in datasets.load_from_disk(str(res.dataset_dir))}
+        assert out["a"]["curation_score"] is None and out["a"]["curation_ratings"] == [None, None]
+        assert out["e"]["curation_score"] == 4.5 and out["e"]["curation_ratings"] == [5, 4]
+        assert out["e"]["instruction"] == "How do I make soup?" and out["e"]["source"] == "augmented"
+        assert [p_["stage"] for p_ in out["e"]["provenance"]] == ["backtranslate", "self_curate"]
+        assert out["e"]["provenance"][-1]["finish_reason"] == "stop,stop"
+
+
+def test_sampling_defaults_and_fields(tmp_path):
+    from synthfb.engine.stage import stage_kinds
+
+    kinds = stage_kinds()
+    bt = kinds["backtranslate"].from_dict({"sampling": {"max_tokens": 64}}, PIPELINES)
+    assert (bt.params.temperature, bt.params.top_p, bt.params.max_tokens, bt.params.n) == (0.7, 0.9, 64, 1)
+    cur = kinds["self_curate"].from_dict({"num_ratings": 3}, PIPELINES)
+    assert (cur.params.temperature, cur.params.top_p, cur.params.max_tokens, cur.params.n) == (0.7, 0.9, 256, 3)
+    assert cur.fingerprint()["template_sha256"] == cur.template.sha256
+    with pytest.raises(ValueError, match="num_ratings"):
+        kinds["self_curate"].from_dict({"sampling": {"n": 2}}, PIPELINES)
+    with pytest.raises(ValueError, match="prefill needs chat: false"):
+        kinds["self_curate"].from_dict({"prefill": "Score:"}, PIPELINES)
 
 
 # -- pipeline on the tiny model -------------------------------------------------------------------

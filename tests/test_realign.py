@@ -3,13 +3,16 @@ edit rate, pass-through of non-rewritten categories, tiny-model pipeline."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from synthfb.engine import Pipeline, run_pipeline
+from synthfb.engine.stage import stage_kinds
 from synthfb.stages.realign import (
     Category,
     clean_evidence,
@@ -20,6 +23,9 @@ from synthfb.stages.realign import (
     parse_revised,
     rewrite_reject_reason,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+from fakes import FakeGenerator, request_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = REPO / "pipelines"
@@ -133,6 +139,74 @@ LONG = "one two three four five six seven eight nine ten"
 ])
 def test_rewrite_post_filters(cat, query, orig, rev, reason):
     assert rewrite_reject_reason(cat, query, orig, rev) == reason
+
+
+# -- the stages on a scripted fake model ---------------------------------------------------------------
+
+def test_realign_stages_on_a_fake_model(tmp_path):
+    """Preset categories skip the classifier; a failed classifier request gives
+    the default category (counted, recorded, no provenance record); skipped,
+    failed-free and rewritten rows all come out, in input order."""
+    rows = [
+        {"instruction": "Write a short poem about the moon.", "output": "Moon so bright.", "category": "poem_generation"},
+        {"instruction": "Hi! How are you?", "output": "Fine, thanks."},
+        {"instruction": "What is the capital of France?", "output": "Paris. " * 1000, "category": "open_qa"},
+        {"instruction": "How do I boil an egg?", "output": "Boil it for nine minutes in water.", "category": None},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewritten = "1. Boil it for nine minutes in water.\n2. Cool it in cold water, then peel it."
+    fake = FakeGenerator(rules=[("Category:", " how_to_generation"),
+                                ("[Response start]", f"Reasoning: a list fits.\nRevised response: {rewritten}")],
+                         failures=[(lambda req: "Query: Hi! How" in request_text(req), "HTTP 500: classifier down")])
+    p = Pipeline.from_dict({"name": "t", "model": "default", "stages": [
+        {"stage": "load", "path": str(data)}, {"stage": "realign_classify"}, {"stage": "realign_rewrite"}]},
+        PIPELINES, "t (test)")
+    res = run_pipeline(p, tmp_path / "out", generators={p.model: fake}, progress=False)
+    cl, rw = res.manifest["stages"][1:]
+    assert cl["counts"] == {"already_classified": 2, "failed_requests": 1, "unknown_category": 1,
+                            "category_default": 1, "category_how_to_generation": 1}
+    [f] = cl["failures"]
+    assert "classifier down" in f["reason"]
+    assert rw["counts"] == {"category_not_rewritten": 2, "input_too_long": 1, "rewritten": 1,
+                            "rewritten_edit_rate_over_0.2": 1}
+    assert rw["rows_out"] == 4 and not rw["failures"]
+    import datasets
+
+    out = datasets.load_from_disk(str(res.dataset_dir)).to_list()
+    assert [r["instruction"] for r in out] == [r["instruction"] for r in rows]  # input order
+    poem, hi, france, egg = out
+    assert hi["category"] == "default" and hi["row_id"] == f["row_id"]
+    for r, reason in ((poem, "category_not_rewritten"), (hi, "category_not_rewritten"), (france, "input_too_long")):
+        assert (r["realign_tag"], r["realign_reason"], r["edit_rate"]) == ("original", reason, 0.0)
+        assert r["output"] == r["original_response"]
+    assert poem["provenance"] == france["provenance"] == hi["provenance"] == []  # preset, preset, failed
+    assert (egg["realign_tag"], egg["realign_reason"], egg["output"]) == ("rewrite", "", rewritten)
+    assert egg["original_response"] == rows[3]["output"] and egg["edit_rate"] > 0.2
+    assert [x["stage"] for x in egg["provenance"]] == ["realign_classify", "realign_rewrite"]
+    assert egg["provenance"][-1]["finish_reason"] == "stop,stop"  # n: 2 candidates
+
+
+def test_formats_file_is_part_of_the_fingerprint(tmp_path):
+    kinds = stage_kinds()
+    for kind in ("realign_classify", "realign_rewrite"):
+        st = kinds[kind].from_dict({}, tmp_path)  # the default formats file is found among the shipped ones
+        fp = st.fingerprint()
+        assert fp["files_sha256"] == {"formats": hashlib.sha256(FORMATS.read_bytes()).hexdigest()}
+        assert fp["template_sha256"] == st.template_sha256
+        mine = tmp_path / "formats.yaml"
+        mine.write_text(FORMATS.read_text() + "\n# edited\n")
+        assert kinds[kind].from_dict({"formats": "formats.yaml"}, tmp_path).fingerprint()["files_sha256"] != \
+            fp["files_sha256"]
+        with pytest.raises(ValueError, match="^formats: formats file 'nope.yaml' not found"):
+            kinds[kind].from_dict({"formats": "nope.yaml"}, tmp_path)
+        (tmp_path / "bad.yaml").write_text("categories: {}\n")
+        with pytest.raises(ValueError, match="^formats: .*bad.yaml: expected a mapping"):
+            kinds[kind].from_dict({"formats": "bad.yaml"}, tmp_path)
+    rw = kinds["realign_rewrite"].from_dict({}, tmp_path)
+    assert rw.params.n == 2 and (rw.params.temperature, rw.params.top_p, rw.params.max_tokens) == (0.3, 0.1, 1024)
+    with pytest.raises(ValueError, match="n"):
+        kinds["realign_rewrite"].from_dict({"sampling": {"n": 3}}, tmp_path)
 
 
 # -- pipeline on the tiny model ---------------------------------------------------------------------

@@ -436,11 +436,12 @@ class IterativeStage(Stage):
 # -- the driver of model stages ------------------------------------------------------
 
 class _Row:
-    __slots__ = ("row", "co", "ask", "calls")
+    __slots__ = ("row", "co", "index", "ask", "calls")
 
-    def __init__(self, row: dict[str, Any], co: Any):
+    def __init__(self, row: dict[str, Any], co: Any, index: int):
         self.row = row
         self.co = co
+        self.index = index
         self.ask: Ask | None = None
         self.calls: list[tuple[Generator, SamplingParams | None, str]] = []
 
@@ -460,24 +461,24 @@ def _drive(stage: ModelStage, rows: list[dict[str, Any]], ctx: StageContext) -> 
     """Run every row's ``run`` coroutine in lockstep: each round, all rows'
     pending requests for the same model, kind and call go to the engine in
     one call; results go back to each row in order."""
-    out: list[dict[str, Any]] = []
+    outs: list[list[dict[str, Any]]] = [[] for _ in rows]  # per input row: output rows keep the input order
     live: list[_Row] = []
 
     def advance(st: _Row, value: Any, first: bool = False) -> None:
         try:
             asked = next(st.co) if first else st.co.send(value)
         except StopIteration as stop:
-            _finish(stage, st, stop.value, ctx, out)
+            _finish(stage, st, stop.value, ctx, outs[st.index])
             return
         st.ask = _as_ask(asked)
         live.append(st)
 
-    for row in rows:
+    for i, row in enumerate(rows):
         co = stage.run(row, ctx)
         if not hasattr(co, "send"):  # run() returned without asking (e.g. requests() -> None / Drop)
-            _finish(stage, _Row(row, None), co, ctx, out)
+            _finish(stage, _Row(row, None, i), co, ctx, outs[i])
             continue
-        advance(_Row(row, co), None, first=True)
+        advance(_Row(row, co, i), None, first=True)
     while live:
         pending, live = live, []
         groups: dict[tuple[Any, bool, str], list[tuple[_Row, int]]] = {}
@@ -507,7 +508,7 @@ def _drive(stage: ModelStage, rows: list[dict[str, Any]], ctx: StageContext) -> 
                 st.co.close()  # the failure is recorded; --resume retries the row
                 continue
             advance(st, got if isinstance(st.ask.requests, list) else got[0])
-    return out
+    return [r for rs in outs for r in rs]
 
 
 def _finish(stage: ModelStage, st: _Row, parsed: Any, ctx: StageContext, out: list[dict[str, Any]]) -> None:

@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import MapStage, StageContext
-from ..llm.types import SamplingParams
-from ..llm.prompts import text_request
+from ..engine.stage import Drop, MapStage, ModelConfig, ModelStage, StageContext
 
 # The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
 # augmented (web) data S_w; both are appended at inference.
@@ -141,28 +139,28 @@ def clean_generated_instruction(text: str) -> str | None:
 
 
 @dataclass
-class BacktranslateConfig:
+class BacktranslateConfig(ModelConfig):
     output_column: str = field(default="output", metadata={"help": "column holding the segment (the answer)"})
     prompt: str = field(default="backtranslation_backward.jinja", metadata={"help": "prompt template (variables: output, chat)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
-    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.7, top_p=0.9, max_tokens=128)"})
     min_instruction_chars: int = field(default=10, metadata={"help": "drop shorter instructions (Spico's repro: 10)"})
     max_instruction_chars: int = field(default=800, metadata={"help": "drop longer instructions (Spico's repro: 800)"})
     drop_truncated: bool = field(default=True, metadata={"help": "drop instructions that hit max_tokens (counted either way)"})
-    model: str | None = field(default=None, metadata={"help": "backward model (prompted base model or one trained on reversed seed pairs)"})
 
 
-class BacktranslateStage(MapStage):
+class BacktranslateStage(ModelStage):
     """Backward direction ``p(x|y)``: writes the instruction a segment would
-    answer; rows get ``instruction`` and the augmented source tag."""
+    answer; rows get ``instruction`` and the augmented source tag. The
+    ``model`` is the backward model (a prompted base model or one trained on
+    reversed seed pairs)."""
 
     kind = "backtranslate"
     Config = BacktranslateConfig
-    uses_model = True
+    sampling_defaults = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 128}
 
-    def __init__(self, config, base_dir):
+    def __init__(self, config: BacktranslateConfig, base_dir):
         super().__init__(config, base_dir)
-        self.params = SamplingParams.from_dict({"temperature": 0.7, "top_p": 0.9, "max_tokens": 128, **config.sampling})
+        self.params = self.sampling()
         self.template = self.load_template("prompt")
 
     def required_columns(self) -> set[str]:
@@ -172,44 +170,24 @@ class BacktranslateStage(MapStage):
         keep = [c for c in input_columns if c not in (PROVENANCE, "instruction", "source", "system_tag")]
         return keep + ["instruction", "source", "system_tag", PROVENANCE]
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["template_sha256"] = self.template.sha256
-        fp["config"].pop("prompt", None)
-        return fp
-
-    def process(self, rows, ctx):
+    def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
-        gen = ctx.generator(c.model)
-        reqs = [text_request(self.template.render({"output": r[c.output_column], "chat": c.chat}, r.get(ROW_ID)),
-                             self.params, c.chat) for r in rows]
-        out = []
-        for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
-            if res.error:
-                ctx.stats.add("failed_requests")
-                ctx.record_failure(r[ROW_ID], res.error)
-                continue
-            comp = res.completions[0]
-            inst = clean_generated_instruction(comp.text)
-            reason = None
-            if comp.finish_reason == "length":
-                ctx.stats.add("instruction_hit_max_tokens")
-            if comp.finish_reason == "length" and c.drop_truncated:
-                reason = "instruction_truncated"
-            elif inst is None:
-                reason = "instruction_empty"
-            elif len(inst) < c.min_instruction_chars:
-                reason = "instruction_too_short"
-            elif len(inst) > c.max_instruction_chars:
-                reason = "instruction_too_long"
-            if reason:
-                ctx.stats.add(f"dropped_{reason}")
-                continue
-            prov = ctx.provenance(gen, self.params, self.template.sha256, comp.finish_reason)
-            base = {k: v for k, v in r.items() if k != PROVENANCE}
-            out.append({**base, "instruction": inst, "source": "augmented", "system_tag": AUGMENTED_TAG,
-                        PROVENANCE: list(r.get(PROVENANCE) or []) + [prov]})
-        return out
+        return self.chat(self.template.render({"output": row[c.output_column], "chat": c.chat}, row.get(ROW_ID)),
+                         self.params, chat=c.chat)
+
+    def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
+        c = self.config
+        comp = res.completions[0]  # hitting max_tokens is counted by the context (truncated_outputs)
+        inst = clean_generated_instruction(comp.text)
+        if comp.finish_reason == "length" and c.drop_truncated:
+            return Drop("instruction_truncated")
+        if inst is None:
+            return Drop("instruction_empty")
+        if len(inst) < c.min_instruction_chars:
+            return Drop("instruction_too_short")
+        if len(inst) > c.max_instruction_chars:
+            return Drop("instruction_too_long")
+        return {"instruction": inst, "source": "augmented", "system_tag": AUGMENTED_TAG}
 
 
 # -- self-curation ------------------------------------------------------------------
@@ -248,7 +226,7 @@ def parse_rating(text: str) -> int | None:
 
 
 @dataclass
-class CurateConfig:
+class CurateConfig(ModelConfig):
     instruction_column: str = field(default="instruction", metadata={"help": "column with the (generated) instruction"})
     output_column: str = field(default="output", metadata={"help": "column with the candidate answer"})
     prompt: str = field(default="backtranslation_curate.jinja", metadata={"help": "rating prompt (variables: instruction, output)"})
@@ -257,28 +235,27 @@ class CurateConfig:
     num_ratings: int = field(default=1, metadata={"help": "ratings sampled per row; the score is the mean of the parsable ones"})
     min_score: float = field(default=5.0, metadata={"help": "keep rows whose score is >= this (paper: k=5; A_4 uses 4)"})
     drop: bool = field(default=True, metadata={"help": "drop rows below min_score (false: keep all with the score, for histograms)"})
-    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.7, top_p=0.9, max_tokens=256)"})
-    model: str | None = field(default=None, metadata={"help": "curation model M_t (a later iteration names the improved model)"})
 
 
-class SelfCurateStage(MapStage):
-    """Rates each (instruction, output) on the 5-point rubric. Unparsable
-    ratings are counted (``unparseable_ratings``); rows with none parsable
-    are dropped as ``dropped_unrated``. Adds ``curation_score`` and
-    ``curation_ratings`` (None where a rating could not be read)."""
+class SelfCurateStage(ModelStage):
+    """Rates each (instruction, output) on the 5-point rubric with the
+    curation model M_t (a later iteration names the improved model).
+    Unparsable ratings are counted (``unparseable_ratings``); rows with none
+    parsable are counted as ``unrated`` (and dropped: ``dropped_unrated``).
+    Adds ``curation_score`` and ``curation_ratings`` (None where a rating
+    could not be read)."""
 
     kind = "self_curate"
     Config = CurateConfig
-    uses_model = True
+    sampling_defaults = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256}
 
-    def __init__(self, config, base_dir):
+    def __init__(self, config: CurateConfig, base_dir):
         super().__init__(config, base_dir)
         if config.num_ratings < 1:
             raise ValueError("num_ratings must be >= 1")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
-        self.params = self.sampling_params("sampling", {"temperature": 0.7, "top_p": 0.9, "max_tokens": 256},
-                                           n="num_ratings")
+        self.params = self.sampling(n="num_ratings")
         self.template = self.load_template("prompt")
 
     def required_columns(self) -> set[str]:
@@ -288,50 +265,31 @@ class SelfCurateStage(MapStage):
         keep = [c for c in input_columns if c not in (PROVENANCE, "curation_score", "curation_ratings")]
         return keep + ["curation_score", "curation_ratings", PROVENANCE]
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["template_sha256"] = self.template.sha256
-        fp["config"].pop("prompt", None)
-        return fp
-
-    def process(self, rows, ctx):
+    def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
-        gen = ctx.generator(c.model)
-        reqs = [text_request(with_prefill(self.template.render({"instruction": r[c.instruction_column],
-                                                                "output": r[c.output_column], "chat": c.chat},
-                                                               r.get(ROW_ID)), c.prefill),
-                             self.params, c.chat) for r in rows]
-        out = []
-        for r, res in zip(rows, gen.generate(reqs, desc=ctx.stage_name)):
-            if res.error:
-                ctx.stats.add("failed_requests")
-                ctx.record_failure(r[ROW_ID], res.error)
-                continue
-            ratings = [parse_rating(put_back_prefill(c.prefill, comp.text)) for comp in res.completions]
-            bad = sum(x is None for x in ratings)
-            ctx.stats.add("ratings", len(ratings))
-            ctx.stats.add("unparseable_ratings", bad)
-            for x in ratings:
-                if x is not None:
-                    ctx.stats.add(f"rating_{x}")
-            good = [x for x in ratings if x is not None]
-            score = sum(good) / len(good) if good else None
-            if score is None:
-                ctx.stats.add("dropped_unrated")
-                if c.drop:
-                    continue
-            elif score < c.min_score:
-                ctx.stats.add("below_min_score")
-                if c.drop:
-                    ctx.stats.add("dropped_below_min_score")
-                    continue
-            finish = ",".join(comp.finish_reason for comp in res.completions)
-            prov = ctx.provenance(gen, self.params, self.template.sha256, finish)
-            base = {k: v for k, v in r.items() if k != PROVENANCE}
-            out.append({**base, "curation_score": None if score is None else float(score),
-                        "curation_ratings": ratings, PROVENANCE: list(r.get(PROVENANCE) or []) + [prov]})
-        ctx.stats.add("kept", len(out))
-        return out
+        text = self.template.render({"instruction": row[c.instruction_column], "output": row[c.output_column],
+                                     "chat": c.chat}, row.get(ROW_ID))
+        return self.chat(with_prefill(text, c.prefill), self.params, chat=c.chat)
+
+    def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
+        c = self.config
+        ratings = [parse_rating(put_back_prefill(c.prefill, comp.text)) for comp in res.completions]
+        good = [x for x in ratings if x is not None]
+        ctx.stats.add("ratings", len(ratings))
+        ctx.stats.add("unparseable_ratings", len(ratings) - len(good))
+        for x in good:
+            ctx.stats.add(f"rating_{x}")
+        score = sum(good) / len(good) if good else None
+        if score is None:
+            ctx.stats.add("unrated")
+            if c.drop:
+                return Drop("unrated")
+        elif score < c.min_score:
+            ctx.stats.add("below_min_score")
+            if c.drop:
+                return Drop("below_min_score")
+        ctx.stats.add("kept")
+        return {"curation_score": None if score is None else float(score), "curation_ratings": ratings}
 
 
 @dataclass

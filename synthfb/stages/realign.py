@@ -14,7 +14,6 @@ See specs/methods.md section 3.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,8 @@ from typing import Any
 import yaml
 
 from ..data import PROVENANCE, ROW_ID, yamlio
-from ..engine.stage import MapStage, StageContext, config_field
-from ..llm.types import SamplingParams
-from ..llm.prompts import find_file, text_request
 from ..data.shipped import shipped_dir
+from ..engine.stage import Ask, ModelConfig, ModelStage, StageContext, config_field
 
 DEFAULT_FORMATS = "data/realign_formats.yaml"
 
@@ -77,14 +74,6 @@ def load_formats(path) -> tuple[dict[str, Category], str]:
     if default not in cats:
         raise ValueError(f"{path}: default_category {default!r} is not one of the categories")
     return cats, default
-
-
-def _formats(path_name: str, base_dir) -> tuple[Any, dict[str, Category], str, str]:
-    # the default names the shipped file (pipelines/data/); any other path is the user's
-    path = find_file(path_name, base_dir, "formats file", want="file",
-                     shipped=(shipped_dir("pipelines"),) if path_name == DEFAULT_FORMATS else ())
-    cats, default = load_formats(path)
-    return path, cats, default, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- parsers and filters (pure) ------------------------------------------------------
@@ -191,32 +180,48 @@ def rewrite_reject_reason(category: Category, query: str, original: str, revised
 
 # -- stages --------------------------------------------------------------------------
 
+class _FormatsStage(ModelStage):
+    """Both ReAlign stages: the formats file (a data file, hashed into the
+    fingerprint) and output rows in input order."""
+
+    def _load_formats(self) -> None:
+        # the default names the shipped file (pipelines/data/); any other path is the user's
+        shipped = (shipped_dir("pipelines"),) if self.config.formats == DEFAULT_FORMATS else ()
+        self.path = self.data_file("formats", "formats file", shipped=shipped)
+        with config_field("formats"):
+            self.cats, self.default = load_formats(self.path)
+
+    def process(self, rows: list[dict[str, Any]], ctx: StageContext) -> list[dict[str, Any]]:
+        # the driver emits rows that ask the model nothing first; keep the input order
+        pos = {r.get(ROW_ID): i for i, r in enumerate(rows)}
+        return sorted(super().process(rows, ctx), key=lambda r: pos.get(r.get(ROW_ID), len(pos)))
+
+
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(ModelConfig):
     query_column: str = field(default="instruction", metadata={"help": "column holding the user query"})
     output_column: str = field(default="category", metadata={"help": "column written"})
     formats: str = field(default=DEFAULT_FORMATS, metadata={"help": "categories/formats data file"})
     prompt: str = field(default="realign_classify.jinja", metadata={"help": "classifier prompt (variables: query, categories)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
-    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default greedy, max_tokens 50)"})
     keep_existing: bool = field(default=True, metadata={"help": "rows that already hold a known category are not re-classified"})
-    model: str | None = field(default=None, metadata={"help": "classifier model (default: the pipeline's)"})
 
 
-class RealignClassifyStage(MapStage):
+class RealignClassifyStage(_FormatsStage):
     """Assigns each query one category from the formats file; answers that
-    name no category become the default category (``unknown_category``)."""
+    name no category (or failed requests) become the default category
+    (``unknown_category``)."""
 
     kind = "realign_classify"
     Config = ClassifyConfig
-    uses_model = True
+    sampling_defaults = {"temperature": 0.0, "max_tokens": 50}
 
-    def __init__(self, config, base_dir):
+    def __init__(self, config: ClassifyConfig, base_dir):
         super().__init__(config, base_dir)
-        with config_field("formats"):
-            self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self._load_formats()
         self.template = self.load_template("prompt")
-        self.params = SamplingParams.from_dict({"temperature": 0.0, "max_tokens": 50, **config.sampling})
+        self.params = self.sampling()
+        self.cat_list = [{"name": k, "description": v.description} for k, v in self.cats.items()]
 
     def required_columns(self) -> set[str]:
         return {self.config.query_column}
@@ -225,53 +230,28 @@ class RealignClassifyStage(MapStage):
         cols = [c for c in input_columns if c not in (PROVENANCE, self.config.output_column)]
         return cols + [self.config.output_column, PROVENANCE]
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["template_sha256"] = self.template.sha256
-        fp["formats_sha256"] = self.formats_sha
-        fp["config"].pop("prompt", None)
-        fp["config"].pop("formats", None)
-        return fp
-
-    def process(self, rows, ctx):
+    def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
-        names = list(self.cats)
-        cat_list = [{"name": k, "description": v.description} for k, v in self.cats.items()]
-        todo = [r for r in rows if not (c.keep_existing and r.get(c.output_column) in self.cats)]
-        ctx.stats.add("already_classified", len(rows) - len(todo))
-        reqs = []
-        for r in todo:
-            q = r.get(c.query_column)
-            if not isinstance(q, str):
-                raise ValueError(f"row {r.get(ROW_ID)!r}: column {c.query_column!r} must be text")
-            reqs.append(text_request(self.template.render({"query": q, "categories": cat_list}, r.get(ROW_ID)),
-                                     self.params, c.chat))
-        gen = ctx.generator(c.model)
-        results = dict(zip((r[ROW_ID] for r in todo), gen.generate(reqs, desc=ctx.stage_name)))
-        out = []
-        for r in rows:
-            row = {**r, PROVENANCE: list(r.get(PROVENANCE) or [])}
-            res = results.get(r[ROW_ID])
-            if res is not None:
-                name, finish = None, "error"
-                if res.error:
-                    ctx.stats.add("failed_requests")
-                    ctx.record_failure(r[ROW_ID], res.error)
-                else:
-                    name = parse_category(res.completions[0].text, names)
-                    finish = res.completions[0].finish_reason
-                if name is None:
-                    ctx.stats.add("unknown_category")
-                    name = self.default
-                ctx.stats.add(f"category_{name}")
-                row[c.output_column] = name
-                row[PROVENANCE].append(ctx.provenance(gen, self.params, self.template.sha256, finish))
-            out.append(row)
-        return out
+        if c.keep_existing and row.get(c.output_column) in self.cats:
+            ctx.stats.add("already_classified")
+            return None  # passes through untouched
+        q = row.get(c.query_column)
+        if not isinstance(q, str):
+            raise ValueError(f"row {row.get(ROW_ID)!r}: column {c.query_column!r} must be text")
+        text = self.template.render({"query": q, "categories": self.cat_list}, row.get(ROW_ID))
+        return Ask(self.chat(text, self.params, chat=c.chat), partial=True)  # a failed request: the default
+
+    def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> dict[str, Any]:
+        name = None if res.error else parse_category(res.completions[0].text, list(self.cats))
+        if name is None:
+            ctx.stats.add("unknown_category")
+            name = self.default
+        ctx.stats.add(f"category_{name}")
+        return {self.config.output_column: name}
 
 
 @dataclass
-class RewriteConfig:
+class RewriteConfig(ModelConfig):
     query_column: str = field(default="instruction", metadata={"help": "column holding the user query"})
     response_column: str = field(default="output", metadata={"help": "column holding the response to reformat (replaced)"})
     category_column: str = field(default="category", metadata={"help": "column with the task category"})
@@ -283,31 +263,28 @@ class RewriteConfig:
     chat: bool = field(default=True, metadata={"help": "send as chat messages (false: raw completion)"})
     prefill: str = field(default="", metadata={"help": "completion mode only: appended to the prompt and put back before parsing (e.g. 'Revised response:' for small models)"})
     n: int = field(default=2, metadata={"help": "candidates per row; the longest parsable one is used"})
-    sampling: dict = field(default_factory=dict, metadata={"help": "decoding (default T=0.3, top_p=0.1 as in the paper, max_tokens 1024)"})
     min_length_ratio: float = field(default=0.5, metadata={"help": "a rewrite with <= this x the original's words keeps the original"})
     max_input_chars: int = field(default=6000, metadata={"help": "rows with a longer query+response pass through untouched (counted)"})
-    model: str | None = field(default=None, metadata={"help": "rewriting model (default: the pipeline's)"})
 
 
-class RealignRewriteStage(MapStage):
+class RealignRewriteStage(_FormatsStage):
     """Reformats responses of rewritable categories; everything else, and
-    every rejected rewrite, keeps the original response. Adds
-    ``original_response``, ``realign_tag`` (rewrite/original),
-    ``realign_reason`` and ``edit_rate``."""
+    every rejected rewrite or failed request, keeps the original response
+    (no row is ever dropped). Adds ``original_response``, ``realign_tag``
+    (rewrite/original), ``realign_reason`` and ``edit_rate``."""
 
     kind = "realign_rewrite"
     Config = RewriteConfig
-    uses_model = True
+    sampling_defaults = {"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024}  # T and top_p as in the paper
 
-    def __init__(self, config, base_dir):
+    def __init__(self, config: RewriteConfig, base_dir):
         super().__init__(config, base_dir)
-        with config_field("formats"):
-            self.path, self.cats, self.default, self.formats_sha = _formats(config.formats, self.base_dir)
+        self._load_formats()
         self.system = self.load_template("system_prompt")
         self.template = self.load_template("prompt")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
-        self.params = self.sampling_params("sampling", {"temperature": 0.3, "top_p": 0.1, "max_tokens": 1024}, n="n")
+        self.params = self.sampling(n="n")
 
     def required_columns(self) -> set[str]:
         c = self.config
@@ -318,86 +295,45 @@ class RealignRewriteStage(MapStage):
         new = ["original_response", "realign_tag", "realign_reason", "edit_rate"]
         return [c for c in input_columns if c not in (*new, PROVENANCE)] + new + [PROVENANCE]
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["template_sha256"] = hashlib.sha256((self.system.sha256 + self.template.sha256).encode()).hexdigest()
-        fp["formats_sha256"] = self.formats_sha
-        for k in ("prompt", "system_prompt", "formats"):
-            fp["config"].pop(k, None)
-        return fp
-
-    def _category(self, row, ctx) -> Category:
-        name = row.get(self.config.category_column)
+    def run(self, row: dict[str, Any], ctx: StageContext):
+        c = self.config
+        q, orig = row.get(c.query_column), row.get(c.response_column)
+        if not isinstance(q, str) or not isinstance(orig, str):
+            raise ValueError(f"row {row.get(ROW_ID)!r}: columns {c.query_column!r} and {c.response_column!r} must be text")
+        name = row.get(c.category_column)
         if name not in self.cats:
             ctx.stats.add("unknown_category_as_default")
             name = self.default
-        return self.cats[name]
-
-    def process(self, rows, ctx: StageContext):
-        c = self.config
-        gen = ctx.generator(c.model)
-        plans: dict[str, tuple[Category, list[str]]] = {}
-        skipped: dict[str, str] = {}
-        reqs, req_ids = [], []
-        for r in rows:
-            q, resp = r.get(c.query_column), r.get(c.response_column)
-            if not isinstance(q, str) or not isinstance(resp, str):
-                raise ValueError(f"row {r.get(ROW_ID)!r}: columns {c.query_column!r} and {c.response_column!r} must be text")
-            cat = self._category(r, ctx)
-            if not cat.rewrite:  # checked before the format is looked up (reference KeyError)
-                skipped[r[ROW_ID]] = "category_not_rewritten"
-                continue
-            if len(q) + len(resp) > c.max_input_chars:
-                skipped[r[ROW_ID]] = "input_too_long"
-                continue
-            evidence = clean_evidence(r.get(c.evidence_column)) if (c.evidence_column and cat.rag) else []
-            system = self.system.render({"adaptive": c.adaptive, "with_evidence": bool(evidence)}, r.get(ROW_ID))
-            text = self.template.render({"query": q, "response": resp, "format": cat.format,
-                                         "evidence": evidence}, r.get(ROW_ID))
-            plans[r[ROW_ID]] = (cat, evidence)
-            reqs.append(text_request(f"{text}\n{c.prefill}" if c.prefill else text, self.params, c.chat, system))
-            req_ids.append(r[ROW_ID])
-        results = dict(zip(req_ids, gen.generate(reqs, desc=ctx.stage_name)))
-        out = []
-        for r in rows:
-            q, orig = r[c.query_column], r[c.response_column]
-            row = {**r, "original_response": orig, "realign_tag": "original", "edit_rate": 0.0,
-                   PROVENANCE: list(r.get(PROVENANCE) or [])}
-            res = results.get(r[ROW_ID])
-            if res is None:
-                reason = skipped[r[ROW_ID]]
-                ctx.stats.add(reason)
-                row["realign_reason"] = reason
-                out.append(row)
-                continue
-            cat, evidence = plans[r[ROW_ID]]
-            if evidence:
-                ctx.stats.add("with_evidence")
-            if res.error:
-                ctx.stats.add("failed_requests")
-                ctx.record_failure(r[ROW_ID], res.error)
-                row["realign_reason"] = "failed_request"
-                out.append(row)
-                continue
-            candidates = [parse_revised(f"{c.prefill} {comp.text.lstrip()}" if c.prefill else comp.text)
-                          for comp in res.completions]
-            ctx.stats.add("unparseable_candidates", sum(x is None for x in candidates))
-            parsed = [x for x in candidates if x is not None]
-            revised = max(parsed, key=word_count) if parsed else None  # longest, first on ties
-            reason = rewrite_reject_reason(cat, q, orig, revised, c.min_length_ratio)
-            prov = ctx.provenance(gen, self.params, self.template.sha256,
-                                  ",".join(comp.finish_reason for comp in res.completions))
-            row[PROVENANCE].append(prov)
-            if reason is None:
-                row[c.response_column] = revised
-                row["realign_tag"] = "rewrite"
-                row["edit_rate"] = float(edit_rate(orig, revised))
-                row["realign_reason"] = ""
-                ctx.stats.add("rewritten")
-                if row["edit_rate"] > 0.2:
-                    ctx.stats.add("rewritten_edit_rate_over_0.2")
-            else:
-                row["realign_reason"] = reason
-                ctx.stats.add(f"kept_original_{reason}")
-            out.append(row)
-        return out
+        cat = self.cats[name]
+        original = {"original_response": orig, "realign_tag": "original", "edit_rate": 0.0}
+        # `rewrite` is checked before the format is looked up (reference KeyError)
+        skip = "category_not_rewritten" if not cat.rewrite else \
+            "input_too_long" if len(q) + len(orig) > c.max_input_chars else None
+        if skip:
+            ctx.stats.add(skip)
+            return {**original, "realign_reason": skip}
+        evidence = clean_evidence(row.get(c.evidence_column)) if (c.evidence_column and cat.rag) else []
+        if evidence:
+            ctx.stats.add("with_evidence")
+        system = self.system.render({"adaptive": c.adaptive, "with_evidence": bool(evidence)}, row.get(ROW_ID))
+        text = self.template.render({"query": q, "response": orig, "format": cat.format, "evidence": evidence},
+                                    row.get(ROW_ID))
+        res = yield Ask(self.chat(f"{text}\n{c.prefill}" if c.prefill else text, self.params, system, c.chat),
+                        partial=True)
+        if res.error:  # counted and recorded by the context; --resume retries the row
+            return {**original, "realign_reason": "failed_request"}
+        candidates = [parse_revised(f"{c.prefill} {comp.text.lstrip()}" if c.prefill else comp.text)
+                      for comp in res.completions]
+        ctx.stats.add("unparseable_candidates", sum(x is None for x in candidates))
+        parsed = [x for x in candidates if x is not None]
+        revised = max(parsed, key=word_count) if parsed else None  # longest, first on ties
+        reason = rewrite_reject_reason(cat, q, orig, revised, c.min_length_ratio)
+        if reason is not None:
+            ctx.stats.add(f"kept_original_{reason}")
+            return {**original, "realign_reason": reason}
+        rate = float(edit_rate(orig, revised))
+        ctx.stats.add("rewritten")
+        if rate > 0.2:
+            ctx.stats.add("rewritten_edit_rate_over_0.2")
+        return {**original, c.response_column: revised, "realign_tag": "rewrite", "edit_rate": rate,
+                "realign_reason": ""}
