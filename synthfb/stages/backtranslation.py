@@ -15,112 +15,15 @@ pointing at the improved model. See specs/methods.md section 2.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Drop, MapStage, ModelConfig, ModelStage, StageContext
+from ..engine.stage import Drop, ModelConfig, ModelStage, StageContext
+from .backtranslation_data import (AUGMENTED_TAG, SEED_TAG, TAGS, SegmentsConfig, SegmentsStage,  # noqa: F401
+                                   SourceTagConfig, SourceTagStage, caps_ratio, segment_drop_reason, split_segments)
 
-# The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
-# augmented (web) data S_w; both are appended at inference.
-SEED_TAG = "Answer in the style of an AI Assistant."
-AUGMENTED_TAG = "Answer with knowledge from web search."
-TAGS = {"seed": SEED_TAG, "augmented": AUGMENTED_TAG}
-
-_HEADER = re.compile(r"^(?:#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*|<h[1-6][^>]*>(.*?)</h[1-6]>)[ \t]*$", re.M | re.I)
-
-
-# -- segments ------------------------------------------------------------------
-
-def split_segments(text: str) -> list[tuple[str, str]]:
-    """(header, segment) pairs: the text that follows each markdown (``#``)
-    or HTML (``<h1>``..``<h6>``) header, up to the next header. A document
-    without headers is one segment with an empty header."""
-    if not isinstance(text, str):
-        return []
-    marks = list(_HEADER.finditer(text))
-    if not marks:
-        return [("", text.strip())] if text.strip() else []
-    out = []
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        header = (m.group(1) or m.group(2) or "").strip()
-        out.append((header, text[m.end():end].strip()))
-    return out
-
-
-def caps_ratio(text: str) -> float:
-    """Share of upper-case letters among the letters of ``text`` (0 if none)."""
-    letters = [c for c in text if c.isalpha()]
-    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
-
-
-def segment_drop_reason(header: str, segment: str, min_chars: int, max_chars: int, min_line_chars: int,
-                        max_header_caps: float) -> str | None:
-    """The segment filters, in order; the first reason that fires or None."""
-    if len(segment) < min_chars:
-        return "segment_too_short"
-    if len(segment) > max_chars:
-        return "segment_too_long"
-    if min_line_chars and any(len(line.strip()) < min_line_chars for line in segment.splitlines() if line.strip()):
-        return "short_line"
-    if header and caps_ratio(header) > max_header_caps:
-        return "header_mostly_capitals"
-    return None
-
-
-@dataclass
-class SegmentsConfig:
-    text_column: str = field(default="text", metadata={"help": "column holding the document"})
-    split_on_headers: bool = field(default=True, metadata={"help": "one segment per header (false: the whole document)"})
-    min_chars: int = field(default=300, metadata={"help": "drop shorter segments (Spico's repro: 1000)"})
-    max_chars: int = field(default=2200, metadata={"help": "drop longer segments (Spico's repro: 2200)"})
-    min_line_chars: int = field(default=5, metadata={"help": "drop a segment with a non-empty line shorter than this (0: off)"})
-    max_header_caps: float = field(default=0.5, metadata={"help": "drop a segment whose header has more upper-case letters than this share"})
-    dedupe: bool = field(default=True, metadata={"help": "drop exact duplicates (whitespace-normalised)"})
-
-
-class SegmentsStage(MapStage):
-    """Splits documents into candidate answers (no model): one row per kept
-    segment with ``header``, ``output`` (the segment) and ``document_id``."""
-
-    kind = "backtranslation_segments"
-    Config = SegmentsConfig
-
-    def required_columns(self) -> set[str]:
-        return {self.config.text_column}
-
-    def output_columns(self, input_columns: list[str]) -> list[str]:
-        return [ROW_ID, "document_id", "header", "output"]
-
-    def process(self, rows, ctx: StageContext):
-        c = self.config
-        seen: set[str] = getattr(self, "_seen", set())  # dedupe across chunks of one run
-        self._seen = seen
-        out = []
-        for r in rows:
-            text = r.get(c.text_column)
-            if not isinstance(text, str):
-                raise ValueError(f"row {r.get(ROW_ID)!r}: column {c.text_column!r} must be text, got {type(text).__name__}")
-            segs = split_segments(text) if c.split_on_headers else ([("", text.strip())] if text.strip() else [])
-            ctx.stats.add("segments", len(segs))
-            for k, (header, seg) in enumerate(segs):
-                reason = segment_drop_reason(header, seg, c.min_chars, c.max_chars, c.min_line_chars, c.max_header_caps)
-                if reason is None and c.dedupe:
-                    key = hashlib.sha256(" ".join(seg.split()).encode()).hexdigest()
-                    if key in seen:
-                        reason = "duplicate_segment"
-                    seen.add(key)
-                if reason:
-                    ctx.stats.add(f"dropped_{reason}")
-                    continue
-                out.append({ROW_ID: f"{r[ROW_ID]}/{k}", "document_id": str(r[ROW_ID]), "header": header, "output": seg})
-        return out
-
-
-# -- backward direction -----------------------------------------------------------
 
 def clean_generated_instruction(text: str) -> str | None:
     """The instruction a backward model wrote, or None if there is none.
@@ -290,31 +193,3 @@ class SelfCurateStage(ModelStage):
                 return Drop("below_min_score")
         ctx.stats.add("kept")
         return {"curation_score": None if score is None else float(score), "curation_ratings": ratings}
-
-
-@dataclass
-class SourceTagConfig:
-    source: Literal["seed", "augmented"] = field(metadata={"help": "seed (tag S_a) or augmented (tag S_w)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing source column"})
-
-
-class SourceTagStage(MapStage):
-    """Adds ``source`` and ``system_tag`` (the paper's S_a / S_w sentence)."""
-
-    kind = "source_tag"
-    Config = SourceTagConfig
-
-    def output_columns(self, input_columns: list[str]) -> list[str]:
-        return [c for c in input_columns if c not in ("source", "system_tag")] + ["source", "system_tag"]
-
-    def process(self, rows, ctx):
-        src = self.config.source
-        out = []
-        for r in rows:
-            if r.get("source") and not self.config.overwrite:
-                if r["source"] not in TAGS:
-                    raise ValueError(f"row {r.get(ROW_ID)!r}: unknown source {r['source']!r}; expected seed or augmented")
-                out.append({**r, "system_tag": TAGS[r["source"]]})
-                continue
-            out.append({**r, "source": src, "system_tag": TAGS[src]})
-        return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Ask, IterativeStage, ModelConfig, ModelStage, StageContext
+from ..engine.stage import IterativeStage, ModelConfig, StageContext
 from ..llm.prompts import text_request
 from .self_instruct_filters import (
     ALPACA_EXTRA_BLACKLIST,
@@ -30,13 +30,9 @@ from .self_instruct_filters import (
     NoveltyPool,
     clean_instruction,
     demo_instruction,
-    filter_instances,
     instruction_drop_reason,
     parse_alpaca_blocks,
-    parse_input_first,
     parse_instruction_list,
-    parse_output_first,
-    parse_yes_no,
 )
 
 # Reference decoding (GPT-3 davinci, section 1.2); user ``sampling`` overrides.
@@ -259,111 +255,5 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
         return items
 
 
-@dataclass
-class ClassifyConfig(ModelConfig):
-    instruction_column: str = field(default="instruction", metadata={"help": "column holding the task instruction"})
-    output_column: str = field(default="is_classification", metadata={"help": "boolean column written"})
-    prompt: str = field(default="self_instruct_is_classification.jinja", metadata={"help": "few-shot prompt (variables: instruction, chat)"})
-    chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
-    unparseable_as: bool = field(default=False, metadata={"help": "label given when the answer is neither yes nor no (counted)"})
-
-
-class SelfInstructClassifyStage(ModelStage):
-    """Labels each instruction as classification or not (few-shot Yes/No).
-    Answers that are neither, and failed requests, are counted
-    (``unparseable_label``) and get ``unparseable_as``; rows with an existing
-    label pass through unasked."""
-
-    kind = "self_instruct_classify"
-    Config = ClassifyConfig
-    sampling_defaults = CLASSIFY_SAMPLING
-
-    def __init__(self, config, base_dir):
-        super().__init__(config, base_dir)
-        self.params = self.sampling()
-        self.template = self.load_template("prompt")
-
-    def required_columns(self) -> set[str]:
-        return {self.config.instruction_column}
-
-    def output_columns(self, input_columns: list[str]) -> list[str]:
-        cols = [c for c in input_columns if c not in (PROVENANCE, self.config.output_column)]
-        return cols + [self.config.output_column, PROVENANCE]
-
-    def requests(self, row, ctx):
-        c = self.config
-        if row.get(c.output_column) is not None:
-            ctx.stats.add("already_labelled")
-            return None
-        text = self.template.render({"instruction": _seed_text(row, c.instruction_column), "chat": c.chat},
-                                    row.get(ROW_ID))
-        return Ask(self.chat(text, self.params, chat=c.chat), partial=True)  # a failed request: unparseable_as
-
-    def parse(self, row, res, ctx):
-        label = None if res.error else parse_yes_no(res.completions[0].text)
-        if label is None:
-            ctx.stats.add("unparseable_label")
-            label = self.config.unparseable_as
-        ctx.stats.add("classification" if label else "not_classification")
-        return {self.config.output_column: bool(label)}
-
-
-@dataclass
-class InstancesConfig(ModelConfig):
-    instruction_column: str = field(default="instruction", metadata={"help": "column holding the task instruction"})
-    classification_column: str = field(default="is_classification", metadata={"help": "boolean column choosing output-first"})
-    input_first_prompt: str = field(default="self_instruct_input_first.jinja", metadata={"help": "prompt for non-classification tasks"})
-    output_first_prompt: str = field(default="self_instruct_output_first.jinja", metadata={"help": "prompt for classification tasks"})
-    chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
-    max_instances: int = field(default=5, metadata={"help": "keep at most this many instances per task (random sample)"})
-
-
-class SelfInstructInstancesStage(ModelStage):
-    """Generates input/output instances per task: output-first for
-    classification tasks, input-first otherwise (reference max_tokens 300 /
-    350); applies the reference instance filters and emits one row per kept
-    instance (``row_id/k``)."""
-
-    kind = "self_instruct_instances"
-    Config = InstancesConfig
-    sampling_defaults = INSTANCE_SAMPLING
-
-    def __init__(self, config, base_dir):
-        super().__init__(config, base_dir)
-        input_first = self.load_template("input_first_prompt")
-        self.templates = {True: self.load_template("output_first_prompt"), False: input_first}
-        self.params = {clf: self.sampling(defaults={**INSTANCE_SAMPLING, "max_tokens": n})
-                       for clf, n in ((True, 300), (False, 350))}
-
-    def required_columns(self) -> set[str]:
-        return {self.config.instruction_column, self.config.classification_column}
-
-    def output_columns(self, input_columns: list[str]) -> list[str]:
-        cols = [c for c in input_columns if c not in (PROVENANCE, "input", "output", "generation_mode")]
-        return cols + ["input", "output", "generation_mode", PROVENANCE]
-
-    def requests(self, row, ctx):
-        c = self.config
-        clf = bool(row.get(c.classification_column))
-        text = self.templates[clf].render({"instruction": _seed_text(row, c.instruction_column), "chat": c.chat},
-                                          row.get(ROW_ID))
-        return self.chat(text, self.params[clf], chat=c.chat)
-
-    def parse(self, row, res, ctx):
-        c = self.config
-        clf = bool(row.get(c.classification_column))
-        comp = res.completions[0]
-        parsed = (parse_output_first if clf else parse_input_first)(comp.text, comp.finish_reason == "length")
-        ctx.stats.add("instances_parsed", len(parsed))
-        counts: dict[str, int] = {}
-        kept = filter_instances(parsed, c.max_instances, ctx.rng(row[ROW_ID]), counts)
-        for reason, n in counts.items():
-            ctx.stats.add(f"dropped_{reason}", n)
-        ctx.stats.add("instances_kept", len(kept))
-        if not kept:
-            ctx.stats.add("tasks_without_instances")
-        # the record names the template this row was asked with (not the hash of both)
-        prov = {"template_sha256": self.templates[clf].sha256, "finish_reason": comp.finish_reason}
-        mode = "output_first" if clf else "input_first"
-        return [{ROW_ID: f"{row[ROW_ID]}/{k}", "input": inp, "output": outp, "generation_mode": mode, PROVENANCE: prov}
-                for k, (inp, outp) in enumerate(kept)]
+from .self_instruct_tasks import (ClassifyConfig, InstancesConfig, SelfInstructClassifyStage,  # noqa: E402,F401
+                                 SelfInstructInstancesStage)
