@@ -1,6 +1,7 @@
 """Rankers and aggregation: hand-computed matrices, soft-label math,
 cross-backend log-probs for the LLM judge, the reward model read at the last
-real token, and a PairRM-style cross-encoder on a tiny random config."""
+real token (one scorer shared with PPO, tokenizing as the RM trainer does),
+and a PairRM-style cross-encoder on a tiny random config."""
 
 from __future__ import annotations
 
@@ -171,6 +172,96 @@ def test_reward_model_reads_last_real_token(tiny_rm):
     assert rm.text("q", "a").rstrip().endswith("<|im_end|>")
     m = rm.compare(prompts, cands)
     assert m[0] == pytest.approx(got[0][:, None] - got[0][None, :])
+
+
+# -- one reward-model scorer (ranker = PPO = RM trainer) -----------------------------
+_CONV = [{"prompt": [{"role": "user", "content": "why is the sky blue"}],
+          "chosen": [{"role": "assistant", "content": "because of scattering"}],
+          "rejected": [{"role": "assistant", "content": "no"}]},
+         {"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "tips for sleep"}],
+          "chosen": [{"role": "assistant", "content": "a dark room, no screens"}],
+          "rejected": [{"role": "assistant", "content": "sleep is bad"}]},
+         {"prompt": [{"role": "user", "content": " ".join(["explain the water and the river"] * 6)}],
+          "chosen": [{"role": "assistant", "content": "rivers carry water to the sea, " * 4}],
+          "rejected": [{"role": "assistant", "content": "ok"}]}]
+_STD = [{"prompt": "Give three tips.", "chosen": " Drink water, sleep well.", "rejected": " Eat candy."},
+        {"prompt": "why", "chosen": "because", "rejected": ""},
+        {"prompt": "the long question " * 10, "chosen": " a long answer that goes on " * 5, "rejected": " no"}]
+
+
+@pytest.mark.parametrize("limits", [(None, None), (24, None), (40, 12), (5, 3)])
+def test_reward_scorer_tokenizes_like_the_rm_trainer(tiny_rm, limits):
+    """RewardScorer.token_ids == the RM trainer's prompt_ids + chosen_ids (collate.Tokenizer),
+    truncation included, for chat and plain rows; a plain string answer to a chat prompt is the
+    assistant turn."""
+    from transformers import AutoTokenizer
+
+    from synthfb.rank.reward_model import RewardScorer
+    from synthfb.train.collate import Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_rm)
+    scorer = RewardScorer(object(), tok, max_length=limits[0], max_prompt_length=limits[1])
+    trainer = Tokenizer(tok, *limits)
+    for row in _CONV + _STD:
+        ex = trainer.preference_example(row)
+        for k in ("chosen", "rejected"):
+            assert scorer.token_ids(row["prompt"], row[k]) == ex["prompt_ids"] + ex[f"{k}_ids"], (row, k)
+    for row in _CONV:
+        assert scorer.token_ids(row["prompt"], row["chosen"][0]["content"]) == scorer.token_ids(row["prompt"], row["chosen"])
+    ids = RewardScorer(object(), tok).token_ids("why", "because")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1  # EOS appended once
+
+
+@pytest.mark.timeout(300)
+def test_one_reward_model_scorer_for_ranker_ppo_and_rm_trainer(tiny_model, tmp_path):
+    """A reward model trained by `synthfb train rm` on the tiny model gives the same score for a
+    (prompt, response) through the reward_model ranker, through PPO's scoring step and through
+    the RM trainer's own forward (rm._batch + reward_scores), truncation limits included
+    (read back from the RM's train_config.yaml)."""
+    import torch
+
+    from synthfb.train.ppo import RewardModelScorer, Rollout, score
+    from synthfb.train.rm import RMConfig, _batch, build_examples, reward_scores, train_rm
+
+    cfg = RMConfig(model=str(tiny_model), dataset="-", output_dir=str(tmp_path / "rm"), batch_size=3,
+                   learning_rate=1e-3, max_steps=2, max_length=40, max_prompt_length=24, device="cpu")
+    out = train_rm(cfg, _CONV + _STD)
+    assert out["steps"] == 2
+    rm_path = str(tmp_path / "rm")
+
+    def trainer_scores(rows):  # the trainer's own forward: chosen scores then rejected scores
+        model, tok = out["model"].eval(), out["tokenizer"]
+        b = _batch(build_examples(cfg, tok, rows), tok.pad_token_id, False)
+        with torch.no_grad():
+            r = reward_scores(model, b["input_ids"], b["attention_mask"])
+        return r.view(2, -1).T.flatten().tolist()  # per row: chosen, rejected
+
+    def ppo_scores(rows):  # PPO's reward_fn for cfg.reward_model, through the score() step
+        fn = RewardModelScorer(rm_path, "float32", "cpu", batch_size=4)
+        assert (fn.max_length, fn.max_prompt_length) == (40, 24)  # the limits the RM was trained with
+        prompts = [r["prompt"] for r in rows for _ in (0, 1)]
+        comps = [r[k][0]["content"] if isinstance(r[k], list) else r[k] for r in rows for k in ("chosen", "rejected")]
+        ro = Rollout(prompts, comps, [], [], torch.ones(len(comps), dtype=torch.bool))
+        raw, _ = score(ro, fn)
+        return raw.tolist()
+
+    conv_rank = load_ranker("reward_model", path=rm_path, batch_size=3, device="cpu")  # chat template: conversational
+    std_rank = load_ranker("reward_model", path=rm_path, batch_size=5, device="cpu", use_chat_template=False)
+    simple = [r for r in _CONV if len(r["prompt"]) == 1]  # the ranker's string prompt is one user turn
+    rank_conv = conv_rank.score([r["prompt"][0]["content"] for r in simple],
+                                [[r["chosen"][0]["content"], r["rejected"][0]["content"]] for r in simple])
+    rank_std = std_rank.score([r["prompt"] for r in _STD], [[r["chosen"], r["rejected"]] for r in _STD])
+    assert np.concatenate(rank_conv).tolist() == pytest.approx(trainer_scores(simple), abs=1e-5)
+    assert np.concatenate(rank_std).tolist() == pytest.approx(trainer_scores(_STD), abs=1e-5)
+    assert ppo_scores(_CONV) == pytest.approx(trainer_scores(_CONV), abs=1e-5)
+    assert ppo_scores(_STD) == pytest.approx(trainer_scores(_STD), abs=1e-5)
+    # a ranker given the whole conversation (system turn included) scores it like the trainer too
+    full = conv_rank.score([r["prompt"] for r in _CONV], [[r["chosen"][0]["content"], r["rejected"][0]["content"]]
+                                                         for r in _CONV])
+    assert np.concatenate(full).tolist() == pytest.approx(trainer_scores(_CONV), abs=1e-5)
+    # the truncation limits mattered for the long rows
+    long_ids = conv_rank.scorer.token_ids(_CONV[2]["prompt"], _CONV[2]["chosen"])
+    assert len(long_ids) == 40 and long_ids[-1] != out["tokenizer"].eos_token_id
 
 
 # -- PairRM-style cross-encoder -------------------------------------------------------

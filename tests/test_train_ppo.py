@@ -1,4 +1,5 @@
-"""PPO: GAE against a plain loop, score placement, first-minibatch ratio, learning, resume."""
+"""PPO: GAE against a plain loop, score placement, the advantages step, first-minibatch ratio,
+pinned numbers of a scripted run, learning, resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from synthfb.train.ppo import PPOConfig, compute_gae, masked_whiten, place_score, ppo_losses, rollout_batch, train_ppo
+from synthfb.train.ppo import (PPOConfig, advantages, compute_gae, masked_whiten, place_score, ppo_losses, rollout_batch,
+                               train_ppo)
 
 
 def _gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
@@ -91,6 +93,35 @@ def test_ppo_losses_ratio_one_means_no_clipping():
     assert st2["clipfrac"] == pytest.approx(12.0)
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantages_step_is_kl_shaped_reward_then_gae(whiten):
+    """advantages(): r_t = -kl_coef * (lp - ref) + score at the last real token; GAE on that;
+    returns taken before whitening; nothing outside the mask."""
+    torch.manual_seed(0)
+    lengths = [4, 1, 6]
+    mask = torch.zeros(3, 7)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    lp, ref, v = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
+    scores = torch.tensor([1.5, -0.5, 0.25])
+    a = advantages(scores, lp, ref, v, mask, kl_coef=0.1, gamma=0.99, lam=0.9, whiten=whiten)
+    for i, n in enumerate(lengths):
+        kl = (lp[i, :n] - ref[i, :n]).tolist()
+        r = [-0.1 * k for k in kl]
+        r[-1] += float(scores[i])
+        assert a.kl[i, :n].tolist() == pytest.approx(kl, abs=1e-6)
+        assert a.rewards[i, :n].tolist() == pytest.approx(r, abs=1e-6)
+        adv, ret = _gae_loop(r, v[i, :n].tolist(), 0.99, 0.9)
+        assert a.returns[i, :n].tolist() == pytest.approx(ret, abs=1e-5)
+        if not whiten:
+            assert a.advantages[i, :n].tolist() == pytest.approx(adv, abs=1e-5)
+        for t in (a.kl, a.rewards, a.advantages, a.returns):
+            assert t[i, n:].abs().sum() == 0
+    if whiten:
+        raw, _ = compute_gae(a.rewards, v * mask, mask, 0.99, 0.9)
+        assert torch.allclose(a.advantages, masked_whiten(raw, mask), atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def small_policy(tmp_path_factory):
     from synthfb.llm.tiny import make_tiny_model
@@ -113,6 +144,7 @@ def _mean_reward(path, prompts, n=4, seed=123):
     return sum(letter_e(None, texts)) / len(texts)
 
 
+@pytest.mark.engine  # rollouts on the transformers backend
 @pytest.mark.timeout(900)
 def test_ppo_raises_programmatic_reward_with_bounded_kl(small_policy, tmp_path):
     prompts = [f"Write {w} please" for w in "a b c d e f g h i j k l m n o p".split()]
@@ -135,6 +167,7 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(small_policy, tmp_path):
     assert (tmp_path / "ppo" / "model.safetensors").exists() and (tmp_path / "ppo" / "value_head.pt").exists()
 
 
+@pytest.mark.engine  # rollouts on the transformers backend
 @pytest.mark.timeout(600)
 def test_ppo_resume_matches_uninterrupted_run(small_policy, tmp_path):
     rows = [{"prompt": f"Explain {w}"} for w in "a b c d".split()]
@@ -152,6 +185,7 @@ def test_ppo_resume_matches_uninterrupted_run(small_policy, tmp_path):
     assert torch.allclose(a["value_head"].weight, b["value_head"].weight, atol=1e-6)
 
 
+@pytest.mark.engine  # rollouts on a vLLM engine
 @pytest.mark.timeout(600)
 def test_ppo_rollouts_through_vllm_from_the_saved_policy(small_policy, tmp_path):
     """The default rollout path: each iteration saves the policy and a real vLLM
@@ -184,3 +218,73 @@ def test_ppo_rollouts_through_vllm_from_the_saved_policy(small_policy, tmp_path)
     assert len(scored) == 8 and h["response_length"] > 0 and h["kl"] == 0.0  # first rollout: policy == reference
     assert h["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5) and h["first_minibatch_clipfrac"] == 0.0
     assert model_revision(str(tmp_path / "ppo")) != model_revision(str(small_policy))
+
+
+# -- pinned numbers ---------------------------------------------------------------
+_TEXTS = ["the water is good", "list three tips", "why the sky", "", "helpful honest clear answer please",
+          "explain", "a b c", "sleep well and exercise"]
+
+
+class _Scripted:
+    """A Generator with fixed completions (no sampling): the pinned numbers below
+    depend on the PPO math only, not on a sampler. Even samples stop, odd ones hit max tokens."""
+
+    def __init__(self, path, seed):
+        self.seed = seed
+
+    def generate(self, reqs):
+        from synthfb.llm.types import Completion, GenerationResult
+
+        return [GenerationResult(completions=[
+            Completion(text=_TEXTS[(i * r.params.n + k + self.seed) % len(_TEXTS)],
+                       finish_reason="stop" if (i + k) % 2 == 0 else "length", num_tokens=0)
+            for k in range(r.params.n)]) for i, r in enumerate(reqs)]
+
+    def close(self):
+        pass
+
+
+_KEYS = ("score_mean", "score_std", "reward_mean", "kl", "response_length", "eos_fraction", "pg_loss", "vf_loss",
+         "clipfrac", "ratio", "approx_kl", "entropy")
+# recorded with the single-function train_ppo before it was split into rollout/score/evaluate/advantages/update
+_PINNED = {
+    "rm_str": ([
+        (0.03593733, 0.12945232, -0.46406266, 0.0, 4.625, 0.5, 0.35768711, 0.16036524, 0.26339286, 0.93806413,
+         0.02415179, 6.45557551),
+        (0.04925288, 0.15561135, -0.37819517, -1.4510386, 4.5, 0.5, 0.17007732, 0.1177816, 0.05555556, 0.97216765,
+         0.00309699, 6.45536804)], (0.03616876891464926, -0.005414686165750027)),
+    "letter_e_chat": ([
+        (0.11526085, 0.08718251, 0.11526085, 0.0, 4.625, 0.5, -0.05705331, 0.0068183, 0.24032738, 1.04648191,
+         0.02088666, 6.45489069),
+        (0.10017826, 0.07536883, 0.09494713, 0.1046226, 4.5, 0.5, -0.03146769, 0.00024693, 0.0, 0.98835283,
+         0.00212671, 6.45457882)], (-0.065674237877829, 0.004673963412642479)),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", sorted(_PINNED))
+def test_ppo_numbers_of_a_scripted_run_are_pinned(case, small_policy, tiny_model, tmp_path_factory, tmp_path):
+    """Two PPO iterations on fixed completions give the numbers the pre-refactor trainer
+    gave (reward-model path with string prompts, EOS penalty, grad_accum 2, no whitening;
+    and a Python reward with chat prompts and whitening)."""
+    from feedback_models import make_tiny_reward_model
+
+    kw = dict(model=str(small_policy), dataset="-", output_dir=str(tmp_path / "ppo"), device="cpu",
+              rollout_batch_size=4, samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2, batch_size=4,
+              learning_rate=1e-3, kl_coef=0.05, max_steps=2, seed=0)
+    if case == "rm_str":
+        rm = make_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm", tiny_model)
+        cfg = PPOConfig(**{**kw, "batch_size": 2, "grad_accum": 2}, reward_model=str(rm), whiten_advantages=False,
+                        missing_eos_penalty=1.0)
+        out = train_ppo(cfg, [{"prompt": f"Explain {w}"} for w in "a b c d e f".split()], generator_factory=_Scripted)
+    else:
+        cfg = PPOConfig(**kw, reward_function="-:-")
+        rows = [{"prompt": [{"role": "user", "content": f"Give tips on {w}"}]} for w in "a b c d e f".split()]
+        out = train_ppo(cfg, rows, reward_fn=letter_e, generator_factory=_Scripted)
+    steps, vhead = _PINNED[case]
+    assert [h["step"] for h in out["history"]] == [1, 2]
+    for h, want in zip(out["history"], steps):
+        assert [h[k] for k in _KEYS] == pytest.approx(list(want), rel=1e-3, abs=1e-6), h
+        assert h["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5)
+    got = [float(out["value_head"].weight.double().sum()), float(out["value_head"].bias.double().sum())]
+    assert got == pytest.approx(list(vhead), rel=1e-3, abs=1e-6)

@@ -7,6 +7,9 @@
   same batches as an uninterrupted one.
 - Checkpoints are HF folders (``save_pretrained``) plus ``trainer_state.pt``
   (optimizer, scheduler, step), written to a temporary name and renamed.
+  :func:`checkpoint` writes one when ``save_steps`` says so and
+  :func:`restore` continues from one; every trainer (SFT/RM/DPO through
+  :func:`run`, PPO directly) uses this pair, so they resume alike.
 - Metrics go to ``output_dir/metrics.jsonl``, one line per logged step.
 """
 
@@ -159,6 +162,41 @@ def save_checkpoint(out_dir: Path, step: int, model, tok, state: dict, limit: in
     return final
 
 
+def restore(cfg: TrainConfig, model, opt, sched, extra: Callable[[Path, dict], None] | None = None) -> int:
+    """Continue a run from :func:`resume_path` (``resume`` / ``resume_from``).
+
+    Loads the checkpoint's weights into ``model`` (in place), the optimizer
+    and scheduler states, then calls ``extra(folder, trainer_state)`` for
+    whatever else the trainer saved (PPO: its value head). Returns the step
+    to continue from: 0 when there is nothing to resume. Build ``opt`` and
+    ``sched`` over the same parameters, in the same order, as the run that
+    wrote the checkpoint.
+    """
+    rp = resume_path(cfg)
+    if rp is None:
+        return 0
+    st = torch.load(rp / "trainer_state.pt", weights_only=False)
+    load_weights(model, rp)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    if extra:
+        extra(rp, st)
+    return st["step"]
+
+
+def checkpoint(cfg: TrainConfig, out_dir: Path, step: int, total: int, model, tok, opt, sched,
+               extra_state: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path | None:
+    """Write ``checkpoint-STEP`` (weights, tokenizer, ``trainer_state.pt`` with the
+    optimizer, scheduler, step and ``extra_state``; ``extra(folder)`` adds files)
+    when ``cfg.save_steps`` divides ``step``, never after the last step (the final
+    model is saved instead). What :func:`restore` reads back. Returns the folder
+    or None."""
+    if not (cfg.save_steps and step % cfg.save_steps == 0 and step < total):
+        return None
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, **(extra_state or {})}
+    return save_checkpoint(out_dir, step, model, tok, state, cfg.save_total_limit, extra)
+
+
 def output_folder(cfg: TrainConfig) -> OwnedFolder:
     """Claim ``cfg.output_dir`` for training (see :mod:`synthfb.data.owned`):
     a new or empty folder, or an earlier synthfb training output (continued
@@ -264,14 +302,7 @@ def _run(cfg: TrainConfig, out: Path, model, tok, items: list, task: Task, extra
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     opt, sched = make_optimizer(model.parameters(), cfg, total)
-    step = 0
-    rp = resume_path(cfg)
-    if rp is not None:
-        st = torch.load(rp / "trainer_state.pt", weights_only=False)
-        load_weights(model, rp)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step = st["step"]
+    step = restore(cfg, model, opt, sched)
     log = MetricsLog(out, step)
     cache: dict[int, list[list[int]]] = {}
 
@@ -305,8 +336,6 @@ def _run(cfg: TrainConfig, out: Path, model, tok, items: list, task: Task, extra
         last.update({k: v / max(norm, 1e-8) for k, v in sums.items()})
         if step % cfg.logging_steps == 0 or step == total:
             log.write(last)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, **(extra_state or {})}
-            save_checkpoint(out, step, model, tok, state, cfg.save_total_limit)
+        checkpoint(cfg, out, step, total, model, tok, opt, sched, extra_state)
     save_final(out, model, tok, cfg)
     return {"steps": step, "last": last, "seconds": time.perf_counter() - t0, "tokens": tokens_total, "history": log.history}

@@ -1,19 +1,31 @@
 """PPO for language models (RLHF / RLAIF), after Ouyang et al. 2022 and the
-"N implementation details of RLHF with PPO" (Huang et al. 2024).
+"N+ implementation details of RLHF with PPO" (Huang et al. 2024).
 
-One iteration (one optimizer "step" in ``max_steps``):
+One iteration (one optimizer "step" in ``max_steps``) is four named steps,
+called in order by the short loop in :func:`train_ppo`:
 
-1. save the policy as an HF folder and sample completions for a batch of
-   prompts through one of our Generators (vLLM: the engine is rebuilt from the
-   saved checkpoint each rollout, which is what the CPU build allows; or the
-   transformers backend, which is much faster to reload for tiny models);
-2. score the completions with a reward model checkpoint or a Python function;
-3. per-token reward = -kl_coef * (log pi_old - log pi_ref), plus the score on
-   the last generated token (the EOS when the policy stopped; never a pad);
-   optional penalty for completions that never emitted EOS;
-4. GAE advantages (:func:`compute_gae`), whitened; value targets = A + V;
-5. ``ppo_epochs`` passes of shuffled minibatches with the clipped policy loss
-   and the clipped value loss (value head on the policy's last hidden state).
+1. :func:`rollout`: save the policy as an HF folder and sample completions
+   for a batch of prompts through one of our Generators (vLLM: the engine is
+   rebuilt from the saved checkpoint each rollout, which is what the CPU build
+   allows; or the transformers backend, which is much faster to reload for
+   tiny models), then tokenize them (EOS appended when the policy stopped);
+2. :func:`score`: one score per completion from the reward model
+   (:class:`synthfb.rank.reward_model.RewardScorer`, the scorer the rankers
+   use, tokenizing as the RM trainer does) or a Python function; optional
+   penalty for completions that never emitted EOS. :func:`evaluate` then runs
+   the rollout policy and the reference over the sampled tokens (old
+   log-probs, reference log-probs, values);
+3. :func:`advantages` (pure tensor math): per-token reward
+   ``-kl_coef * (log pi_old - log pi_ref)`` plus the score on the last
+   generated token (the EOS when the policy stopped; never a pad), GAE
+   (:func:`compute_gae`), whitening; value targets = A + V;
+4. :func:`update`: ``ppo_epochs`` passes of shuffled minibatches with the
+   clipped policy loss and the clipped value loss (value head on the
+   policy's last hidden state).
+
+Checkpoints and resuming go through the same helpers as the SFT/RM/DPO
+trainers (:func:`synthfb.train.loop.checkpoint` / :func:`~synthfb.train.loop.restore`);
+the value head travels as ``value_head.pt`` next to the weights.
 
 Layout of a rollout batch: prompts left-padded to width P, responses
 right-padded to width R, so response token j sits at column P + j for every
@@ -34,6 +46,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from ..rank.reward_model import RewardScorer
 from . import loop
 from .collate import Tokenizer, load_rows, pad
 from .config import TrainConfig, _f
@@ -189,35 +202,16 @@ def load_reward_function(spec: str) -> Callable[[list, list[str]], list[float]]:
     return fn
 
 
-class RewardModelScorer:
-    """Scores (prompt, completion) with a reward model checkpoint at the last real token.
+def RewardModelScorer(path: str, dtype: str = "float32", device=None, batch_size: int = 16) -> RewardScorer:
+    """PPO's ``reward_fn`` for a reward model checkpoint: the shared
+    :class:`~synthfb.rank.reward_model.RewardScorer` (the ``reward_model``
+    ranker's scorer), called as ``f(prompts, completions) -> list of floats``.
 
-    The completion is tokenized as in RM training (end-of-turn / EOS appended;
-    chat prompts get the completion as an assistant turn).
+    A completion after a chat prompt is scored as the assistant turn; after a
+    string prompt as its continuation plus EOS; truncated with the limits the
+    RM was trained with (exactly as ``synthfb train rm`` tokenized its pairs).
     """
-
-    def __init__(self, path: str, dtype: str = "float32", device=None, batch_size: int = 16):
-        from .rm import load_reward_model
-
-        self.model, tok = load_reward_model(path, dtype, device)
-        self.model.eval()
-        self.tok = Tokenizer(tok)
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
-        from .collate import collate_sequences
-        from .rm import reward_scores
-
-        dev = next(self.model.parameters()).device
-        out: list[float] = []
-        for s in range(0, len(prompts), self.batch_size):
-            ps = [self.tok.prompt_ids(p) for p in prompts[s:s + self.batch_size]]
-            cs = [self.tok.completion_ids(p, [{"role": "assistant", "content": c}] if isinstance(p, list) else c)
-                  for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
-            b = collate_sequences(ps, cs, self.tok.pad_id, "right")
-            out += reward_scores(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev)).tolist()
-        return out
+    return RewardScorer.from_pretrained(path, dtype=dtype, device=device, batch_size=batch_size)
 
 
 # --- rollouts --------------------------------------------------------------
@@ -262,6 +256,215 @@ def _prompt_of(row: dict, i: int):
     return p
 
 
+# --- the four steps of one PPO iteration -------------------------------------
+
+@dataclass
+class Rollout:
+    """One rollout: N = prompts x ``samples_per_prompt`` samples, in sampling order."""
+
+    prompts: list            # the prompt of each sample (string or messages)
+    completions: list[str]   # the sampled text
+    prompt_ids: list[list[int]]    # prompt tokens exactly as the Generator tokenized them (no truncation)
+    response_ids: list[list[int]]  # sampled tokens (<= max_new_tokens), + EOS when the policy stopped
+    has_eos: torch.Tensor    # (N,) bool: the response ends with EOS
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+def rollout(model, tok, prompts: list, cfg: PPOConfig, factory: Callable[[str, int], Any], step: int,
+            rollout_dir: Path) -> Rollout:
+    """Step 1: sample ``cfg.samples_per_prompt`` completions per prompt from the
+    current weights (saved to ``rollout_dir``, read by ``factory(rollout_dir,
+    cfg.seed + step)``), and tokenize them for the policy."""
+    t0 = time.perf_counter()
+    shutil.rmtree(rollout_dir, ignore_errors=True)
+    model.save_pretrained(rollout_dir, safe_serialization=True)
+    tok.save_pretrained(rollout_dir)
+    gen = factory(str(rollout_dir), cfg.seed + step)
+    try:
+        samples = sample(gen, prompts, cfg)
+    finally:
+        close = getattr(gen, "close", None)
+        if close:
+            close()
+        del gen
+        gc.collect()
+    seconds = time.perf_counter() - t0
+    T = Tokenizer(tok)  # prompts exactly as the Generator tokenized them (no truncation)
+    eos = tok.eos_token_id
+    p_ids = [T.prompt_ids(p) for p, _, _ in samples]
+    r_ids = []
+    for _, text, stopped in samples:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])[: cfg.max_new_tokens]
+        if stopped and eos is not None:
+            ids = ids[: cfg.max_new_tokens] + [eos]
+        r_ids.append(ids)
+    has_eos = torch.tensor([bool(r) and r[-1] == eos for r in r_ids])
+    return Rollout([s[0] for s in samples], [s[1] for s in samples], p_ids, r_ids, has_eos, seconds)
+
+
+def score(ro: Rollout, reward_fn: Callable[[list, list[str]], list[float]],
+          missing_eos_penalty: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: ``(raw, scores)``, (N,) float32: ``reward_fn(prompts, completions)``
+    and the same minus ``missing_eos_penalty`` where the response has no EOS."""
+    raw = torch.tensor([float(x) for x in reward_fn(ro.prompts, ro.completions)])
+    if len(raw) != len(ro):
+        raise ValueError(f"reward function returned {len(raw)} scores for {len(ro)} completions")
+    scores = raw.clone()
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ro.has_eos).float()
+    return raw, scores
+
+
+def _micro_batch(ro: Rollout, rows: list[int], pad_id: int, dev) -> dict:
+    b = rollout_batch([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id)
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+@dataclass
+class Evaluated:
+    """The rollout under the rollout-time weights, (N, R) each, zero past each response."""
+
+    logprobs: torch.Tensor      # log pi_old(y_t | x, y_<t)
+    ref_logprobs: torch.Tensor  # log pi_ref(y_t | x, y_<t)
+    values: torch.Tensor        # V(x, y_<t)
+    mask: torch.Tensor          # 1.0 on real response tokens
+
+
+@torch.no_grad()
+def evaluate(model, value_head, ref, ro: Rollout, batch_size: int, pad_id: int, dev) -> Evaluated:
+    """Old (rollout-policy) log-probs and values and reference log-probs of the
+    sampled tokens, in micro-batches of ``batch_size``."""
+    N = len(ro)
+    old_lp, old_v, ref_lp, masks = [], [], [], []
+    for s in range(0, N, batch_size):
+        b = _micro_batch(ro, list(range(s, min(s + batch_size, N))), pad_id, dev)
+        lp, v, _ = policy_forward(model, value_head, b)
+        rl, _, _ = policy_forward(ref, None, b, with_values=False)
+        old_lp.append(lp), old_v.append(v), ref_lp.append(rl), masks.append(b["response_mask"].float())
+    # pad every micro-batch's response dim to a common R for the GAE pass
+    R = max(m.shape[1] for m in masks)
+
+    def cat(ts):
+        return torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1])) for t in ts])
+
+    return Evaluated(cat(old_lp), cat(ref_lp), cat(old_v), cat(masks))
+
+
+@dataclass
+class Advantages:
+    """Output of :func:`advantages`, (N, R) each."""
+
+    kl: torch.Tensor          # log pi_old - log pi_ref on the mask
+    rewards: torch.Tensor     # per-token shaped rewards
+    advantages: torch.Tensor  # GAE, whitened if asked
+    returns: torch.Tensor     # value targets (before whitening)
+
+
+def advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor, *, kl_coef: float, gamma: float = 1.0, lam: float = 0.95,
+               whiten: bool = True) -> Advantages:
+    r"""Step 3, pure tensor math on (N, R) response-token tensors (``scores`` is (N,)).
+
+    With m_t the response mask, T_i the last real token of row i and
+    kl_t = (log pi_old(y_t) - log pi_ref(y_t)) m_t:
+
+    - KL-shaped reward (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2, with
+      the KL spread per token as in Huang et al. 2024, "The N+ Implementation
+      Details of RLHF with PPO", arXiv:2403.17031):
+      r_t = -kl_coef * kl_t + [t = T_i] * score_i  (the score on the EOS when
+      the policy stopped, never on a pad: :func:`place_score`);
+    - GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using
+      Generalized Advantage Estimation", eq. 16) with V = 0 after the last
+      real token (the episode ends):
+      delta_t = r_t + gamma * V_{t+1} m_{t+1} - V_t,
+      A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1};
+    - value targets G_t = A_t + V_t, taken *before* whitening (as in the
+      reference implementation of Huang et al. 2024 / TRL);
+    - whitening over the real tokens of the whole rollout:
+      A <- (A - mean(A)) / sqrt(var(A) + 1e-8) (:func:`masked_whiten`;
+      the mean is not added back).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = place_score(-kl_coef * kl, scores.to(mask.device), mask)
+    adv, ret = compute_gae(rewards, values * mask, mask, gamma, lam)
+    if whiten:
+        adv = masked_whiten(adv, mask)
+    return Advantages(kl, rewards, adv, ret)
+
+
+def update(model, value_head, opt, ro: Rollout, ev: Evaluated, adv: Advantages, cfg: PPOConfig, step: int,
+           pad_id: int, dev) -> dict[str, float]:
+    r"""Step 4: ``cfg.ppo_epochs`` passes over the rollout in shuffled minibatches
+    of ``batch_size * grad_accum`` sequences (``batch_size`` per backward), one
+    optimizer step per minibatch (the scheduler is not stepped here).
+
+    Per token, with ratio rho_t = exp(log pi(y_t) - log pi_old(y_t)) (Schulman
+    et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, as a loss)
+    and the value clipped around the rollout values (the PPO2 baselines
+    implementation; Huang et al. 2024):
+
+    - pg_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - cliprange, 1 + cliprange));
+    - vf_t = 0.5 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, +-cliprange_value) - G_t)^2);
+    - minibatch loss = sum_t (pg_t + vf_coef vf_t) / (real tokens in the minibatch),
+      gradients clipped to ``max_grad_norm`` over policy + value head.
+
+    Returns the loss sums and per-minibatch statistics (see :func:`train_ppo`'s metrics).
+    The shuffle is a pure function of (seed, step), so a resumed run repeats it.
+    """
+    N = len(ro)
+    mask, old_lp, old_v = ev.mask, ev.logprobs, ev.values
+    A, ret = adv.advantages, adv.returns
+    params = list(model.parameters()) + list(value_head.parameters())
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    mb = cfg.batch_size * cfg.grad_accum
+    sums: dict[str, float] = {}
+    first: dict[str, float] | None = None
+    n_mb = 0
+    pg_tot = vf_tot = 0.0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(N, generator=g).tolist()
+        for s in range(0, N, mb):
+            sel = perm[s:s + mb]
+            ntok = float(mask[sel].sum())
+            mstats: dict[str, float] = {}
+            for u in range(0, len(sel), cfg.batch_size):
+                ui = sel[u:u + cfg.batch_size]
+                b = _micro_batch(ro, ui, pad_id, dev)
+                r = b["response_mask"].shape[1]
+                lp, v, ent = policy_forward(model, value_head, b)
+                m = mask[ui, :r]
+                pg, vf, st = ppo_losses(lp, old_lp[ui, :r], A[ui, :r], v, old_v[ui, :r], ret[ui, :r], m,
+                                        cfg.cliprange, cfg.cliprange_value)
+                ((pg + cfg.vf_coef * vf) / max(ntok, 1.0)).backward()
+                pg_tot += float(pg.detach())
+                vf_tot += float(vf.detach())
+                st["entropy"] = float((ent * m).sum())
+                for k, x in st.items():
+                    mstats[k] = max(mstats.get(k, 0.0), x) if k == "ratio_max_dev" else mstats.get(k, 0.0) + x
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            norm = {k: (x if k == "ratio_max_dev" else x / max(ntok, 1.0)) for k, x in mstats.items()}
+            if first is None:
+                first = norm
+            for k, x in norm.items():
+                sums[k] = max(sums.get(k, 0.0), x) if k == "ratio_max_dev" else sums.get(k, 0.0) + x
+            n_mb += 1
+    total_tok = float(mask.sum())
+    out = {"pg_loss": pg_tot / (total_tok * cfg.ppo_epochs), "vf_loss": vf_tot / (total_tok * cfg.ppo_epochs),
+           "first_minibatch_ratio": first["ratio"] if first else None,
+           "first_minibatch_ratio_max_dev": first["ratio_max_dev"] if first else None,
+           "first_minibatch_clipfrac": first["clipfrac"] if first else None}
+    out.update({k: (x if k == "ratio_max_dev" else x / max(n_mb, 1)) for k, x in sums.items()})
+    return out
+
+
+# --- the loop --------------------------------------------------------------
+
 @loop.owns_output
 def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callable | None = None,
               generator_factory: Callable[[str, int], Any] | None = None) -> dict:
@@ -273,16 +476,13 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     out.mkdir(parents=True, exist_ok=True)
     dev = loop.device_of(cfg)
     tok = loop.load_tokenizer(cfg.model)
-    T = Tokenizer(tok)  # prompts exactly as the Generator tokenized them (no truncation)
-    eos = tok.eos_token_id
-
+    pad_id = tok.pad_token_id
     if reward_fn is None:
         reward_fn = (load_reward_function(cfg.reward_function) if cfg.reward_function
                      else RewardModelScorer(cfg.reward_model, cfg.dtype, dev))
     factory = generator_factory or default_generator_factory(cfg)
 
-    rp = loop.resume_path(cfg)
-    model = loop.load_causal_lm(str(rp) if rp else cfg.model, cfg)
+    model = loop.load_causal_lm(cfg.model, cfg)
     model.eval()  # no dropout: the first minibatch must reproduce the rollout log-probs
     ref = loop.load_causal_lm(cfg.ref_model or cfg.model, cfg).eval()
     for p in ref.parameters():
@@ -292,13 +492,7 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     torch.nn.init.zeros_(vhead.bias)
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(prompts) / cfg.rollout_batch_size))
     opt, sched = loop.make_optimizer(list(model.parameters()) + list(vhead.parameters()), cfg, total)
-    step = 0
-    if rp is not None:
-        st = torch.load(rp / "trainer_state.pt", weights_only=False)
-        vhead.load_state_dict(torch.load(rp / "value_head.pt"))
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step = st["step"]
+    step = loop.restore(cfg, model, opt, sched, extra=lambda d, _: vhead.load_state_dict(torch.load(d / "value_head.pt")))
     log = loop.MetricsLog(out, step)
     n_batches = math.ceil(len(prompts) / cfg.rollout_batch_size)
     rollout_dir = out / "rollout-policy"
@@ -307,124 +501,29 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     while step < total:
         e, k = divmod(step, n_batches)
         idx = loop.epoch_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, e)[k]
-        batch_prompts = [prompts[i] for i in idx]
-
-        # 1. rollout through a Generator built from the current weights
-        t0 = time.perf_counter()
-        shutil.rmtree(rollout_dir, ignore_errors=True)
-        model.save_pretrained(rollout_dir, safe_serialization=True)
-        tok.save_pretrained(rollout_dir)
-        gen = factory(str(rollout_dir), cfg.seed + step)
-        try:
-            samples = sample(gen, batch_prompts, cfg)
-        finally:
-            close = getattr(gen, "close", None)
-            if close:
-                close()
-            del gen
-            gc.collect()
-        t_roll = time.perf_counter() - t0
-
-        # 2. tokens and scores
-        p_ids = [T.prompt_ids(p) for p, _, _ in samples]
-        r_ids = []
-        for _, text, stopped in samples:
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])[: cfg.max_new_tokens]
-            if stopped and eos is not None:
-                ids = ids[: cfg.max_new_tokens] + [eos]
-            r_ids.append(ids)
-        has_eos = torch.tensor([bool(r) and r[-1] == eos for r in r_ids])
-        scores = torch.tensor([float(x) for x in reward_fn([s[0] for s in samples], [s[1] for s in samples])])
-        if len(scores) != len(samples):
-            raise ValueError(f"reward function returned {len(scores)} scores for {len(samples)} completions")
-        raw_scores = scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-
-        # 3. old log-probs, reference log-probs, values
-        N = len(samples)
-        with torch.no_grad():
-            old_lp, old_v, ref_lp, masks, batches = [], [], [], [], []
-            for s in range(0, N, cfg.batch_size):
-                b = rollout_batch(p_ids[s:s + cfg.batch_size], r_ids[s:s + cfg.batch_size], tok.pad_token_id)
-                b = {k2: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k2, v in b.items()}
-                lp, v, _ = policy_forward(model, vhead, b)
-                rl, _, _ = policy_forward(ref, None, b, with_values=False)
-                batches.append(b)
-                old_lp.append(lp), old_v.append(v), ref_lp.append(rl), masks.append(b["response_mask"].float())
-        # pad every micro-batch's response dim to a common R for the GAE pass
-        R = max(m.shape[1] for m in masks)
-
-        def cat(ts):
-            return torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1])) for t in ts])
-
-        old_lp, old_v, ref_lp, mask = cat(old_lp), cat(old_v), cat(ref_lp), cat(masks)
-        kl = (old_lp - ref_lp) * mask
-        rewards = place_score(-cfg.kl_coef * kl, scores.to(dev), mask)
-        adv, ret = compute_gae(rewards, old_v * mask, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = masked_whiten(adv, mask)
-
-        # 4. PPO epochs over shuffled minibatches
+        ro = rollout(model, tok, [prompts[i] for i in idx], cfg, factory, step, rollout_dir)
+        raw, scores = score(ro, reward_fn, cfg.missing_eos_penalty)
+        ev = evaluate(model, vhead, ref, ro, cfg.batch_size, pad_id, dev)
+        adv = advantages(scores, ev.logprobs, ev.ref_logprobs, ev.values, ev.mask, kl_coef=cfg.kl_coef,
+                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
         t1 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        mb = cfg.batch_size * cfg.grad_accum
-        sums: dict[str, float] = {}
-        first: dict[str, float] | None = None
-        n_mb = 0
-        pg_tot = vf_tot = 0.0
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(N, generator=g).tolist()
-            for s in range(0, N, mb):
-                sel = perm[s:s + mb]
-                ntok = float(mask[sel].sum())
-                mstats: dict[str, float] = {}
-                for u in range(0, len(sel), cfg.batch_size):
-                    ui = sel[u:u + cfg.batch_size]
-                    b = rollout_batch([p_ids[i] for i in ui], [r_ids[i] for i in ui], tok.pad_token_id)
-                    b = {k2: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k2, v in b.items()}
-                    r = b["response_mask"].shape[1]
-                    lp, v, ent = policy_forward(model, vhead, b)
-                    m = mask[ui, :r]
-                    pg, vf, st = ppo_losses(lp, old_lp[ui, :r], adv[ui, :r], v, old_v[ui, :r], ret[ui, :r], m,
-                                            cfg.cliprange, cfg.cliprange_value)
-                    ((pg + cfg.vf_coef * vf) / max(ntok, 1.0)).backward()
-                    pg_tot += float(pg.detach())
-                    vf_tot += float(vf.detach())
-                    st["entropy"] = float((ent * m).sum())
-                    for k2, x in st.items():
-                        mstats[k2] = max(mstats.get(k2, 0.0), x) if k2 == "ratio_max_dev" else mstats.get(k2, 0.0) + x
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(vhead.parameters()), cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                norm = {k2: (x if k2 == "ratio_max_dev" else x / max(ntok, 1.0)) for k2, x in mstats.items()}
-                if first is None:
-                    first = norm
-                for k2, x in norm.items():
-                    sums[k2] = max(sums.get(k2, 0.0), x) if k2 == "ratio_max_dev" else sums.get(k2, 0.0) + x
-                n_mb += 1
+        stats = update(model, vhead, opt, ro, ev, adv, cfg, step, pad_id, dev)
         sched.step()
         step += 1
-        total_tok = float(mask.sum())
-        seq_kl = kl.sum(-1)
+        N = len(ro)
+        seq_kl = adv.kl.sum(-1)
         last = {
-            "step": step, "score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()) if N > 1 else 0.0,
+            "step": step, "score_mean": float(raw.mean()), "score_std": float(raw.std()) if N > 1 else 0.0,
             "reward_mean": float((scores.to(dev) - cfg.kl_coef * seq_kl).mean()), "kl": float(seq_kl.mean()),
-            "response_length": total_tok / N, "eos_fraction": float(has_eos.float().mean()),
-            "pg_loss": pg_tot / (total_tok * cfg.ppo_epochs), "vf_loss": vf_tot / (total_tok * cfg.ppo_epochs),
-            "lr": sched.get_last_lr()[0], "rollout_s": t_roll, "train_s": time.perf_counter() - t1,
-            "first_minibatch_ratio": first["ratio"] if first else None,
-            "first_minibatch_ratio_max_dev": first["ratio_max_dev"] if first else None,
-            "first_minibatch_clipfrac": first["clipfrac"] if first else None,
+            "response_length": float(ev.mask.sum()) / N, "eos_fraction": float(ro.has_eos.float().mean()),
+            "pg_loss": stats.pop("pg_loss"), "vf_loss": stats.pop("vf_loss"),
+            "lr": sched.get_last_lr()[0], "rollout_s": ro.seconds, "train_s": time.perf_counter() - t1,
+            **stats,
         }
-        last.update({k2: (x if k2 == "ratio_max_dev" else x / max(n_mb, 1)) for k2, x in sums.items()})
         if step % cfg.logging_steps == 0 or step == total:
             log.write(last)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}
-            loop.save_checkpoint(out, step, model, tok, state, cfg.save_total_limit,
-                                 extra=lambda d: torch.save(vhead.state_dict(), d / "value_head.pt"))
+        loop.checkpoint(cfg, out, step, total, model, tok, opt, sched,
+                        extra=lambda d: torch.save(vhead.state_dict(), d / "value_head.pt"))
     shutil.rmtree(rollout_dir, ignore_errors=True)
     loop.save_final(out, model, tok, cfg)
     torch.save(vhead.state_dict(), out / "value_head.pt")
@@ -432,4 +531,5 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
             "model": model, "value_head": vhead, "tokenizer": tok}
 
 
-__all__ = ["PPOConfig", "compute_gae", "place_score", "ppo_losses", "train_ppo"]
+__all__ = ["Advantages", "Evaluated", "PPOConfig", "RewardModelScorer", "Rollout", "advantages", "compute_gae",
+           "evaluate", "place_score", "ppo_losses", "rollout", "score", "train_ppo", "update"]
