@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 import yaml
+from fakes import FakeGenerator, Reply
+from test_trl_format import assert_trl_preference
 
 from synthfb.engine import Pipeline, run_pipeline
+from synthfb.engine.stage import StageContext
+from synthfb.llm.prompts import PromptTemplate
 from synthfb.llm.types import ScoreRequest
 from synthfb.stages.constitutional import Constitution, clean_revision
-from synthfb.llm.prompts import PromptTemplate
-from test_trl_format import assert_trl_preference
 
 REPO = Path(__file__).resolve().parent.parent
 CONSTITUTION = REPO / "pipelines" / "data" / "constitution.yaml"
@@ -37,6 +40,11 @@ def _write_rows(tmp_path, rows=ROWS):
     return p
 
 
+def _rng(kind: str, *keys, seed: int = 3):
+    """The stage's ``ctx.rng(*keys)``: derived from the run seed, the stage kind and the keys."""
+    return StageContext(SimpleNamespace(pipeline=SimpleNamespace(seed=seed)), 0, kind).rng(*keys)
+
+
 def _pipeline(tmp_path, stage: dict, data: Path, extra_stages=()) -> Pipeline:
     d = {"name": "cai-test", "model": "default", "seed": 3, "chunk_size": 2,
          "stages": [{"stage": "load", "path": str(data), "id_column": "id"}, *extra_stages, stage]}
@@ -50,11 +58,11 @@ def test_shipped_constitution():
     for p in c.principles:
         assert p.critique and p.revision and p.comparison.endswith("?")
     # sampling: reproducible, independent of call order, covers the constitution
-    a = [c.sample(0, f"row{i}", 0)[0].id for i in range(400)]
-    b = [c.sample(0, f"row{i}", 0)[0].id for i in reversed(range(400))][::-1]
+    a = [c.sample(_rng("cai_revise", f"row{i}", 0, seed=0))[0].id for i in range(400)]
+    b = [c.sample(_rng("cai_revise", f"row{i}", 0, seed=0))[0].id for i in reversed(range(400))][::-1]
     assert a == b
     assert set(a) == set(c.by_id)
-    k = c.sample(0, "x", "label", 5)
+    k = c.sample(_rng("cai_label", "x", "label", seed=0), 5)
     assert len({p.id for p in k}) == 5
 
 
@@ -100,7 +108,7 @@ def test_cai_label_soft_labels_by_hand(tmp_path, vllm_tiny, hf_tiny):
     res = run_pipeline(_pipeline(tmp_path, stage, _write_rows(tmp_path)), tmp_path / "out",
                        generators={"default": vllm_tiny}, progress=False)
     counts = res.manifest["stages"][-1]["counts"]
-    assert counts["identical_responses"] == 1 and counts["fewer_than_two_responses"] == 1
+    assert counts["dropped_identical_responses"] == 1 and counts["dropped_fewer_than_two_responses"] == 1
     ds = datasets.load_from_disk(str(res.dataset_dir))
     assert sorted(ds["row_id"]) == ["a", "b"]
     assert_trl_preference(ds, "conversational")
@@ -110,7 +118,7 @@ def test_cai_label_soft_labels_by_hand(tmp_path, vllm_tiny, hf_tiny):
         src = next(r for r in ROWS if r["id"] == row["row_id"])
         r1, r2 = src["responses"]
         assert len(row["principle_ids"]) == 1
-        assert row["principle_ids"][0] == const.sample(3, row["row_id"], "label")[0].id
+        assert row["principle_ids"][0] == const.sample(_rng("cai_label", row["row_id"], "label"))[0].id
         p, ab, ba = _recompute(row)
         assert row["p_response_1"] == pytest.approx(p, abs=1e-9)
         assert row["p_order_ab"] == pytest.approx(ab, abs=1e-9)
@@ -150,7 +158,7 @@ def test_cai_label_ensemble_and_cot_clamp(tmp_path, vllm_tiny):
     res = run_pipeline(_pipeline(tmp_path, stage, rows), tmp_path / "cot", generators={"default": vllm_tiny},
                        progress=False)
     ds = datasets.load_from_disk(str(res.dataset_dir))
-    assert len(ds) + res.manifest["stages"][-1]["counts"].get("tie", 0) == 2
+    assert len(ds) + res.manifest["stages"][-1]["counts"].get("dropped_tie", 0) == 2
     for row in ds:
         assert len(row["cot_rationales"]) == 4  # 2 orders x 2 samples
         assert len(row["label_logprobs"]) == 4
@@ -179,7 +187,7 @@ def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny):
         rid, k = row["row_id"].split("/")
         steps = row["cai_steps"]
         assert len(steps) == 2 and row["revision_step"] == int(k)
-        assert [s["principle_id"] for s in steps] == [const.sample(3, rid, i)[0].id for i in range(2)]
+        assert [s["principle_id"] for s in steps] == [const.sample(_rng("cai_revise", rid, i))[0].id for i in range(2)]
         assert row["completion"] == [{"role": "assistant", "content": steps[int(k) - 1]["revision"]}]
         assert row["prompt"][0]["role"] == "user"
         assert row["initial_response"] in ("Why?", "No.")
@@ -192,3 +200,63 @@ def test_cai_stage_config_errors(tmp_path):
         _pipeline(tmp_path, {"stage": "cai_label", "cot": True, "clamp": [0.7, 0.2]}, data)
     with pytest.raises(ValueError, match="rounds"):
         _pipeline(tmp_path, {"stage": "cai_revise", "rounds": 0}, data)
+
+
+def test_cai_files_are_hashed_and_the_shipped_default_resolves(tmp_path):
+    data = _write_rows(tmp_path)
+    const = tmp_path / "c.yaml"
+    const.write_text(CONSTITUTION.read_text())
+    shots = tmp_path / "shots.yaml"
+    shot = {k: f"{k} text" for k in ("prompt", "response", "critique_request", "critique", "revision_request",
+                                     "revision")}
+    shots.write_text(yaml.safe_dump([shot]))
+
+    def fingerprint():
+        stage = {"stage": "cai_revise", "constitution": "c.yaml", "few_shot": "shots.yaml"}
+        return _pipeline(tmp_path, stage, data).stages[-1].fingerprint()
+
+    a = fingerprint()
+    assert set(a["files_sha256"]) == {"constitution", "few_shot"} and a["template_sha256"]
+    const.write_text(CONSTITUTION.read_text() + "\n# edited\n")
+    b = fingerprint()
+    assert b["files_sha256"]["constitution"] != a["files_sha256"]["constitution"]
+    assert b["files_sha256"]["few_shot"] == a["files_sha256"]["few_shot"]
+    shots.write_text(yaml.safe_dump([{**shot, "revision": "another revision"}]))
+    assert fingerprint()["files_sha256"]["few_shot"] != b["files_sha256"]["few_shot"]
+    # no `constitution:` given: synthfb's own file, hashed the same way
+    st = _pipeline(tmp_path, {"stage": "cai_label"}, data).stages[-1]
+    assert len(st.constitution.principles) == 16 and st.data_files["constitution"][0].name == "constitution.yaml"
+    assert st.fingerprint()["files_sha256"] == {"constitution": st.constitution.sha256}
+
+
+def test_cai_label_cot_on_a_fake(tmp_path):
+    """CoT: the rationales in one call, the option scores after them in one call; a failed
+    rationale fails its row (recorded), truncated rationales are counted."""
+    rows = ROWS[:2] + [{"id": "e", "prompt": "Name a colour.", "responses": ["Blue.", "Seven."]}]
+    fake = FakeGenerator(rules=[("noisy neighbour", Reply("Because it is long", "length"))],
+                         default="Because reasons.", failures=[("staying healthy", "HTTP 500")])
+    stage = {"stage": "cai_label", "constitution": str(CONSTITUTION), "cot": True, "cot_samples": 2,
+             "drop_ties": False}
+    res = run_pipeline(_pipeline(tmp_path, stage, _write_rows(tmp_path, rows)), tmp_path / "out",
+                       generators={"default": fake}, progress=False)
+    rec = res.manifest["stages"][-1]
+    assert {f["row_id"] for f in rec["failures"]} == {"b"}
+    assert rec["counts"]["failed_requests"] == 2 and rec["counts"]["truncated_rationales"] == 4
+    assert fake.num_generate_calls == 2 and fake.num_score_calls == 2  # one of each per chunk (chunk_size 2)
+    assert len(fake.score_requests) == 2 * 2 * 2 * 2  # 2 rows x 2 orders x 2 rationales x 2 options
+    assert all(r.prompt.endswith("\nSo the answer is:") and "Let's think step by step: Because" in r.prompt
+               for r in fake.score_requests)
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert sorted(ds["row_id"]) == ["a", "e"]
+    for row in ds:
+        assert len(row["cot_rationales"]) == 4 and len(row["label_logprobs"]) == 4
+        assert row["principle_ids"] == [p.id for p in Constitution.load(str(CONSTITUTION)).sample(
+            _rng("cai_label", row["row_id"], "label"))]
+        assert row["p_response_1"] == pytest.approx(_recompute(row, (0.4, 0.6))[0], abs=1e-12)
+        [prov] = row["provenance"]
+        assert json.loads(prov["sampling"])["n"] == 2 and prov["finish_reason"] == "scored"
+
+
+def test_cai_label_takes_no_sampling(tmp_path):
+    with pytest.raises(ValueError, match="cot_sampling"):
+        _pipeline(tmp_path, {"stage": "cai_label", "sampling": {"temperature": 0.5}}, _write_rows(tmp_path))

@@ -11,10 +11,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from feedback_models import make_tiny_pairrm, make_tiny_reward_model
-from synthfb.engine import Pipeline, run_pipeline
 from test_trl_format import assert_trl_preference
+
+from synthfb.engine import Pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,3 +139,26 @@ def test_ranker_needs_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="ranker_path"):
         Pipeline.from_dict({"name": "x", "stages": [
             {"stage": "load", "path": str(data)}, {"stage": "onpolicy_pairs", "ranker": "pairrm"}]}, tmp_path)
+
+
+def test_fingerprint_hashes_the_ranker_template_and_checkpoint_content(tmp_path):
+    data = _candidates_file(tmp_path / "c.jsonl", ROWS[:1])
+    tpl = tmp_path / "judge.jinja"
+    tpl.write_text((REPO / "prompts" / "pairwise_judge.jinja").read_text())
+
+    def fingerprint(**stage):
+        return Pipeline.from_dict({"name": "x", "stages": [
+            {"stage": "load", "path": str(data)}, {"stage": "onpolicy_pairs", **stage}]}, tmp_path).stages[-1].fingerprint()
+
+    a = fingerprint(ranker_prompt="judge.jinja")
+    tpl.write_text(tpl.read_text() + "\n")
+    assert fingerprint(ranker_prompt="judge.jinja")["template_sha256"] != a["template_sha256"]
+    # a checkpoint counts by its files, not by the folder it lies in
+    for d in ("one/rm", "two/rm"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+    one = fingerprint(ranker="reward_model", ranker_path="one/rm")
+    assert one == fingerprint(ranker="reward_model", ranker_path="two/rm")
+    assert one["ranker_revision"].startswith("sha256:") and "template_sha256" not in one
+    (tmp_path / "two/rm/config.json").write_text('{"changed": 1}')
+    assert fingerprint(ranker="reward_model", ranker_path="two/rm")["ranker_revision"] != one["ranker_revision"]
