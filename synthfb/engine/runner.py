@@ -41,7 +41,7 @@ from ..data.owned import FolderError, OwnedFolder
 from ..data.redact import redact_obj, redact_text
 from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
-from .stage import IterativeStage, SourceStage, Stage, StageContext
+from .stage import IterativeStage, MapStage, SourceStage, Stage, StageContext
 
 class RunError(RuntimeError):
     """The run cannot proceed (e.g. an existing run folder without --resume)."""
@@ -354,7 +354,10 @@ class Runner:
             self._log(f"{label}: config, input, model or prompt changed since the last run; re-running it")
             shutil.rmtree(sdir)
             meta = None
-        retry = self._failed_chunks(sdir) if meta is not None and not isinstance(stage, IterativeStage) else []
+        retry = self._failed_chunks(sdir) if meta is not None else []
+        if retry and isinstance(stage, IterativeStage):
+            # each step builds on the ones before: re-run from the first step with failures
+            retry = [c for c in self._chunk_indices(sdir) if c >= min(retry)]
         if meta is not None and meta.get("finished") and not retry:
             self._log(f"{label}: unchanged and finished; reusing {meta['rows_out']} rows")
             out = read_tables(self._chunk_files(sdir))
@@ -419,6 +422,10 @@ class Runner:
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": True,
                                       "rows_out": rows_out, "record": record})
         return record, out, self._output_fp(fp, sdir)
+
+    def _chunk_indices(self, sdir: Path) -> list[int]:
+        return sorted({int(f.name.split(".")[0].split("-")[1]) for f in sdir.glob("chunk-*.*")
+                       if f.name.split(".")[0].split("-")[1].isdigit()})
 
     def _failed_chunks(self, sdir: Path) -> list[int]:
         """Chunks of a map stage whose stats record failed rows (retried on resume)."""
@@ -531,6 +538,9 @@ class Runner:
         bar = tqdm(total=n, initial=done_rows, desc=label, unit="row", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
         todo = [c for c in range(n_chunks) if c not in done]
+        if isinstance(stage, MapStage) and type(stage).prepare is not MapStage.prepare:
+            before = read_tables(self._chunk_files(sdir))
+            stage.prepare(before.to_pylist() if before is not None else [])
         if self.executor is not None and stage.uses_model and todo:
             results = self.executor.map_chunks(self, stage, i, table, todo)
         else:

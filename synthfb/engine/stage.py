@@ -365,6 +365,12 @@ class SourceStage(Stage):
 class MapStage(Stage):
     """A chunk of rows in, rows out, with plain code (``process``)."""
 
+    def prepare(self, done: list[dict[str, Any]]) -> None:
+        """Called once per run before the first chunk, with the rows this
+        stage already wrote in earlier runs (resume; empty otherwise). A
+        stage that keeps state across chunks (e.g. a dedupe set) starts it
+        here, never from what an earlier run left on the object."""
+
     def process(self, rows: list[dict[str, Any]], ctx: StageContext) -> list[dict[str, Any]]:
         raise NotImplementedError
 

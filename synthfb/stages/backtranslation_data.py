@@ -85,10 +85,16 @@ class SegmentsStage(MapStage):
     def output_columns(self, input_columns: list[str]) -> list[str]:
         return [ROW_ID, "document_id", "header", "output"]
 
+    @staticmethod
+    def _key(segment: str) -> str:
+        return hashlib.sha256(" ".join(segment.split()).encode()).hexdigest()
+
+    def prepare(self, done):
+        self._seen = {self._key(r["output"]) for r in done}  # dedupe across the chunks of one run
+
     def process(self, rows, ctx: StageContext):
         c = self.config
-        seen: set[str] = getattr(self, "_seen", set())  # dedupe across chunks of one run
-        self._seen = seen
+        seen: set[str] = self.__dict__.setdefault("_seen", set())
         out = []
         for r in rows:
             text = r.get(c.text_column)
@@ -99,7 +105,7 @@ class SegmentsStage(MapStage):
             for k, (header, seg) in enumerate(segs):
                 reason = segment_drop_reason(header, seg, c.min_chars, c.max_chars, c.min_line_chars, c.max_header_caps)
                 if reason is None and c.dedupe:
-                    key = hashlib.sha256(" ".join(seg.split()).encode()).hexdigest()
+                    key = self._key(seg)
                     if key in seen:
                         reason = "duplicate_segment"
                     seen.add(key)
