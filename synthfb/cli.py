@@ -56,11 +56,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """A pipeline file or a loop file (told apart by content), checked without
+    running anything; one line either way."""
+    from .data import yamlio
+    from .data.config import ConfigError
+    from .data.redact import redact_text
     from .engine import Pipeline
+    from .loop.config import load_loop, looks_like_loop
 
-    pipeline = Pipeline.from_yaml(args.pipeline)
+    path = Path(args.file)
+    try:
+        data = yamlio.load_file(path, "pipeline or loop file")
+        if looks_like_loop(data):
+            loop = load_loop(path, data=data, base_dir=path.parent.resolve())
+            stages = ", ".join(sd["stage"] for sd in loop.pairs_stages)
+            steps = f" ({' -> '.join(s.name for s in loop.steps)})" if len(loop.steps) > 1 else ""
+            print(f"loop file {args.file}: ok ({loop.rounds} round{'s' if loop.rounds != 1 else ''}, method "
+                  f"{loop.method}{steps}, pairs stages: {stages}; {len(loop.prompts)} training prompts, "
+                  f"{len(loop.eval.prompts)} held-out)")
+            return 0
+    except (ConfigError, yamlio.YAMLInputError) as e:
+        print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
+        return 2
+    pipeline = Pipeline.from_dict(data, path.parent.resolve(), str(path))
     pipeline.check_columns()
-    print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
+    print(f"pipeline file {args.file}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
     return 0
 
 
@@ -131,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray workers (engines); default one per GPU of the cluster, 1 without GPUs")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("validate", help="check a pipeline file without running it",
-                       description="Validate PIPELINE.yaml (schema, stage fields, prompt files, columns).")
-    p.add_argument("pipeline")
+    p = sub.add_parser("validate", help="check a pipeline or loop file without running it",
+                       description="Validate FILE without loading a model: a pipeline file (schema, stage fields, "
+                                   "prompt and data files, column flow) or a loop file for `synthfb loop` (the same, "
+                                   "plus its training method's trainer settings, prompts and held-out set). The "
+                                   "kind is told by content: a file without `stages` that has loop keys (`pairs`, "
+                                   "`policy`, `eval`, `rounds`, ...) is a loop file.")
+    p.add_argument("file", metavar="FILE", help="pipeline or loop YAML file")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("card", help="(re)write the data card of a finished run",

@@ -12,26 +12,24 @@ import sys
 
 
 def _trained(t: dict) -> dict:
-    """The headline training figures of a round, per method."""
-    if t.get("method") == "rm_ppo":
-        return {"rm_pair_accuracy": t["rm"]["pair_accuracy"], "ppo_first_score": t["ppo"]["first_score_mean"],
-                "ppo_final_score": t["ppo"]["final_score_mean"], "ppo_final_kl": t["ppo"]["final_kl"]}
-    return {"final_loss": t["final_loss"]}
+    """The headline training figures of a round (the method registry's)."""
+    from .train import headline
+
+    return headline(t)
 
 
 def _cmd_loop(args: argparse.Namespace) -> int:
+    from ..data.config import ConfigError
     from ..data.owned import FolderError
     from ..data.redact import redact_text
     from ..engine import RunError, StageFailed
-    from ..train.config import ConfigError
-    from .config import LoopError
 
     try:
         from .runner import run_loop
 
         result = run_loop(args.loop, args.out, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
-    except (LoopError, ConfigError, FolderError, RunError) as e:
+    except (ConfigError, FolderError, RunError) as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except StageFailed as e:
@@ -48,13 +46,19 @@ def _cmd_loop(args: argparse.Namespace) -> int:
 
 def add_loop_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``loop`` subcommand to ``subparsers``."""
+    from ..train.methods import loop_methods
+
+    methods = "; ".join(f"{k}: {m.help}" + (f" (steps: {' -> '.join(m.steps)})" if m.steps else "")
+                        for k, m in loop_methods().items())
     p = subparsers.add_parser(
         "loop", help="run an RLAIF loop: generate -> judge -> DPO (or RM + PPO) -> regenerate, round after round",
         description="Run LOOP.yaml: each round samples on-policy responses with the current policy, has the judge "
                     "rank them into preference pairs, trains the policy with DPO (or, with `method: rm_ppo`, trains "
                     "a reward model on the pairs and the policy with PPO against it), and measures the new policy's "
                     "held-out win rate against the round-0 policy. The next round generates with the new "
-                    "checkpoint. Rounds and the steps inside them resume after a kill (--resume).")
+                    "checkpoint. Rounds and the steps inside them resume after a kill (--resume). "
+                    f"Methods (`method:`, the training-method registry shared with `synthfb train`): {methods}. "
+                    "`synthfb validate LOOP.yaml` checks a loop file without running it.")
     p.add_argument("loop", help="loop YAML file")
     p.add_argument("--out", help="loop folder (default runs/NAME)")
     p.add_argument("--resume", action="store_true",

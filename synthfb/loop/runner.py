@@ -7,9 +7,10 @@ Round ``k`` starts from policy ``P_k`` (``P_0`` = the loop's ``policy``,
    the judge rank them into preference pairs (``synthfb/loop/pairs.py``: the
    pipeline runner, chunked and resumable);
 2. trains ``P_k`` into ``round-k/checkpoint`` (``synthfb/loop/train.py``,
-   each training resumable from its last checkpoint): with DPO on those
-   pairs (reference = ``P_k``), or (``method: rm_ppo``) with PPO against a
-   reward model trained on them (KL to ``P_k``);
+   each training resumable from its last checkpoint) with the loop's
+   ``method`` from the method registry shared with ``synthfb train``: DPO on
+   those pairs (reference = ``P_k``), or (``method: rm_ppo``) a reward model
+   trained on them, then PPO against it (KL to ``P_k``);
 3. starts an engine on the new checkpoint, answers the fixed held-out prompts
    and has a fixed judge compare them with ``P_0``'s answers in both orders
    (``synthfb/loop/heldout.py``); that engine then generates round ``k+1``.
@@ -36,7 +37,7 @@ from .config import LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
 from .pairs import pairs_metrics, run_pairs, write_prompts
 from .state import LoopFolder, now, round_dir
-from .train import ppo_prompts_file, train_round, train_rm_ppo
+from .train import TrainingSetup, headline, prepare_training, train_round
 
 
 @dataclass
@@ -74,12 +75,7 @@ class _Loop:
         base = heldout.answer(cfg, initial, self.out / "heldout-base.json", self.log)
         self.folder.update(heldout_base={"model": base["model"], "fingerprint": base["fingerprint"],
                                          "prompts": len(cfg.eval.prompts)})
-        if cfg.method == "rm_ppo":
-            from ..llm.models import model_revision, resolve_model
-
-            ppo_prompts_file(cfg, self.out / "data" / "ppo_prompts.jsonl")
-            path = resolve_model(cfg.rm["model"]) if cfg.rm.get("model") else initial.info.path
-            self.rm_init = (path, model_revision(path))
+        self.training: TrainingSetup = prepare_training(cfg, self.out, initial.info.path)
         cfg_fp = cfg.fingerprint()
         policy = cfg.policy
         rounds: list[dict[str, Any]] = []
@@ -102,11 +98,7 @@ class _Loop:
         eval_judge = pool.get(cfg.eval_judge())
         parts = {"config": cfg_fp, "policy": policy.info.revision, "judge": judge.info.revision,
                  "eval_judge": eval_judge.info.revision, "base": base["fingerprint"]}
-        if cfg.method == "rm_ppo":
-            parts["rm_init"] = self.rm_init[1]
-            if cfg.rm_pairs == "all_rounds":
-                parts["earlier_pairs"] = [p["fingerprint"] for p in earlier_pairs]
-        fp = stable_hash(parts)
+        fp = stable_hash({**parts, **self.training.round_parts(cfg, earlier_pairs)})
         rec = self.folder.round(k)
         ckpt = (rdir / "checkpoint").resolve()
         if (rec and rec.get("status") == "finished" and rec.get("fingerprint") == fp
@@ -122,13 +114,8 @@ class _Loop:
         pm = pairs_metrics(res)
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
-        if cfg.method == "rm_ppo":
-            pair_sets = (earlier_pairs if cfg.rm_pairs == "all_rounds" else []) + [pm]
-            tm = train_rm_ppo(cfg, self.rm_init, policy.info.path, policy.info.revision, pair_sets,
-                              self.out / "data" / "ppo_prompts.jsonl", rdir, self.log)
-        else:
-            tm = train_round(cfg.train, policy.info.path, policy.info.revision, pm, rdir, cfg.keep_checkpoints,
-                             self.log)
+        tm = train_round(cfg, self.training, policy.info.path, policy.info.revision, pm, earlier_pairs, rdir,
+                         self.log)
         t2 = time.time()
         new = pool.get(str(ckpt))  # starts when needed; the old policy engine is closed first
         em = heldout.evaluate(cfg, new, base, eval_judge, rdir, self.log)
@@ -146,9 +133,7 @@ class _Loop:
         atomic_write_json(rdir / "metrics.json", metrics)
         self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
-        trained = (f"final DPO loss {tm['final_loss']}" if cfg.method == "dpo" else
-                   f"RM pair accuracy {tm['rm']['pair_accuracy']}, PPO score {tm['ppo']['first_score_mean']} -> "
-                   f"{tm['ppo']['final_score_mean']} (KL {tm['ppo']['final_kl']})")
+        trained = f"{cfg.method}: " + ", ".join(f"{k} {v}" for k, v in headline(tm).items())
         self.log(f"round {k}: {pm['pairs_built']} pairs, {trained}, held-out win rate vs round 0 {em['win_rate']}")
         return metrics
 

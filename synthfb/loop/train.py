@@ -1,56 +1,47 @@
 """Step 2 of a round: train the round's policy on the round's pairs.
 
-``method: dpo`` (default): DPO of the round's policy on its pairs
-(reference = the round's policy) into ``round-NN/checkpoint``.
+A round runs the steps of the loop's ``method``, an entry of the method
+registry (:mod:`synthfb.train.methods`, the same one ``synthfb train`` uses):
 
-``method: rm_ppo``: a reward model (Bradley-Terry) trained on the round's
-pairs (or on the pairs of rounds 0..k with ``rm_pairs: all_rounds``) into
-``round-NN/reward_model``, then PPO from the round's policy on the training
-prompts against that reward model (KL to the round's policy) into
-``round-NN/checkpoint``.
+- ``dpo`` (default): DPO of the round's policy on its pairs (reference = the
+  round's policy) into ``round-NN/checkpoint``;
+- ``rm_ppo``: a reward model (Bradley-Terry) trained on the round's pairs (or
+  on the pairs of rounds 0..k with ``rm_pairs: all_rounds``) into
+  ``round-NN/reward_model``, then PPO from the round's policy on the training
+  prompts against that reward model (KL to the round's policy) into
+  ``round-NN/checkpoint``.
+
+Nothing here names a method: a step's inputs follow from what its trainer
+reads (``data``: pairs or prompts) and produces (a policy starts from the
+round's policy and is the round's checkpoint; a reward model starts from its
+section's ``model`` or the round-0 policy and feeds the next step's
+``reward_from`` field).
 
 Each training is a resumable step with a marker file in the round folder
-(``train.json`` for DPO, ``rm.json`` and ``ppo.json``) holding its
-fingerprint (settings, inputs' fingerprints, starting weights' revision) and
-whether it finished. A finished step with the same fingerprint is never
-redone; an unfinished one resumes from its newest ``checkpoint-N``
-(``synthfb.train.loop``); a changed one starts over.
+named after its loop-file section (``train.json`` for DPO, ``rm.json`` and
+``ppo.json``) holding its fingerprint (settings, inputs' fingerprints,
+starting weights' revision) and whether it finished. A finished step with the
+same fingerprint is never redone; an unfinished one resumes from its newest
+``checkpoint-N`` (``synthfb.train.loop``); a changed one starts over.
 """
 
 from __future__ import annotations
 
 import gc
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..data.io import atomic_write_json
-from .config import LoopConfig, LoopError, stable_hash
+from .config import DEFAULT_METHOD, LoopConfig, LoopError, stable_hash
 from .state import read_json
 
 
 def _history_summary(out: dict) -> tuple[dict, dict]:
     hist = out.get("history") or []
     return (hist[0] if hist else {}), (out.get("last") or (hist[-1] if hist else {}))
-
-
-def _pairwise_summary(out: dict, pair_accuracy: float, resumed_from: int, log_file: Path) -> dict[str, Any]:
-    """Metrics of a training on preference pairs (DPO or a reward model): the
-    last logged step (loss, reward accuracy and margin of that batch), the
-    first loss, and the accuracy of the trained (implicit) reward over all the
-    pairs it trained on."""
-    first, last = _history_summary(out)
-    return {
-        "steps": out["steps"],
-        "resumed_from_step": resumed_from,
-        "first_loss": first.get("loss"),
-        "final_loss": last.get("loss"),
-        "final_reward_accuracy": last.get("reward_accuracy"),
-        "final_reward_margin": last.get("reward_margin"),
-        "pair_accuracy": pair_accuracy,
-        "seconds": round(out["seconds"], 3),
-        "log": str(log_file),
-    }
 
 
 def resumable_step(rdir: Path, name: str, fingerprint: str, out_dir: Path, keep_checkpoints: bool, log,
@@ -95,59 +86,147 @@ def _no_pairs(rdir: Path, pairs: dict[str, Any]) -> LoopError:
                      f"prompts, more samples (n) or a lower min_margin")
 
 
-def train_round(train: dict, policy_path: str, policy_revision: str, pairs: dict[str, Any], rdir: Path,
-                keep_checkpoints: bool, log) -> dict[str, Any]:
-    """DPO (or resume, or reuse) of the round's policy into ``rdir/checkpoint``;
-    returns the training metrics recorded in ``rdir/train.json``."""
-    ckpt = rdir / "checkpoint"
-    fp = stable_hash({"train": train, "pairs": pairs["fingerprint"], "policy": policy_revision})
+@dataclass
+class TrainingSetup:
+    """What every round's training shares, prepared once per loop: the
+    training prompts as chat turns (for steps that sample from prompts) and
+    the initial weights (path, revision) of steps that train a model other
+    than the policy, by loop-file section."""
+
+    prompts_file: Path | None = None
+    inits: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def round_parts(self, cfg: LoopConfig, earlier_pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a round's fingerprint adds for training besides the loop's settings."""
+        parts: dict[str, Any] = {f"{section}_init": rev for section, (_, rev) in self.inits.items()}
+        if uses_earlier_pairs(cfg):
+            parts["earlier_pairs"] = [p["fingerprint"] for p in earlier_pairs]
+        return parts
+
+
+def uses_earlier_pairs(cfg: LoopConfig) -> bool:
+    """Whether a step of the method trains on the pairs of rounds 0..k (``rm_pairs: all_rounds``)."""
+    return cfg.rm_pairs == "all_rounds" and any(s.produces == "reward_model" for s in cfg.steps)
+
+
+def prepare_training(cfg: LoopConfig, out: Path, initial_policy: str) -> TrainingSetup:
+    """Write the chat-turn prompts file if a step samples from prompts, and
+    resolve the initial weights of non-policy steps (their section's
+    ``model``, default the round-0 policy ``initial_policy``)."""
+    from ..llm.models import model_revision, resolve_model
+
+    setup = TrainingSetup()
+    for step in cfg.steps:
+        if step.data == "prompts" and setup.prompts_file is None:
+            setup.prompts_file = ppo_prompts_file(cfg, out / "data" / "ppo_prompts.jsonl")
+        if step.produces != "policy":
+            settings = cfg.sections[step.section]
+            path = resolve_model(settings["model"]) if settings.get("model") else initial_policy
+            setup.inits[step.section] = (path, model_revision(path))
+    return setup
+
+
+def _summary(step, out: dict[str, Any], cfg: Any, resumed_from: int) -> dict[str, Any]:
+    """A training's metrics: steps, the registry's first/last logged values,
+    its evaluation on the training data, recorded config fields."""
+    first, last = _history_summary(out)
+    m: dict[str, Any] = {"steps": out["steps"], "resumed_from_step": resumed_from}
+    for name, which, key in step.metrics:
+        m[name] = (first if which == "first" else last).get(key)
+    if step.evaluate is not None:
+        m[step.evaluate_key] = step.evaluate(out, cfg)
+    for f in step.record:
+        m[f] = getattr(cfg, f)
+    m["seconds"] = round(out["seconds"], 3)
+    m["log"] = str(Path(cfg.output_dir) / "metrics.jsonl")
+    return m
+
+
+def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, str], pair_sets: list[dict],
+                reward: tuple[str, str] | None, rdir: Path, log) -> tuple[dict[str, Any], str, Path]:
+    """One registry trainer of the round: (metrics, fingerprint, output folder)."""
+    own = step.produces == "policy"
+    out_dir = rdir / ("checkpoint" if own else step.produces)
+    settings = {**cfg.sections[step.section], **rollout_settings(cfg, step)}
+    start = policy if own else setup.inits[step.section]
+    values: dict[str, Any] = {**settings, "model": start[0], "output_dir": str(out_dir), "resume": True}
+    parts: dict[str, Any] = {step.section: settings, "start": start[1]}
+    if step.data == "pairs":
+        values["dataset"] = pair_sets[-1]["dataset"]
+        parts["pairs"] = [p["fingerprint"] for p in pair_sets]
+    elif step.data == "prompts":
+        assert setup.prompts_file is not None
+        values["dataset"] = str(setup.prompts_file)
+        parts["prompts"] = stable_hash(setup.prompts_file.read_text(encoding="utf-8"))
+    if step.reward_from:
+        if reward is None:
+            raise LoopError(f"{rdir.name}: {step.name} needs a reward model from an earlier step of method "
+                            f"{cfg.method!r}")
+        values[step.reward_from] = reward[0]
+        parts["reward"] = reward[1]
+    fp = stable_hash(parts)
 
     def run(resumed_from: int) -> dict[str, Any]:
-        if pairs["pairs_built"] == 0:
-            raise _no_pairs(rdir, pairs)
-        from ..train.dpo import DPOConfig, preference_accuracy, train_dpo
-
-        cfg = _load(DPOConfig, {**train, "model": policy_path, "dataset": pairs["dataset"], "output_dir": str(ckpt),
-                                "resume": True}, f"{rdir.name} train")
-        log(f"{rdir.name}: DPO on {pairs['pairs_built']} pairs from {policy_path}"
-            + (f" (resuming at step {resumed_from})" if resumed_from else ""))
-        out = train_dpo(cfg)
-        acc = preference_accuracy(out["model"], out["tokenizer"], out["examples"], cfg)
-        last = _history_summary(out)[1]
-        return {"method": "dpo", **_pairwise_summary(out, acc, resumed_from, ckpt / "metrics.jsonl"),
-                "final_rewards_chosen": last.get("rewards_chosen"),
-                "final_rewards_rejected": last.get("rewards_rejected")}
-
-    return resumable_step(rdir, "train", fp, ckpt, keep_checkpoints, log, run)
-
-
-def train_reward_model(cfg: LoopConfig, rm_init: tuple[str, str], pair_sets: list[dict[str, Any]], rdir: Path,
-                       fp: str, log) -> dict[str, Any]:
-    """A Bradley-Terry reward model on ``pair_sets`` (this round's pairs, or
-    those of rounds 0..k) into ``rdir/reward_model``, starting from
-    ``rm_init`` = (path, revision) with a fresh score head; ``fp`` is its
-    fingerprint (settings, pair sets, initial weights)."""
-    out_dir = rdir / "reward_model"
-
-    def run(resumed_from: int) -> dict[str, Any]:
-        from ..train.collate import load_rows
-        from ..train.rm import RMConfig, pair_accuracy, train_rm
-
+        rows = None
         n = sum(p["pairs_built"] for p in pair_sets)
-        if n == 0:
-            raise _no_pairs(rdir, pair_sets[-1])
-        rows = [r for p in pair_sets if p["pairs_built"] for r in load_rows(p["dataset"])]
-        rm = _load(RMConfig, {**cfg.rm, "model": rm_init[0], "dataset": pair_sets[-1]["dataset"],
-                              "output_dir": str(out_dir), "resume": True}, f"{rdir.name} rm")
-        log(f"{rdir.name}: reward model on {n} pairs from {len(pair_sets)} round(s), initialized from {rm.model}"
-            + (f" (resuming at step {resumed_from})" if resumed_from else ""))
-        out = train_rm(rm, rows)
-        acc = pair_accuracy(out["model"], out["tokenizer"], out["examples"])
-        return {"init": {"path": rm_init[0], "revision": rm_init[1]}, "pairs": n,
-                "pair_datasets": [p["dataset"] for p in pair_sets],
-                **_pairwise_summary(out, acc, resumed_from, out_dir / "metrics.jsonl")}
+        if step.data == "pairs":
+            if n == 0:
+                raise _no_pairs(rdir, pair_sets[-1])
+            if len(pair_sets) > 1:
+                from ..train.collate import load_rows
 
-    return resumable_step(rdir, "rm", fp, out_dir, cfg.keep_checkpoints, log, run)
+                rows = [r for p in pair_sets if p["pairs_built"] for r in load_rows(p["dataset"])]
+        tcfg = _load(step.config, values, f"{rdir.name} {step.section}")
+        what = (f"on {n} pairs from {len(pair_sets)} round(s)" if step.data == "pairs"
+                else f"on {len(cfg.prompts)} prompts")
+        extra = "".join(f", {f} {getattr(tcfg, f)}" for f in step.record)
+        log(f"{rdir.name}: {step.title} {what} from {start[0]}"
+            + (f" against {reward[0]}" if step.reward_from and reward else "") + extra
+            + (f" (resuming at step {resumed_from})" if resumed_from else ""))
+        out = step.train(tcfg, rows)
+        metrics = _summary(step, out, tcfg, resumed_from)
+        if not own:
+            metrics["init"] = {"path": start[0], "revision": start[1]}
+        if step.data == "pairs":
+            metrics.update(pairs=n, pair_datasets=[p["dataset"] for p in pair_sets])
+        return metrics
+
+    metrics = resumable_step(rdir, step.section, fp, out_dir, cfg.keep_checkpoints, log, run)
+    return metrics, fp, out_dir
+
+
+def train_round(cfg: LoopConfig, setup: TrainingSetup, policy_path: str, policy_revision: str,
+                pairs: dict[str, Any], earlier_pairs: list[dict[str, Any]], rdir: Path, log) -> dict[str, Any]:
+    """Run the steps of the loop's method on the round's pairs; the last
+    writes the new policy to ``rdir/checkpoint``. Returns the round's
+    training metrics: ``{"method": NAME, **metrics}`` for a one-step method,
+    ``{"method": NAME, SECTION: metrics, ...}`` for a composite one."""
+    steps = cfg.steps
+    results: dict[str, Any] = {}
+    reward: tuple[str, str] | None = None
+    for step in steps:
+        sets = (earlier_pairs if step.produces != "policy" and uses_earlier_pairs(cfg) else []) + [pairs]
+        metrics, fp, out_dir = _train_step(cfg, step, setup, (policy_path, policy_revision), sets, reward, rdir,
+                                           log)
+        results[step.section] = metrics
+        if step.produces == "reward_model":
+            reward = (str(out_dir), fp)
+    if len(steps) == 1:
+        return {"method": cfg.method, **results[steps[0].section]}
+    return {"method": cfg.method, **results}
+
+
+def headline(trained: dict[str, Any]) -> dict[str, Any]:
+    """The registry's headline figures of a round's training metrics:
+    ``{"final_loss": ...}`` for one step, ``{"rm_pair_accuracy": ..., "ppo_final_kl": ...}``
+    (section-prefixed) for a composite method."""
+    from ..train.methods import get
+
+    method = get(trained.get("method") or DEFAULT_METHOD)
+    steps = method.step_methods()
+    if len(steps) == 1:
+        return {short: trained.get(key) for short, key in steps[0].headline}
+    return {f"{s.section}_{short}": (trained.get(s.section) or {}).get(key) for s in steps for short, key in s.headline}
 
 
 def ppo_prompts_file(cfg: LoopConfig, path: Path) -> Path:
@@ -158,59 +237,23 @@ def ppo_prompts_file(cfg: LoopConfig, path: Path) -> Path:
     return write_prompts(path, [cfg.policy_messages(p) for p in cfg.prompts])
 
 
-def rollout_settings(cfg: LoopConfig) -> dict[str, Any]:
-    """PPO rollouts run on the loop's backend with its engine options unless
-    the ``ppo:`` mapping picks its own (``rollout_backend``/``rollout_options``)."""
-    if "rollout_backend" in cfg.ppo:
+def rollout_settings(cfg: LoopConfig, step=None) -> dict[str, Any]:
+    """A step that samples rollouts (its config has ``rollout_backend``) runs
+    them on the loop's backend with its engine options unless its section
+    picks its own (``rollout_backend``/``rollout_options``)."""
+    import dataclasses
+
+    if step is None:
+        step = next((s for s in cfg.steps if s.data == "prompts"), None)
+        if step is None:
+            return {}
+    names = {f.name for f in dataclasses.fields(step.config)}
+    settings = cfg.sections.get(step.section, {})
+    if "rollout_backend" not in names or "rollout_backend" in settings:
         return {}
     backend = "transformers" if cfg.backend == "transformers" else "vllm"
     opts = {k: v for k, v in cfg.backend_options.items() if k != "seed"}
-    return {"rollout_backend": backend, **({} if "rollout_options" in cfg.ppo else {"rollout_options": opts})}
-
-
-def train_ppo_round(cfg: LoopConfig, policy_path: str, policy_revision: str, rm_fp: str,
-                    prompts_file: Path, rdir: Path, log) -> dict[str, Any]:
-    """PPO from the round's policy against ``rdir/reward_model`` into ``rdir/checkpoint``."""
-    ckpt = rdir / "checkpoint"
-    settings = {**cfg.ppo, **rollout_settings(cfg)}
-    fp = stable_hash({"ppo": settings, "rm": rm_fp, "policy": policy_revision,
-                      "prompts": stable_hash(prompts_file.read_text(encoding="utf-8"))})
-
-    def run(resumed_from: int) -> dict[str, Any]:
-        from ..train.ppo import PPOConfig, train_ppo
-
-        ppo = _load(PPOConfig, {**settings, "model": policy_path, "dataset": str(prompts_file),
-                                "output_dir": str(ckpt), "reward_model": str(rdir / "reward_model"),
-                                "resume": True}, f"{rdir.name} ppo")
-        log(f"{rdir.name}: PPO from {policy_path} on {len(cfg.prompts)} prompts against the round's reward model "
-            f"(rollouts on {ppo.rollout_backend})" + (f" (resuming at step {resumed_from})" if resumed_from else ""))
-        out = train_ppo(ppo)
-        first, last = _history_summary(out)
-        return {
-            "steps": out["steps"],
-            "resumed_from_step": resumed_from,
-            "rollout_backend": ppo.rollout_backend,
-            "first_score_mean": first.get("score_mean"),
-            "final_score_mean": last.get("score_mean"),
-            "final_reward_mean": last.get("reward_mean"),
-            "final_kl": last.get("kl"),
-            "final_clipfrac": last.get("clipfrac"),
-            "final_eos_fraction": last.get("eos_fraction"),
-            "final_response_length": last.get("response_length"),
-            "seconds": round(out["seconds"], 3),
-            "log": str(ckpt / "metrics.jsonl"),
-        }
-
-    return resumable_step(rdir, "ppo", fp, ckpt, cfg.keep_checkpoints, log, run)
-
-
-def train_rm_ppo(cfg: LoopConfig, rm_init: tuple[str, str], policy_path: str, policy_revision: str,
-                 pair_sets: list[dict[str, Any]], prompts_file: Path, rdir: Path, log) -> dict[str, Any]:
-    """Reward model, then PPO against it; the round's training metrics."""
-    rm_fp = stable_hash({"rm": cfg.rm, "pairs": [p["fingerprint"] for p in pair_sets], "init": rm_init[1]})
-    rm = train_reward_model(cfg, rm_init, pair_sets, rdir, rm_fp, log)
-    ppo = train_ppo_round(cfg, policy_path, policy_revision, rm_fp, prompts_file, rdir, log)
-    return {"method": "rm_ppo", "rm": rm, "ppo": ppo}
+    return {"rollout_backend": backend, **({} if "rollout_options" in settings else {"rollout_options": opts})}
 
 
 def _drop_resume_states(ckpt: Path) -> None:

@@ -1,8 +1,10 @@
 """``synthfb train {sft,rm,dpo,ppo} --config FILE``.
 
-Hook it into the main parser with ``add_train_parser(subparsers)``. Each
-trainer's config dataclass is the reference for its YAML keys and doubles as
-the ``--help`` text.
+Hook it into the main parser with ``add_train_parser(subparsers)``. The
+sub-commands are the trainers of the method registry
+(:mod:`synthfb.train.methods`, shared with ``synthfb loop``). Each trainer's
+config dataclass is the reference for its YAML keys and doubles as the
+``--help`` text.
 """
 
 from __future__ import annotations
@@ -12,48 +14,30 @@ import json
 import sys
 
 
-def _trainers():
-    from .dpo import DPOConfig, train_dpo
-    from .ppo import PPOConfig, train_ppo
-    from .rm import RMConfig, train_rm
-    from .sft import SFTConfig, train_sft
-
-    return {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (DPOConfig, train_dpo),
-            "ppo": (PPOConfig, train_ppo)}
-
-
-_HELP = {
-    "sft": "supervised fine-tuning on prompt/completion or messages rows",
-    "rm": "reward model: Bradley-Terry on prompt/chosen/rejected (Plackett-Luce for ranked lists)",
-    "dpo": "preference optimization: DPO, cDPO, IPO, hinge, SimPO",
-    "ppo": "PPO against a reward model or a Python reward function",
-}
-
-
-def _config_classes():
-    # import-light: the dataclasses live with the trainers, which import torch
-    return {k: v[0] for k, v in _trainers().items()}
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    import yaml
 
-    cls, fn = _trainers()[args.trainer]
+    from ..data import yamlio
+    from .config import ConfigError, load_config
+    from .methods import trainers
+
+    method = trainers()[args.trainer]
+    cls = method.config
     try:
         cfg = load_config(cls, args.config)
+        for item in args.set or []:
+            key, eq, raw = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--set {item}: expected FIELD=VALUE, e.g. --set max_steps=10")
+            try:
+                value = yamlio.safe_load(raw)  # the one YAML reader: `1e-5` is a number, as in the file
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {item}: {yamlio.describe(e)}") from None
+            cfg = load_config(cls, {**_asdict(cfg), key: value}, where=f"--set {item}")
     except ConfigError as e:
         print(f"synthfb: error: {e}", file=sys.stderr)
         return 2
-    for item in args.set or []:
-        key, _, raw = item.partition("=")
-        import yaml
-
-        try:
-            cfg = load_config(cls, {**_asdict(cfg), key: yaml.safe_load(raw)}, where=f"--set {item}")
-        except ConfigError as e:
-            print(f"synthfb: error: {e}", file=sys.stderr)
-            return 2
-    summary = fn(cfg)
+    summary = method.train(cfg)
     last = {k: v for k, v in (summary.get("last") or {}).items() if isinstance(v, (int, float, str)) or v is None}
     print(json.dumps({"output_dir": cfg.output_dir, "steps": summary["steps"], "last": last}))
     return 0
@@ -77,12 +61,17 @@ class _TrainerParser(argparse.ArgumentParser):
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``train`` with one sub-command per trainer to ``subparsers``."""
-    p = subparsers.add_parser("train", help="train a model (sft, rm, dpo, ppo) from a YAML config",
+    """Add ``train`` with one sub-command per trainer of the method registry
+    (:mod:`synthfb.train.methods`) to ``subparsers``."""
+    from .methods import trainers
+
+    names = ", ".join(trainers())
+    p = subparsers.add_parser("train", help=f"train a model ({names}) from a YAML config",
                               description="Train on the datasets our pipelines emit. Config keys are the trainer's "
                                           "config fields; see `synthfb train TRAINER --help`.")
     sub = p.add_subparsers(dest="trainer", metavar="TRAINER", parser_class=_TrainerParser)
-    for name, help_text in _HELP.items():
+    for name, method in trainers().items():
+        help_text = method.help
         q = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         q.trainer_name = name
@@ -97,8 +86,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def _fields_help(name: str) -> str:
     try:
         from .config import config_help
+        from .methods import trainers
 
-        return config_help(_config_classes()[name])
+        return config_help(trainers()[name].config)
     except ImportError as e:  # torch missing: still answer --help
         return f"  (config fields unavailable: {e})"
 

@@ -1,0 +1,179 @@
+"""The one registry of training methods, for ``synthfb train`` and ``synthfb loop``.
+
+A :class:`Method` names a config dataclass, a train function, the dataset it
+reads (kind and columns), how its result is evaluated and which metrics sum
+it up. A *trainer* (``sft``, ``rm``, ``dpo``, ``ppo``) is one training run:
+``synthfb train NAME --config FILE`` runs it. A *composite* method
+(``rm_ppo``) is a sequence of trainers, each feeding the next (a reward model,
+then PPO against it).
+
+The loop (``method:`` in a loop file) runs any registered method that turns a
+round's preference pairs into a new policy (``loop=True``): each step reads
+its settings from its ``section`` of the loop file, and the loop fills in the
+fields in ``loop_sets`` from what the step reads (``data``) and what it
+produces (``produces``). Adding a trainer or a loop method is one entry here;
+neither ``synthfb/train/cli.py`` nor ``synthfb/loop/`` names a method.
+
+This module is import-light: trainer modules (torch) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# What a trainer reads: SFT rows, preference pairs, or prompts to sample from.
+DataKind = Literal["sft", "pairs", "prompts"]
+# What a trainer writes: a policy (causal LM) or a reward model (sequence classifier).
+Product = Literal["policy", "reward_model"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method. For a trainer ``steps`` is empty; a composite
+    method lists the trainers it runs, in order."""
+
+    name: str
+    help: str
+    module: str = ""  # the trainer's module (imported on first use)
+    config_name: str = ""  # its config dataclass
+    train_name: str = ""  # its train function: f(cfg, rows=None) -> summary dict
+    data: DataKind | None = None
+    columns: tuple[str, ...] = ()  # the row columns it reads (alternatives joined with '|')
+    produces: Product = "policy"
+    evaluate: Callable[[dict, Any], float] | None = None  # (train summary, config) -> score on the training data
+    evaluate_key: str = ""  # the metric name of that score
+    metrics: tuple[tuple[str, str, str], ...] = ()  # (name, "first"|"last", metrics.jsonl key)
+    record: tuple[str, ...] = ()  # config fields copied into the metrics
+    headline: tuple[tuple[str, str], ...] = ()  # (short name, metric) for one-line summaries
+    steps: tuple[str, ...] = ()  # composite: the trainers it runs
+    loop: bool = False  # usable as a loop file's `method:`
+    section: str = ""  # loop-file mapping with this trainer's settings
+    loop_sets: tuple[str, ...] = ()  # config fields the loop sets (the user may not)
+    loop_defaults: tuple[tuple[str, Any], ...] = ()  # config defaults inside the loop
+    reward_from: str = ""  # field that receives the reward model an earlier step produced
+    title: str = ""  # for log lines
+
+    @property
+    def is_trainer(self) -> bool:
+        return not self.steps
+
+    def _attr(self, name: str) -> Any:
+        return getattr(importlib.import_module(self.module, __package__), name)
+
+    @property
+    def config(self) -> type:
+        """The config dataclass (imports the trainer module, i.e. torch)."""
+        if not self.is_trainer:
+            raise TypeError(f"{self.name} is a composite method ({' + '.join(self.steps)}); it has no single config")
+        return self._attr(self.config_name)
+
+    def train(self, cfg: Any, rows: list[dict] | None = None) -> dict[str, Any]:
+        """Run the trainer; its summary dict (``steps``, ``history``, ``last``, ``seconds``, ...)."""
+        return self._attr(self.train_name)(cfg, rows)
+
+    def step_methods(self) -> list[Method]:
+        """The trainers this method runs: itself, or a composite's steps."""
+        return [METHODS[s] for s in self.steps] if self.steps else [self]
+
+
+def _dpo_accuracy(out: dict, cfg: Any) -> float:
+    from .dpo import preference_accuracy
+
+    return preference_accuracy(out["model"], out["tokenizer"], out["examples"], cfg)
+
+
+def _rm_accuracy(out: dict, cfg: Any) -> float:
+    from .rm import pair_accuracy
+
+    return pair_accuracy(out["model"], out["tokenizer"], out["examples"])
+
+
+_RESUME = ("resume", "resume_from")
+_LOSS = (("first_loss", "first", "loss"), ("final_loss", "last", "loss"))
+_PAIRWISE = (*_LOSS, ("final_reward_accuracy", "last", "reward_accuracy"),
+             ("final_reward_margin", "last", "reward_margin"))
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method(
+        "sft", "supervised fine-tuning on prompt/completion or messages rows",
+        module=".sft", config_name="SFTConfig", train_name="train_sft",
+        data="sft", columns=("prompt|messages", "completion"), metrics=_LOSS,
+        headline=(("final_loss", "final_loss"),), title="SFT",
+    ),
+    Method(
+        "rm", "reward model: Bradley-Terry on prompt/chosen/rejected (Plackett-Luce for ranked lists)",
+        module=".rm", config_name="RMConfig", train_name="train_rm",
+        data="pairs", columns=("prompt", "chosen", "rejected"), produces="reward_model",
+        evaluate=_rm_accuracy, evaluate_key="pair_accuracy", metrics=_PAIRWISE,
+        headline=(("pair_accuracy", "pair_accuracy"),), title="reward model",
+        section="rm", loop_sets=("dataset", "output_dir", *_RESUME),
+        # the loop's pairs carry no margin meant for the RM (a `margin` column there is the judge's)
+        loop_defaults=(("margin_column", None),),
+    ),
+    Method(
+        "dpo", "preference optimization: DPO, cDPO, IPO, hinge, SimPO",
+        module=".dpo", config_name="DPOConfig", train_name="train_dpo",
+        data="pairs", columns=("prompt", "chosen", "rejected"),
+        evaluate=_dpo_accuracy, evaluate_key="pair_accuracy",
+        metrics=(*_PAIRWISE, ("final_rewards_chosen", "last", "rewards_chosen"),
+                 ("final_rewards_rejected", "last", "rewards_rejected")),
+        headline=(("final_loss", "final_loss"),), title="DPO",
+        loop=True, section="train", loop_sets=("model", "dataset", "output_dir", *_RESUME),
+    ),
+    Method(
+        "ppo", "PPO against a reward model or a Python reward function",
+        module=".ppo", config_name="PPOConfig", train_name="train_ppo",
+        data="prompts", columns=("prompt",),
+        metrics=(("first_score_mean", "first", "score_mean"), ("final_score_mean", "last", "score_mean"),
+                 ("final_reward_mean", "last", "reward_mean"), ("final_kl", "last", "kl"),
+                 ("final_clipfrac", "last", "clipfrac"), ("final_eos_fraction", "last", "eos_fraction"),
+                 ("final_response_length", "last", "response_length")),
+        record=("rollout_backend",),
+        headline=(("first_score", "first_score_mean"), ("final_score", "final_score_mean"), ("final_kl", "final_kl")),
+        title="PPO", section="ppo",
+        loop_sets=("model", "dataset", "output_dir", *_RESUME, "reward_model", "reward_function"),
+        reward_from="reward_model",
+    ),
+    Method(
+        "rm_ppo", "a reward model on the pairs, then PPO against it",
+        steps=("rm", "ppo"), loop=True,
+    ),
+)}
+
+
+def trainers() -> dict[str, Method]:
+    """Single training runs: the sub-commands of ``synthfb train``."""
+    return {k: m for k, m in METHODS.items() if m.is_trainer}
+
+
+def loop_methods() -> dict[str, Method]:
+    """Methods a loop file's ``method:`` may name (a round's pairs -> a new policy)."""
+    return {k: m for k, m in METHODS.items() if m.loop}
+
+
+def loop_sections() -> dict[str, Method]:
+    """Loop-file section -> the trainer whose settings it holds (``train`` -> dpo, ``rm``, ``ppo``)."""
+    return {s.section: s for m in loop_methods().values() for s in m.step_methods()}
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown training method {name!r}; expected one of {sorted(METHODS)}") from None
+
+
+def _check_registry() -> None:
+    for m in METHODS.values():
+        for s in m.steps:
+            assert s in METHODS and METHODS[s].is_trainer, f"{m.name}: step {s!r} is not a registered trainer"
+        if m.loop:
+            steps = m.step_methods()
+            assert steps[-1].produces == "policy", f"{m.name}: a loop method's last step must produce the policy"
+            assert all(s.section for s in steps), f"{m.name}: every step needs a loop-file section"
+
+
+_check_registry()
