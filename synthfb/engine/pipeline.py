@@ -16,7 +16,7 @@ from typing import Any
 from ..data import yamlio
 from ..llm import BACKENDS
 from ..data.config import describe as _describe, validate as _validate_with  # noqa: F401 - _describe re-exported
-from ..data.config import dataclass_schema
+from ..data.config import ConfigError, dataclass_schema, option
 from .stage import SourceStage, Stage, stage_kinds
 
 # A pipeline's (or loop's) name is the default output folder runs/NAME, so it
@@ -28,37 +28,32 @@ NAME_SCHEMA: dict[str, Any] = {
                    "the default output folder is runs/NAME)",
 }
 
-PIPELINE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["name", "stages"],
-    "additionalProperties": False,
-    "properties": {
-        "name": NAME_SCHEMA,
-        "description": {"type": "string", "description": "what is built and why (goes into the data card)"},
-        "license": {"type": "string", "description": "license of the output dataset"},
-        "backend": {"enum": list(BACKENDS), "description": "inference backend"},
-        "model": {"type": "string", "description": "default model: alias, local folder, or hub id"},
-        "backend_options": {"type": "object", "description": "passed to the backend constructor"},
-        "models": {
-            "type": "object",
-            "description": "per-model backend options, keyed by model name",
-            "additionalProperties": {"type": "object"},
-        },
-        "seed": {"type": "integer"},
-        "chunk_size": {"type": "integer", "minimum": 1},
-        "max_failure_rate": {"type": "number", "minimum": 0, "maximum": 1,
-                             "description": "a stage with a larger fraction of failed rows (or all of them) fails "
-                                            "the run (exit 1); --resume retries them (default 0.5)"},
-        "stages": {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "object", "required": ["stage"], "properties": {"stage": {"type": "string"}}},
-        },
-    },
-}
+@dataclass
+class PipelineFile:
+    """The top level of a pipeline file (the stages are checked one by one
+    against their own config dataclasses)."""
+
+    name: str = option(help=NAME_SCHEMA["description"], schema={"pattern": NAME_SCHEMA["pattern"]}, required=True)
+    stages: list[dict] = option([], "the stages, in order; the first reads data (e.g. `stage: load`)", required=True,
+                                schema={"minItems": 1, "items": {"type": "object", "required": ["stage"],
+                                                                 "properties": {"stage": {"type": "string"}}}})
+    description: str = option("", "what is built and why (goes into the data card)")
+    license: str | None = option(None, "license of the output dataset")
+    backend: str = option("vllm", "inference backend", schema={"enum": list(BACKENDS)})
+    model: str = option("default", "default model: alias, local folder, or hub id")
+    backend_options: dict = option({}, "passed to the backend constructor")
+    models: dict[str, dict] = option({}, "per-model backend options, keyed by model name")
+    seed: int = option(0, "run seed: engine sampling seed and every stage's ctx.rng")
+    chunk_size: int = option(2048, "rows per chunk (the unit of checkpointing and of one batched engine call)",
+                             ge=1)
+    max_failure_rate: float = option(0.5, "a stage with a larger fraction of failed rows (or all of them) fails "
+                                          "the run (exit 1); --resume retries them", ge=0, le=1)
 
 
-class PipelineError(ValueError):
+PIPELINE_SCHEMA: dict[str, Any] = dataclass_schema(PipelineFile)
+
+
+class PipelineError(ConfigError):
     """A pipeline file is invalid; the message names file and field."""
 
 
