@@ -32,7 +32,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         print("synthfb: error: --resume and --overwrite exclude each other", file=sys.stderr)
         return 2
-    pipeline = Pipeline.from_yaml(args.pipeline)
+    from .data.shipped import config_path
+
+    pipeline = Pipeline.from_yaml(config_path(args.pipeline))
     if args.backend:
         pipeline.backend = args.backend
     if args.model:
@@ -64,14 +66,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .engine import Pipeline
     from .loop.config import load_loop, looks_like_loop
 
-    path = Path(args.file)
+    from .data.shipped import config_path
+
+    path = Path(config_path(args.file))
     try:
         data = yamlio.load_file(path, "pipeline or loop file")
         if looks_like_loop(data):
             loop = load_loop(path, data=data, base_dir=path.parent.resolve())
             stages = ", ".join(sd["stage"] for sd in loop.pairs_stages)
             steps = f" ({' -> '.join(s.name for s in loop.steps)})" if len(loop.steps) > 1 else ""
-            print(f"loop file {args.file}: ok ({loop.rounds} round{'s' if loop.rounds != 1 else ''}, method "
+            print(f"loop file {path}: ok ({loop.rounds} round{'s' if loop.rounds != 1 else ''}, method "
                   f"{loop.method}{steps}, pairs stages: {stages}; {len(loop.prompts)} training prompts, "
                   f"{len(loop.eval.prompts)} held-out)")
             return 0
@@ -80,7 +84,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         return 2
     pipeline = Pipeline.from_dict(data, path.parent.resolve(), str(path))
     pipeline.check_columns()
-    print(f"pipeline file {args.file}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
+    print(f"pipeline file {path}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
     return 0
 
 
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline file", description=(
         "Run PIPELINE.yaml chunk by chunk. Finished chunks are on disk before the next starts; "
         "--resume continues a stopped run (even after kill -9) without losing or duplicating rows."))
-    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("pipeline", help="pipeline YAML file, or the name of a shipped one (e.g. quickstart)")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out, reusing finished chunks and unchanged stages; chunks with failed "
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plus its training method's trainer settings, prompts and held-out set). The "
                                    "kind is told by content: a file without `stages` that has loop keys (`pairs`, "
                                    "`policy`, `eval`, `rounds`, ...) is a loop file.")
-    p.add_argument("file", metavar="FILE", help="pipeline or loop YAML file")
+    p.add_argument("file", metavar="FILE", help="pipeline or loop YAML file, or the name of a shipped one")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("card", help="(re)write the data card of a finished run",

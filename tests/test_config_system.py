@@ -259,3 +259,18 @@ def test_registry_is_import_light():
             "assert 'torch' not in sys.modules, 'torch imported'; print(sorted(m.METHODS))")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_shipped_files_by_name(tmp_path, capsys, monkeypatch):
+    """`synthfb validate quickstart` / `rlaif_tiny.yaml` from any folder name the
+    shipped files; a path that exists always wins; an unknown name is an error."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "quickstart"]) == 0
+    assert "pipelines/quickstart.yaml: ok" in capsys.readouterr().out
+    assert main(["validate", "rlaif_tiny.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("loop file ")
+    (tmp_path / "quickstart").write_text("name: [")
+    assert main(["validate", "quickstart"]) == 2  # the user's own file, not the shipped one
+    capsys.readouterr()
+    assert main(["validate", "no_such_pipeline"]) == 2
+    assert "no_such_pipeline" in capsys.readouterr().err

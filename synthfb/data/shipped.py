@@ -27,3 +27,14 @@ def shipped_dir(name: str) -> Path:
         if d.is_dir():
             return d
     return PACKAGE_DIR / "_shipped" / name
+
+
+def config_path(arg: str) -> str:
+    """A pipeline or loop file named on the command line: the path itself,
+    or, when no such file exists and ``arg`` is a plain name (``quickstart``,
+    ``rlaif_tiny.yaml``), the shipped file of that name."""
+    p = Path(arg)
+    if p.exists() or "/" in arg or "\\" in arg or not arg or arg.startswith("."):
+        return arg
+    shipped = shipped_dir("pipelines") / (arg if arg.endswith((".yaml", ".yml")) else f"{arg}.yaml")
+    return str(shipped) if shipped.is_file() else arg

@@ -25,9 +25,10 @@ def _cmd_loop(args: argparse.Namespace) -> int:
     from ..engine import RunError, StageFailed
 
     try:
+        from ..data.shipped import config_path
         from .runner import run_loop
 
-        result = run_loop(args.loop, args.out, resume=args.resume, overwrite=args.overwrite,
+        result = run_loop(config_path(args.loop), args.out, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
     except (ConfigError, FolderError, RunError) as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
@@ -59,7 +60,7 @@ def add_loop_parser(subparsers) -> argparse.ArgumentParser:
                     "checkpoint. Rounds and the steps inside them resume after a kill (--resume). "
                     f"Methods (`method:`, the training-method registry shared with `synthfb train`): {methods}. "
                     "`synthfb validate LOOP.yaml` checks a loop file without running it.")
-    p.add_argument("loop", help="loop YAML file")
+    p.add_argument("loop", help="loop YAML file, or the name of a shipped one (e.g. rlaif_tiny)")
     p.add_argument("--out", help="loop folder (default runs/NAME)")
     p.add_argument("--resume", action="store_true",
                    help="continue the loop in --out: finished rounds, pairs chunks and training checkpoints are reused")
