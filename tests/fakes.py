@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 from synthfb.llm.base import make_completion
 from synthfb.llm.types import (
@@ -71,8 +72,8 @@ class Reply:
     finish_reason: str | None = None
 
 
-Match = Union[str, "re.Pattern[str]", Callable[[Any], bool]]
-ReplySpec = Union[str, Reply, list, Callable[[GenerationRequest, int], Any]]
+Match = str | re.Pattern[str] | Callable[[Any], bool]
+ReplySpec = str | Reply | list | Callable[[GenerationRequest, int], Any]
 
 
 def render_messages(messages: list[dict[str, str]]) -> str:

@@ -94,6 +94,7 @@ def kill_at_random_point(proc: subprocess.Popen, out: Path, rng: random.Random) 
     return True
 
 
+@pytest.mark.engine  # CLI runs (subprocesses) on the transformers backend, killed and resumed
 @pytest.mark.timeout(1800)
 def test_random_sigkills_then_resume_equal_uninterrupted(tmp_path, tiny_model):
     f = pipeline_file(tmp_path, tiny_model)

@@ -158,6 +158,7 @@ def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
     assert res.rounds[1] == m1 and m1["policy"]["path"] == str(out / "round-00" / "checkpoint")
 
 
+@pytest.mark.engine  # a whole loop on the transformers backend (generation, training)
 @pytest.mark.timeout(600)
 def test_self_judging_loop_on_transformers_backend(tmp_path, tiny_model):
     """`judge: policy`: each round's policy ranks its own samples, while the

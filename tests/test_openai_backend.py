@@ -42,7 +42,8 @@ FAST = dict(retry_wait_min=0.01, retry_wait_max=0.05)  # tiny backoff for fault 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def vllm_server(tiny_model):
+    """`vllm serve` of the tiny model (tests using it are marked `engine` by conftest)."""
     proc, base_url = start_vllm_server(tiny_model, served_model_name=MODEL)
     try:
         yield base_url
@@ -51,13 +52,13 @@ def server(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def root_url(server):
-    return server[: -len("/v1")]
+def root_url(vllm_server):
+    return vllm_server[: -len("/v1")]
 
 
 @pytest.fixture()
-def gen(server):
-    g = OpenAIGenerator(MODEL, base_url=server, timeout=120)
+def gen(vllm_server):
+    g = OpenAIGenerator(MODEL, base_url=vllm_server, timeout=120)
     yield g
     g.close()
 
@@ -67,12 +68,12 @@ def _chat(n=1, max_tokens=16, **kw):
 
 
 # ------------------------------------------------------------------ basics
-def test_info_detection_and_key_not_stored(server, monkeypatch):
+def test_info_detection_and_key_not_stored(vllm_server, monkeypatch):
     secret = "sk-test-secret-do-not-store"
     monkeypatch.setenv("SYNTHFB_TEST_KEY", secret)
-    g = OpenAIGenerator(MODEL, base_url=server, api_key_env="SYNTHFB_TEST_KEY")
+    g = OpenAIGenerator(MODEL, base_url=vllm_server, api_key_env="SYNTHFB_TEST_KEY")
     assert isinstance(g, Generator)
-    assert g.info.name == MODEL and g.info.path == server and g.info.backend == "openai"
+    assert g.info.name == MODEL and g.info.path == vllm_server and g.info.backend == "openai"
     assert g.info.revision == "unknown"  # vLLM's /v1/models has no revision field
     assert g.is_vllm
     assert secret not in json.dumps(dataclasses.asdict(g.info))
@@ -126,8 +127,8 @@ def test_seed_and_running_loop(gen):
     assert a == b
 
 
-def test_token_count_split_without_vllm_extensions(server):
-    g = OpenAIGenerator(MODEL, base_url=server, vllm_extensions=False)
+def test_token_count_split_without_vllm_extensions(vllm_server):
+    g = OpenAIGenerator(MODEL, base_url=vllm_server, vllm_extensions=False)
     assert not g.is_vllm
     [res] = g.generate([_chat(n=3, max_tokens=8)])
     assert res.error is None and len(res.completions) == 3

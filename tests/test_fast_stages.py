@@ -1,0 +1,818 @@
+"""Every shipped pipeline, end to end, on a scripted fake model (fast tier).
+
+Each test loads a pipeline file from ``pipelines/`` as it ships (only the
+input size, the chunk size and the iterative stages' targets are made
+smaller), runs it through the public API (``Pipeline.from_dict`` ->
+``Runner`` with ``generators={"default": fake}``) and reads the rows back
+from the run folder. The fake (``tests/fakes.py``) answers every prompt the
+way the stage's parser expects, fails some requests on purpose, and records
+every request it saw. Per pipeline:
+
+1. a run with injected failures: rows kept, output columns, the failures
+   counted (``failed_requests``) and recorded in ``run.json``, and the
+   requests the fake saw (raw prompt vs chat, system prompts, ``n``,
+   sampling settings);
+2. ``resume`` once the failures are gone: only the chunks that had failed
+   rows are sent again;
+3. ``resume`` of the finished run: the same rows, every stage reused, no
+   new ``generate``/``score`` call.
+
+Nothing here imports stage classes: they are being rewritten, and these
+tests must hold for any implementation of the same pipelines.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+from fakes import FakeGenerator, Reply, last_user, request_text
+
+from synthfb.engine import Pipeline, Runner, StageFailed
+from synthfb.llm.types import GenerationRequest, Generator, SamplingParams, ScoreRequest
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = REPO / "pipelines"
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+def shipped(name: str) -> dict[str, Any]:
+    """A shipped pipeline file as a dict (to shrink its input before running)."""
+    return yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
+
+
+def stage_cfg(d: dict[str, Any], kind: str) -> dict[str, Any]:
+    [cfg] = [s for s in d["stages"] if s["stage"] == kind]
+    return cfg
+
+
+def run(d: dict[str, Any], out: Path, fake: FakeGenerator, **kw):
+    """Run pipeline dict ``d`` (paths relative to pipelines/) into ``out`` with ``fake`` as every model."""
+    p = Pipeline.from_dict(copy.deepcopy(d), PIPELINES, source=f"pipelines/{d['name']}.yaml")
+    return Runner(p, out, generators={p.model: fake}, progress=False, **kw).run()
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return datasets.load_from_disk(str(out / "dataset")).to_list()
+
+
+def manifest(out: Path) -> dict[str, Any]:
+    return json.loads((out / "run.json").read_text())
+
+
+def by_id(rs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["row_id"]: r for r in rs}
+
+
+def failures_of(m: dict[str, Any], i: int) -> list[dict[str, str]]:
+    return m["stages"][i]["failures"]
+
+
+def check_columns(rs: list[dict[str, Any]], expected: set[str]) -> None:
+    assert rs, "no rows"
+    assert set(rs[0]) == expected | {"row_id", "provenance"}, sorted(rs[0])
+    assert len({r["row_id"] for r in rs}) == len(rs)
+
+
+def check_provenance(rs: list[dict[str, Any]], fake: FakeGenerator) -> None:
+    for r in rs:
+        prov = r["provenance"][-1]
+        assert prov["backend"] == fake.info.backend and prov["model"] == fake.info.name
+        assert prov["model_revision"] == fake.info.revision
+
+
+def check_params(req: GenerationRequest, **want: Any) -> None:
+    got = {k: getattr(req.params, k) for k in want}
+    want = {k: tuple(v) if isinstance(v, list) else v for k, v in want.items()}
+    assert got == want
+
+
+def resume_retries_then_reuses(d: dict[str, Any], out: Path, fake: FakeGenerator,
+                               retried_stage: int) -> tuple[list[dict], list[GenerationRequest]]:
+    """Steps 2 and 3 of the module docstring; the caller clears ``fake.failures`` first.
+    ``retried_stage``: the first stage that had failed rows.
+
+    Returns the rows of the complete run and the requests the retry sent."""
+    fake.forget()
+    res = run(d, out, fake, resume=True)
+    m = res.manifest
+    assert m["status"] == "finished"
+    assert not any(s["failures"] for s in m["stages"])
+    assert all(s["reused"] for s in m["stages"][:retried_stage])
+    assert not m["stages"][retried_stage]["reused"]
+    # only the chunks that had failed rows went to the model again
+    assert fake.num_generate_calls + fake.num_score_calls >= 1
+    full = rows(out)
+    assert len(full) == res.num_rows
+    retried = list(fake.requests)
+
+    fake.forget()
+    again = run(d, out, fake, resume=True)
+    assert fake.num_generate_calls == 0 and fake.num_score_calls == 0, fake
+    assert all(s["reused"] for s in again.manifest["stages"])
+    assert rows(out) == full
+    return full, retried
+
+
+# -- the fake itself ---------------------------------------------------------------------------------------------
+
+def test_fake_generator_shapes():
+    fake = FakeGenerator(rules=[("json", '{"label": "yes"}'), ("list", ["a b", Reply("c", "length")]),
+                                ("long", "one two three four five six")],
+                         default="plain", failures={"boom": "HTTP 500: down"})
+    assert isinstance(fake, Generator)
+    reqs = [GenerationRequest(prompt="list", params=SamplingParams(n=3)),
+            GenerationRequest(messages=[{"role": "user", "content": "json"}],
+                              json_schema={"type": "object", "required": ["label"]}),
+            GenerationRequest(messages=[{"role": "user", "content": "json"}], json_schema={"type": "array"}),
+            GenerationRequest(prompt="boom"),
+            GenerationRequest(prompt="long", params=SamplingParams(max_tokens=3)),
+            GenerationRequest(prompt="long", params=SamplingParams(stop=[" four"])),
+            GenerationRequest(prompt="other")]
+    res = fake.generate(reqs, desc="t")
+    assert len(res) == len(reqs)
+    assert [c.text for c in res[0].completions] == ["a b", "c", "a b"]
+    assert [c.finish_reason for c in res[0].completions] == ["stop", "length", "stop"]
+    assert res[1].completions[0].parsed == {"label": "yes"} and res[1].completions[0].error is None
+    assert res[2].completions[0].parsed is None and "schema violation" in res[2].completions[0].error
+    assert res[3].error == "HTTP 500: down" and res[3].completions == []
+    assert (res[4].completions[0].text, res[4].completions[0].finish_reason) == ("one two three", "length")
+    assert (res[5].completions[0].text, res[5].completions[0].finish_reason) == ("one two three", "stop")
+    assert res[6].completions[0].text == "plain" and res[6].completions[0].num_tokens == 1
+    assert fake.usage.requests == 7 and fake.usage.failures == 1
+    assert fake.num_generate_calls == 1 and fake.generate_calls[0][0] == "t" and fake.requests == reqs
+
+    scored = FakeGenerator(logprobs=lambda ctx, cont: -1.0 if cont == " (A)" else -2.0,
+                           score_failures={"bad": "engine died"})
+    out = scored.score([ScoreRequest(" (A)", prompt="x"), ScoreRequest(" (B)", messages=[{"role": "user", "content": "y"}])])
+    assert [r.logprob for r in out] == [-1.0, -2.0] and out[1].token_logprobs == [-2.0]
+    assert scored.num_score_calls == 1 and len(scored.score_requests) == 2
+    with pytest.raises(RuntimeError, match="engine died"):
+        scored.score([ScoreRequest(" (A)", prompt="bad")])
+    default = FakeGenerator()
+    a, b = default.score([ScoreRequest(" (A)", prompt="x")] * 2)
+    assert a.logprob == b.logprob < 0  # deterministic
+
+    counter = itertools.count()
+    fn = FakeGenerator(lambda req, k: f"{last_user(req)}-{k}-{next(counter)}")
+    [r] = fn.generate([GenerationRequest(prompt="p", params=SamplingParams(n=2))])
+    assert [c.text for c in r.completions] == ["p-0-0", "p-1-1"]
+
+
+def test_every_shipped_pipeline_has_a_fast_test():
+    """A new pipeline file needs its test here (loop files, without `stages`, are not pipelines)."""
+    files = {f.stem for f in PIPELINES.glob("*.yaml") if "stages" in yaml.safe_load(f.read_text())}
+    tested = {name[len("test_shipped_"):] for name in globals() if name.startswith("test_shipped_")}
+    assert files == tested
+
+
+# -- quickstart: load -> generate ---------------------------------------------------------------------------------
+
+def test_shipped_quickstart(tmp_path):
+    d = shipped("quickstart")
+    d["chunk_size"] = 3  # 8 seeds: chunks of 3, 3, 2
+    fake = FakeGenerator(rules=[("friendly email", " ".join(["word"] * 300))],  # longer than max_tokens 200
+                         default=lambda req, k: f"Answer: {last_user(req)}",
+                         failures=[("why the sky is blue", "HTTP 500: engine crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    seeds = [json.loads(x)["instruction"] for x in (PIPELINES / "seeds/quickstart.jsonl").read_text().splitlines()]
+    # requests: one chat user turn per seed (respond.jinja is the instruction itself), no system prompt
+    assert fake.num_generate_calls == 3
+    assert [r.messages for r in fake.requests] == [[{"role": "user", "content": s}] for s in seeds]
+    for r in fake.requests:
+        check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=200)
+    # rows: every seed but the failed one, with its answer
+    rs = rows(out)
+    check_columns(rs, {"instruction", "response"})
+    assert m["status"] == "finished" and res.num_rows == len(rs) == len(seeds) - 1
+    long_row = next(r for r in rs if "friendly email" in r["instruction"])
+    assert long_row["response"] == " ".join(["word"] * 200)
+    assert long_row["provenance"][-1]["finish_reason"] == "length"
+    for r in rs:
+        if r is not long_row:
+            assert r["response"] == f"Answer: {r['instruction']}"
+            assert r["provenance"][-1]["finish_reason"] == "stop"
+    check_provenance(rs, fake)
+    assert json.loads(rs[0]["provenance"][-1]["sampling"])["temperature"] == 0.7
+    # the failure: counted and recorded, with the engine's message
+    gen = m["stages"][1]
+    assert gen["rows_in"] == len(seeds) and gen["rows_out"] == len(seeds) - 1
+    assert gen["counts"]["failed_requests"] == 1 and gen["counts"]["truncated_outputs"] == 1
+    [f] = gen["failures"]
+    assert "HTTP 500: engine crashed" in f["reason"]
+    assert f["row_id"] not in {r["row_id"] for r in rs}
+    assert gen["usage"]["requests"] == len(seeds) and gen["usage"]["failures"] == 1
+
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=1)
+    # "why the sky is blue" is seed 2 of 8: only chunk 0 (seeds 1-3) is sent again
+    assert [last_user(r) for r in retried] == seeds[:3]
+    assert len(full) == len(seeds)
+    assert by_id(full)[f["row_id"]]["response"] == f"Answer: {seeds[1]}"
+    assert {r["row_id"]: r["response"] for r in full}.items() >= {r["row_id"]: r["response"] for r in rs}.items()
+
+
+def test_a_stage_whose_requests_all_fail_fails_the_run(tmp_path):
+    d = shipped("quickstart")
+    fake = FakeGenerator(failures=[(lambda req: True, "HTTP 500: no engine")])
+    out = tmp_path / "run"
+    with pytest.raises(StageFailed, match="8 of 8 row"):
+        run(d, out, fake)
+    m = manifest(out)
+    assert m["status"] == "failed" and "HTTP 500: no engine" in m["error"]
+    assert not (out / "dataset").exists()
+
+
+# -- self_instruct: bootstrap -> classify -> instances ------------------------------------------------------------
+
+WORDS = [
+    "amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kelp", "lagoon",
+    "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra", "umber", "violet", "willow",
+    "yarrow", "zephyr", "acorn", "bramble", "canyon", "dune", "estuary", "fern", "glacier", "heather", "island",
+    "jasmine", "kestrel", "lichen", "marsh", "nettle", "oasis", "prairie", "quill", "reef", "sorrel", "thistle",
+    "upland", "vale", "wren", "yew", "alder", "birch", "cobalt", "dahlia", "elm", "flint", "grove", "hazel",
+    "indigo", "jade", "knoll", "loam", "maple", "nutmeg", "opal", "pine", "quince", "rowan", "slate", "teal",
+    "umbra", "verbena", "walnut",
+]
+
+
+def novel_instruction(i: int) -> str:
+    """A task instruction no seed and no other i resembles (random words; ROUGE-L stays low)."""
+    rng = random.Random(i)
+    return "Describe " + " ".join(rng.sample(WORDS, 7))
+
+
+class SelfInstructScript:
+    """Answers the three Self-Instruct prompts; remembers which new task is a classification one."""
+
+    def __init__(self):
+        self.count = itertools.count()
+        self.is_clf: dict[str, bool] = {}
+
+    def bootstrap(self, req, k):
+        a, b = (novel_instruction(next(self.count)) for _ in range(2))
+        for t in (a, b):
+            self.is_clf[t] = len(self.is_clf) % 2 == 1
+        # the prompt ends with "9.": the first item is unnumbered; the third is blacklisted ("picture")
+        return f" {a}\n10. {b}\n11. Draw a picture of a happy dog in the park\n"
+
+    @staticmethod
+    def task(req) -> str:
+        return re.findall(r"Task: (.*)", request_text(req))[-1].strip()
+
+    def classify(self, req, k):
+        return " Yes" if self.is_clf.get(self.task(req)) else " No"
+
+
+def test_shipped_self_instruct(tmp_path):
+    d = shipped("self_instruct")
+    d["chunk_size"] = 4
+    stage_cfg(d, "self_instruct_bootstrap").update(num_instructions=6, prompts_per_step=2, max_steps=6)
+    script = SelfInstructScript()
+    first = novel_instruction(1)  # a classification task (the script says yes to every second one)
+    fake = FakeGenerator(rules=[
+        ("Write a list of new and varied tasks:", script.bootstrap),
+        ("Is it classification?", script.classify),
+        ("list its possible class labels", ("\nClass label: Positive\nText: I loved it.\n"
+                                            "Class label: Negative\nText: I did not like it at all.")),
+        ("For each task, write one or more examples.", ("\nExample 1\nInput: two apples\nOutput: a pair of apples\n"
+                                                        "Example 2\nInput: three pears\nOutput: a few pears")),
+    ], default=Reply("unexpected prompt", "stop"),
+        failures=[(lambda req: "Is it classification?" in request_text(req) and SelfInstructScript.task(req) == first,
+                   "HTTP 500: classifier down")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    assert [s["kind"] for s in m["stages"]] == ["load", "self_instruct_bootstrap", "self_instruct_classify",
+                                                "self_instruct_instances"]
+    texts = [request_text(r) for r in fake.requests]
+    assert "unexpected prompt" not in json.dumps(rows(out))
+    # bootstrap: 2 raw prompts per step, 8 demos each, ending in "9.", the reference decoding (max_tokens from the file)
+    boot = [r for r, t in zip(fake.requests, texts) if "Write a list of new and varied tasks:" in t]
+    assert len(boot) == 4  # 2 steps of 2 prompts: 4 accepted per step, target 6
+    for r in boot:
+        assert r.messages is None and r.prompt.endswith("\n9.") and "\n8. " in r.prompt
+        check_params(r, n=1, temperature=0.7, top_p=0.5, presence_penalty=2.0, max_tokens=256)
+    boot_rec = m["stages"][1]
+    assert boot_rec["rows_out"] == 6 and boot_rec["counts"]["dropped_blacklisted_keyword"] >= 2
+    # classify: greedy, raw, one request per new task
+    clf = [r for r, t in zip(fake.requests, texts) if "Is it classification?" in t]
+    assert len(clf) == 6 and all(r.prompt is not None for r in clf)
+    for r in clf:
+        check_params(r, temperature=0.0, max_tokens=3)
+    [f] = failures_of(m, 2)
+    assert "classifier down" in f["reason"] and m["stages"][2]["counts"]["failed_requests"] == 1
+    # instances: one row per parsed instance, output-first for classification tasks
+    rs = rows(out)
+    check_columns(rs, {"instruction", "source", "step", "demo_ids", "rouge_l_max", "most_similar",
+                       "is_classification", "input", "output", "generation_mode"})
+    assert len(rs) == 12  # 6 tasks x 2 instances
+    tasks = {r["instruction"] for r in rs}
+    assert len(tasks) == 6 and tasks <= set(script.is_clf) and first in tasks
+    for r in rs:
+        assert r["source"] == "machine" and len(r["demo_ids"]) == 8 and r["rouge_l_max"] < 0.7
+        want_clf = script.is_clf[r["instruction"]] and r["instruction"] != first  # failed: unparseable_as (false)
+        assert r["is_classification"] is want_clf
+        if want_clf:
+            assert r["generation_mode"] == "output_first" and r["output"] in ("Positive", "Negative")
+            assert r["input"] in ("Text: I loved it.", "Text: I did not like it at all.")
+        else:
+            assert r["generation_mode"] == "input_first"
+            assert (r["input"], r["output"]) in (("two apples", "a pair of apples"), ("three pears", "a few pears"))
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert len(retried) == 4 + 6  # classify: the failed row's chunk of 4; instances: all 6 tasks again
+    assert len(full) == 12
+    assert all(r["is_classification"] is script.is_clf[r["instruction"]] for r in full)
+
+
+# -- alpaca: one iterative stage ---------------------------------------------------------------------------------
+
+def test_shipped_alpaca(tmp_path):
+    d = shipped("alpaca")
+    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=5, prompts_per_step=2, max_steps=5)
+    count = itertools.count()
+    calls = itertools.count()
+
+    def reply(req, k):
+        a, b = (novel_instruction(100 + next(count)) for _ in range(2))
+        # the prompt ends with "4. Instruction:"; block 6 has no Input/Output (malformed)
+        return (f" {a}\n4. Input:\n<noinput>\n4. Output:\nA short answer.\n###\n"
+                f"5. Instruction: {b}\n5. Input:\nsome input text\n5. Output:\nAnother answer.\n###\n"
+                f"6. Instruction: Broken block without the other fields\n###")
+
+    fake = FakeGenerator(reply, failures=[(lambda req: next(calls) == 1, "HTTP 429: rate limited")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    rs = rows(out)
+    check_columns(rs, {"instruction", "input", "output", "source", "step", "demo_ids", "rouge_l_max",
+                       "most_similar"})
+    assert res.num_rows == len(rs) == 5
+    for r in fake.requests:
+        assert r.messages is None and r.prompt.endswith("4. Instruction:") and r.prompt.count("###") == 4
+        check_params(r, n=1, temperature=1.0, top_p=1.0, max_tokens=768)
+    rec = m["stages"][1]
+    # step 0: prompt 1 failed, prompt 0 gave 2 tasks; step 1: 2 x 2 more, one over the target
+    assert len(fake.requests) == 4 and fake.num_generate_calls == 2
+    [f] = rec["failures"]
+    assert "rate limited" in f["reason"] and rec["counts"]["failed_requests"] == 1
+    assert rec["counts"]["dropped_malformed_block"] == 3
+    assert sorted((r["input"], r["output"]) for r in rs) == sorted(
+        [("", "A short answer."), ("some input text", "Another answer.")] * 2 + [("", "A short answer.")])
+    assert all(len(r["demo_ids"]) == 3 and r["source"] == "machine" for r in rs)
+    check_provenance(rs, fake)
+
+    # an iterative stage is retried from its first step with a failed request
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=1)
+    assert len(full) == 5 and len(retried) == 4  # steps 0 and 1 again, without the failure
+    assert all(r.prompt.endswith("4. Instruction:") for r in retried)
+
+
+# -- backtranslation: segments -> backtranslate -> self_curate ---------------------------------------------------
+
+def _segment(req) -> str:
+    return re.findall(r"Text: (.*?)\nRequest:", request_text(req), re.DOTALL)[-1]
+
+
+def _answer(req) -> str:
+    return re.findall(r"Answer: (.*?)\n\nRate the answer", request_text(req), re.DOTALL)[-1]
+
+
+def test_shipped_backtranslation(tmp_path):
+    d = shipped("backtranslation")
+    d["chunk_size"] = 4
+
+    def backward(req, k):
+        words = _segment(req).split()[:4]
+        # the pipeline's stop ["\n"] cuts the second line
+        return f" How do I {' '.join(words).lower()}?\nThis line is after the stop string."
+
+    def ratings(req, k):
+        ans = _answer(req)
+        if "Deeper is better" in ans:
+            return [" 2", " 3", " 2"][k]  # mean 2.33 < min_score 4
+        if "balcony garden needs" in ans:
+            return ["banana", " 5", " 4"][k]  # one unparseable rating, mean 4.5
+        return [" 5", " 4", " 5"][k]
+
+    fake = FakeGenerator(rules=[("Request:", backward), ("Rate the answer with a whole number", ratings)],
+                         failures=[(lambda req: "Request:" in request_text(req) and "budget is a plan" in _segment(req),
+                                    "HTTP 500: backward model crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    segs, bt, cur = m["stages"][1], m["stages"][2], m["stages"][3]
+    assert segs["rows_out"] >= 4 and segs["counts"]["dropped_segment_too_short"] >= 1  # no model in this stage
+    back = [r for r in fake.requests if r.prompt.rstrip().endswith("Request:")]
+    rate = [r for r in fake.requests if r.prompt.endswith("\nScore:")]
+    assert len(back) == segs["rows_out"] and len(back) + len(rate) == len(fake.requests)
+    for r in back:
+        assert r.messages is None
+        check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=96, stop=["\n"])
+    for r in rate:  # completion mode with the "Score:" prefill, 3 ratings per row
+        assert r.messages is None
+        check_params(r, n=3, temperature=0.7, top_p=0.9, max_tokens=4)
+    [f] = bt["failures"]
+    assert "backward model crashed" in f["reason"] and bt["counts"]["failed_requests"] == 1
+    assert bt["rows_out"] == segs["rows_out"] - 1 == len(rate)
+    assert cur["counts"]["unparseable_ratings"] == 1 and cur["counts"]["dropped_below_min_score"] == 1
+    rs = rows(out)
+    check_columns(rs, {"document_id", "header", "output", "instruction", "source", "system_tag", "curation_score",
+                       "curation_ratings"})
+    assert len(rs) == bt["rows_out"] - 1
+    for r in rs:
+        assert r["instruction"].startswith("How do I ") and r["instruction"].endswith("?")
+        assert "stop string" not in r["instruction"]
+        assert r["source"] == "augmented" and r["system_tag"] == "Answer with knowledge from web search."
+        assert r["curation_score"] >= 4.0
+        if "balcony garden needs" in r["output"]:
+            assert r["curation_ratings"] == [None, 5, 4] and r["curation_score"] == 4.5
+        else:
+            assert r["curation_ratings"] == [5, 4, 5]
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert len(full) == len(rs) + 1
+    assert any("budget is a plan" in r["output"] for r in full)
+
+
+# -- realign: classify -> rewrite ------------------------------------------------------------------------------
+
+def _query(req) -> str:
+    return re.findall(r"Query: (.*)\nCategory:", request_text(req))[-1]
+
+
+def _category(req, k):
+    q = _query(req)
+    if q.startswith(("How do I", "Give me a plan")):
+        return " how_to_generation\nQuery: more text after the stop string"
+    if "Python" in q:
+        return " code_generation"
+    if "poem" in q:
+        return " poem_generation"
+    if q.startswith("Hi!"):
+        return " no idea"  # names no category: the default one
+    return " open_qa"
+
+
+def _original(req) -> str:
+    return re.findall(r"\[Response start\]\n(.*?)\n\[Response end\]", request_text(req), re.DOTALL)[-1]
+
+
+def test_shipped_realign(tmp_path):
+    d = shipped("realign")
+    d["chunk_size"] = 4
+    fake = FakeGenerator(rules=[
+        ("\nCategory:", _category),
+        ("[Response start]", lambda req, k: [" Too short.", f" 1. {_original(req)}\n2. One more step, to be clear."][k]),
+    ], failures=[(lambda req: "[Response start]" in request_text(req) and "egg" in _original(req),
+                  "HTTP 500: rewriter crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    examples = [json.loads(x) for x in (PIPELINES / "data/realign_examples.jsonl").read_text().splitlines()]
+    classify = [r for r in fake.requests if r.prompt.endswith("\nCategory:")]
+    rewrite = [r for r in fake.requests if r not in classify]
+    assert len(classify) == len(examples) == 12
+    for r in classify:
+        assert r.messages is None
+        check_params(r, temperature=0.0, max_tokens=12, stop=["\n"])
+    for r in rewrite:  # completion mode: the system prompt is a paragraph before the prompt; "Revised response:" prefill
+        assert r.messages is None and r.prompt.startswith("You rewrite the format of an AI assistant's response")
+        assert r.prompt.endswith("\nRevised response:")
+        check_params(r, n=2, temperature=0.3, top_p=0.1, max_tokens=384)
+    assert [s["counts"].get("unknown_category", 0) for s in m["stages"][1:]] == [1, 0]
+    rs = rows(out)
+    check_columns(rs, {"instruction", "output", "evidence", "category", "original_response", "realign_tag",
+                       "realign_reason", "edit_rate"})
+    assert len(rs) == 12  # realign keeps every row
+    rewritable = {"how_to_generation", "code_generation", "open_qa"}
+    by_q = {r["instruction"]: r for r in rs}
+    assert by_q["Hi! How are you today?"]["category"] == "default"
+    assert by_q["Write a short poem about the moon."]["realign_reason"] == "category_not_rewritten"
+    assert len(rewrite) == sum(r["category"] in rewritable for r in rs)
+    for r in rs:
+        assert r["original_response"] in {e["output"] for e in examples}
+        if r["category"] in rewritable and "egg" not in r["original_response"]:
+            assert r["realign_tag"] == "rewrite" and r["realign_reason"] == ""
+            assert r["output"] == f"1. {r['original_response']}\n2. One more step, to be clear."
+        else:
+            assert r["realign_tag"] == "original" and r["output"] == r["original_response"]
+    # evidence: only for rag categories, junk snippets removed
+    [au] = [t.prompt for t in rewrite if "capital of Australia" in t.prompt]
+    assert "Canberra is the capital city" in au and "Missing:" not in au and "No good Google" not in au
+    [f] = failures_of(m, 2)
+    assert "rewriter crashed" in f["reason"] and m["stages"][2]["counts"]["failed_requests"] == 1
+    egg = next(r for r in rs if "egg" in r["instruction"])
+    assert egg["realign_reason"] == "failed_request" and egg["row_id"] == f["row_id"]
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert fake.num_generate_calls == 0 and 1 <= len(retried) <= 4  # the rewrites of the failed row's chunk
+    egg = next(r for r in full if "egg" in r["instruction"])
+    assert egg["realign_tag"] == "rewrite"
+
+
+# -- cai_sft: generate -> cai_revise ---------------------------------------------------------------------------
+
+def _current(req) -> str:
+    return re.findall(r"Assistant: (.*?)\n\nCritique request:", last_user(req), re.DOTALL)[-1]
+
+
+def test_shipped_cai_sft(tmp_path):
+    d = shipped("cai_sft")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    constitution = yaml.safe_load((PIPELINES / "data/constitution.yaml").read_text())
+    ids = {p["id"] for p in constitution["principles"]}
+    fake = FakeGenerator(rules=[
+        ("Reply with only the revised response", lambda req, k: f"Revised response: {_current(req)} [rev]"),
+        ("Write a short critique", "The response could be more considerate."),
+    ], default=lambda req, k: f"First answer to: {last_user(req)}",
+        failures=[(lambda req: "Write a short critique" in last_user(req) and "sky is blue" in last_user(req),
+                   "HTTP 500: critic crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    prompts = [json.loads(x)["prompt"] for x in (PIPELINES / "data/feedback_prompts.jsonl").read_text().splitlines()][:4]
+    # generate: 1 call per chunk; cai_revise: 4 rounds x (critiques, revisions) per chunk
+    assert fake.num_generate_calls == 2 + 2 * 8
+    crit = [r for r in fake.requests if "Write a short critique" in last_user(r)]
+    rev = [r for r in fake.requests if "Reply with only the revised response" in last_user(r)]
+    assert len(crit) == 4 * 4 - 3  # the failed row leaves after round 1
+    assert len(rev) == 4 * 3
+    for r in crit + rev:
+        assert [t["role"] for t in r.messages] == ["user"]
+        check_params(r, n=1, temperature=1.0, max_tokens=200)
+    critiques = {p["critique"] for p in constitution["principles"]}
+    revisions = {p["revision"] for p in constitution["principles"]}
+    assert all(any(c in last_user(r) for c in critiques) for r in crit)
+    assert all(any(c in last_user(r) for c in revisions) for r in rev)
+    [f] = failures_of(m, 2)
+    assert "critic crashed" in f["reason"] and m["stages"][2]["counts"]["failed_requests"] == 1
+    rs = rows(out)
+    check_columns(rs, {"id", "prompt", "completion", "initial_response", "revision_step", "cai_steps"})
+    assert len(rs) == 3
+    for r in rs:
+        [user] = r["prompt"]
+        assert user["role"] == "user" and user["content"] in prompts and "sky is blue" not in user["content"]
+        assert r["initial_response"] == f"First answer to: {user['content']}"
+        assert r["completion"] == [{"role": "assistant", "content": r["initial_response"] + " [rev]" * 4}]
+        assert r["revision_step"] == 4 and len(r["cai_steps"]) == 4
+        assert {s["principle_id"] for s in r["cai_steps"]} <= ids
+        assert all(s["critique"] == "The response could be more considerate." for s in r["cai_steps"])
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert len(retried) == 2 * 4 * 2  # the failed row's chunk (2 rows), 4 rounds of critique + revision
+    assert len(full) == 4
+
+
+# -- cai_preferences: generate (n=2) -> cai_label (log-probs) ---------------------------------------------------
+
+def _option(context: str, letter: str) -> str:
+    return re.findall(rf"\({letter}\) \[\[\[(.*?)\]\]\]", context, re.DOTALL)[-1]
+
+
+def kind_is_better(context, continuation) -> float:
+    letter = continuation.strip()[1]
+    return -0.2 if "kind" in _option(context, letter) else -1.7
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_shipped_cai_preferences(tmp_path):
+    d = shipped("cai_preferences")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    fake = FakeGenerator(lambda req, k: ["A rude answer.", "A kind and careful answer."][k], logprobs=kind_is_better,
+                         failures=[("lost their job", "HTTP 500")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    assert len(fake.requests) == 4
+    for r in fake.requests:
+        check_params(r, n=2, temperature=1.0, max_tokens=200)
+        assert [t["role"] for t in r.messages] == ["user"]
+    # 3 labelled rows x 1 principle x 2 orders x 2 options, raw prompts (chat: false)
+    assert len(fake.score_requests) == 3 * 4 and fake.num_score_calls == 2
+    assert all(r.prompt is not None and r.continuation in (" (A)", " (B)") for r in fake.score_requests)
+    assert all(r.prompt.rstrip().endswith("The answer is:") for r in fake.score_requests)
+    [f] = failures_of(m, 1)
+    assert f["reason"] == "HTTP 500" and m["stages"][1]["counts"]["failed_requests"] == 1
+    rs = rows(out)
+    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+                       "p_chosen", "p_response_1", "p_order_ab", "p_order_ba", "position_gap", "principle_ids",
+                       "label_logprobs", "cot_rationales"})
+    assert len(rs) == 3
+    for r in rs:
+        assert r["chosen"] == [{"role": "assistant", "content": "A kind and careful answer."}]
+        assert r["rejected"] == [{"role": "assistant", "content": "A rude answer."}]
+        assert r["p_chosen"] == pytest.approx(sigmoid(1.5)) and r["position_gap"] == pytest.approx(0.0)
+        assert r["p_response_1"] == pytest.approx(1 - sigmoid(1.5))
+        assert len(r["label_logprobs"]) == 2 and r["cot_rationales"] == []
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=1)
+    assert len(full) == 4
+
+
+def test_a_failing_score_call_fails_the_run(tmp_path):
+    d = shipped("cai_preferences")
+    stage_cfg(d, "load")["limit"] = 2
+    fake = FakeGenerator(lambda req, k: ["A rude answer.", "A kind answer."][k],
+                         score_failures=[(lambda req: True, "engine died")])
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="engine died"):
+        run(d, out, fake)
+    m = manifest(out)
+    assert m["status"] == "failed" and "engine died" in m["error"]
+    assert [s["kind"] for s in m["stages"]] == ["load", "generate"]
+
+
+# -- judge_pairs: generate (n=4) -> judge_pairs ----------------------------------------------------------------
+
+CANDIDATES = ["Short answer.", "A fuller answer.", "The most complete answer.", "Off-topic text."]
+JUDGEMENTS = {"Short answer.": "Score: 2", "A fuller answer.": "Some reasoning.\nScore: 3",
+              "The most complete answer.": "Very good.\nScore: 5", "Off-topic text.": ["Score: 1", "no score", "Score: 9"]}
+
+
+def _judged(req) -> str:
+    return re.findall(r"<response>(.*?)</response>", last_user(req), re.DOTALL)[-1]
+
+
+def test_shipped_judge_pairs(tmp_path):
+    d = shipped("judge_pairs")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    fake = FakeGenerator(rules=[("<response>", lambda req, k: JUDGEMENTS[_judged(req)])], default=CANDIDATES,
+                         failures=[(lambda req: "<response>" in last_user(req) and "lost their job" in last_user(req)
+                                    and _judged(req) == "Short answer.", "HTTP 500: judge crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    gen = [r for r in fake.requests if "<response>" not in last_user(r)]
+    judge = [r for r in fake.requests if "<response>" in last_user(r)]
+    assert len(gen) == 4 and len(judge) == 4 * 4
+    for r in gen:
+        check_params(r, n=4, temperature=0.7, top_p=0.9, max_tokens=256)
+    for r in judge:
+        assert [t["role"] for t in r.messages] == ["user"]
+        check_params(r, n=3, temperature=0.7, top_p=0.9, max_tokens=200)
+    rec = m["stages"][2]
+    [f] = rec["failures"]
+    assert "judge crashed" in f["reason"] and rec["counts"]["failed_requests"] == 1
+    assert rec["counts"]["unparseable_judgements_no_score"] == 4
+    assert rec["counts"]["unparseable_judgements_out_of_range"] == 4
+    rs = rows(out)
+    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+                       "all_scores", "judgements_parsed"})
+    assert len(rs) == 4  # the row with a failed judgement still has 3 scored candidates
+    for r in rs:
+        assert r["chosen"] == [{"role": "assistant", "content": "The most complete answer."}]
+        assert r["rejected"] == [{"role": "assistant", "content": "Off-topic text."}]
+        assert r["score_chosen"] == 5.0 and r["score_rejected"] == 1.0 and r["margin"] == 4.0
+        failed = "lost their job" in r["prompt"][0]["content"]
+        assert r["all_scores"] == [None if failed else 2.0, 3.0, 5.0, 1.0]
+        assert r["judgements_parsed"] == [0 if failed else 3, 3, 3, 1]
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert all(r["all_scores"] == [2.0, 3.0, 5.0, 1.0] for r in full)
+
+
+# -- onpolicy_pairs: sample n=5 -> pairwise LLM judge over the full matrix ------------------------------------
+
+def quality(text: str) -> int:
+    return int(re.search(r"quality (\d)", text).group(1))
+
+
+def better_quality_wins(context, continuation) -> float:
+    letter = continuation.strip()[1]
+    answer = re.findall(rf"Answer \({letter}\):\n(.*?)\n\n", context, re.DOTALL)[-1]
+    return -0.5 * (6 - quality(answer))
+
+
+def test_shipped_onpolicy_pairs(tmp_path):
+    d = shipped("onpolicy_pairs")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    q = [3, 1, 4, 5, 2]
+    fake = FakeGenerator(rules=[("sky is blue", "The same answer quality 3")],  # all 5 samples identical
+                         default=lambda req, k: f"Answer {k}: quality {q[k]}", logprobs=better_quality_wins,
+                         failures=[("tips for staying healthy", "HTTP 500")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    m = res.manifest
+    assert len(fake.requests) == 4
+    for r in fake.requests:
+        assert [t["role"] for t in r.messages] == ["user"]
+        check_params(r, n=5, temperature=0.8, top_p=0.95, max_tokens=256)
+    # 2 ranked prompts x 5 x 4 ordered pairs x 2 options, raw prompts of pairwise_judge.jinja
+    assert len(fake.score_requests) == 2 * 5 * 4 * 2
+    assert all(r.prompt is not None and r.prompt.endswith("The better answer is:") for r in fake.score_requests)
+    rec = m["stages"][1]
+    [f] = rec["failures"]
+    assert f["reason"] == "HTTP 500" and rec["counts"]["failed_requests"] == 1
+    assert rec["counts"]["all_responses_identical"] == 1
+    rs = rows(out)
+    check_columns(rs, {"id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+                       "all_responses", "all_scores", "all_ranks", "comparison_matrix", "position_bias", "ranker"})
+    assert len(rs) == 2
+    for r in rs:
+        assert r["chosen"] == [{"role": "assistant", "content": "Answer 3: quality 5"}]
+        assert r["rejected"] == [{"role": "assistant", "content": "Answer 1: quality 1"}]
+        assert r["all_ranks"] == [3, 5, 2, 1, 4] and r["ranker"] == "llm_judge:default"
+        assert r["comparison_matrix"][3][1] == pytest.approx(0.5 * (5 - 1))
+        assert r["position_bias"] == pytest.approx(0.0)
+        assert [p["stage"] for p in r["provenance"]] == ["onpolicy_pairs", "onpolicy_pairs"]
+    check_provenance(rs, fake)
+
+    fake.failures = []
+    full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=1)
+    assert len(full) == 3 and len(retried) == 2  # the failed row's chunk
+
+
+def test_resume_retries_an_iterative_stage_that_failed_the_run(tmp_path):
+    """The run ends when too many of an iterative stage's requests fail; --resume (as the message says)
+    sends them again instead of failing on the stored record."""
+    d = shipped("alpaca")
+    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=2, prompts_per_step=2, max_steps=2)
+    count = itertools.count()
+
+    def reply(req, k):
+        a, b = (novel_instruction(200 + next(count)) for _ in range(2))
+        return (f" {a}\n4. Input:\n<noinput>\n4. Output:\nAn answer.\n###\n"
+                f"5. Instruction: {b}\n5. Input:\nsome input\n5. Output:\nAnother answer.\n###\n")
+
+    fake = FakeGenerator(reply, failures=[(lambda req: True, "HTTP 503: overloaded")])
+    out = tmp_path / "run"
+    with pytest.raises(StageFailed, match="continue with --resume"):
+        run(d, out, fake)
+    fake.failures = []
+    fake.forget()
+    res = run(d, out, fake, resume=True)
+    assert res.num_rows == 2 and fake.num_generate_calls == 1
+    assert not res.manifest["stages"][1]["failures"]
+
+
+def test_the_same_pipeline_object_runs_twice_alike(tmp_path):
+    """backtranslation_segments dedupes across chunks; what it has seen must not leak into the next run
+    of the same Pipeline object (it once dropped every segment of the second run as a duplicate)."""
+    p = Pipeline.from_dict(shipped("backtranslation"), PIPELINES)
+    got = []
+    for name in ("a", "b"):
+        fake = FakeGenerator(rules=[("Request:", " How do I do this thing well?"), ("Rate the answer", " 5")])
+        res = Runner(p, tmp_path / name, generators={"default": fake}, progress=False).run()
+        got.append(res.manifest["stages"][1]["rows_out"])
+    assert got[0] > 0 and got[1] == got[0]
+
+
+def test_segment_dedupe_across_chunks_survives_a_resume(tmp_path):
+    """A run killed mid-stage (its last chunk missing, as a SIGKILL leaves it) and resumed keeps the
+    rows of an uninterrupted run: a duplicate of a segment in an already finished chunk is still dropped."""
+    seg = "This paragraph is long enough to be a segment of its own. " * 7
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"# Title {i}\n\n{seg}"}) + "\n" for i in range(3)))
+    d = {"name": "segs", "chunk_size": 1, "stages": [{"stage": "load", "path": "docs.jsonl", "id_column": "id"},
+                                                     {"stage": "backtranslation_segments"}]}
+
+    def go(out, **kw):
+        return Runner(Pipeline.from_dict(copy.deepcopy(d), tmp_path), out, progress=False, **kw).run()
+
+    assert go(tmp_path / "ref").num_rows == 1
+    out = tmp_path / "killed"
+    go(out)
+    sdir = out / "stages" / "01-backtranslation_segments"
+    for f in sdir.glob("chunk-00002.*"):
+        f.unlink()
+    meta = json.loads((sdir / "stage.json").read_text())
+    (sdir / "stage.json").write_text(json.dumps({**meta, "finished": False}))
+    res = go(out, resume=True)
+    assert [r["row_id"] for r in rows(out)] == ["d0/0"] and res.num_rows == 1
