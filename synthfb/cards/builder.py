@@ -124,22 +124,26 @@ def _citations(kinds: list[str], backends: set[str]) -> list[str]:
 
 def _prompt_files(stage: dict[str, Any], pipeline_dir: Path) -> list[dict[str, str]]:
     """The prompt templates a stage used, for the card: the run records
-    each one (config field, file as written, resolved path, sha256). A
+    each one (config field, file as the pipeline names it, sha256), found
+    again the way the run found it (beside the pipeline, or shipped). A
     file's text is copied only when it still has the hash the run recorded;
     otherwise (changed or gone) the text is left empty. No other file is
     ever read into the card."""
+    from ..llm.prompts import PROMPTS_DIR, find_file
+
     out = []
     for rec in stage.get("templates") or []:
         if not isinstance(rec, dict) or not isinstance(rec.get("field"), str):
             continue
         text = ""
-        path = rec.get("path")
-        if isinstance(path, str) and path:
+        name = rec.get("file")
+        if isinstance(name, str) and name:
             try:
-                raw = Path(path).read_text(encoding="utf-8")
+                raw = find_file(name, pipeline_dir, "prompt template", shipped=(PROMPTS_DIR,), want="file").read_text(
+                    encoding="utf-8")
                 if hashlib.sha256(raw.encode()).hexdigest() == rec.get("sha256"):
                     text = raw
-            except (OSError, UnicodeDecodeError):
+            except (OSError, ValueError, UnicodeDecodeError):
                 text = ""
         out.append({"stage": f"{stage['index']:02d}-{stage['kind']}", "field": rec["field"],
                     "file": str(rec.get("file") or ""), "sha256": str(rec.get("sha256") or ""), "text": text})

@@ -350,8 +350,9 @@ class Stage:
         return fp
 
     def templates_used(self) -> list[dict[str, str]]:
-        """The templates this stage loaded, for the run record and the card."""
-        return [{"field": k, "file": str(getattr(self.config, k, "")), "path": t.source, "sha256": t.sha256}
+        """The templates this stage loaded, for the run record and the card
+        (the file as the pipeline names it, never a local absolute path)."""
+        return [{"field": k, "file": str(getattr(self.config, k, "")), "sha256": t.sha256}
                 for k, t in self.prompt_templates.items()]
 
 
