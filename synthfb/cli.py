@@ -37,6 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.from_yaml(config_path(args.pipeline))
     if args.backend:
         pipeline.backend = args.backend
+        pipeline.check_backend_options()  # the file's options must suit the backend it now runs on
     if args.model:
         pipeline.model = args.model
     if args.chunk_size is not None:
@@ -72,6 +73,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     try:
         data = yamlio.load_file(path, "pipeline or loop file")
         if looks_like_loop(data):
+            if args.backend:
+                raise ConfigError(f"{path}: --backend applies to pipeline files; a loop file sets `backend:` itself")
             loop = load_loop(path, data=data, base_dir=path.parent.resolve())
             stages = ", ".join(sd["stage"] for sd in loop.pairs_stages)
             steps = f" ({' -> '.join(s.name for s in loop.steps)})" if len(loop.steps) > 1 else ""
@@ -83,8 +86,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     pipeline = Pipeline.from_dict(data, path.parent.resolve(), str(path))
+    if args.backend:
+        pipeline.backend = args.backend
+        pipeline.check_backend_options()
     pipeline.check_columns()
-    print(f"pipeline file {path}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)})")
+    print(f"pipeline file {path}: ok ({len(pipeline.stages)} stages: {', '.join(s.kind for s in pipeline.stages)}; "
+          f"backend {pipeline.backend})")
     return 0
 
 
@@ -162,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kind is told by content: a file without `stages` that has loop keys (`pairs`, "
                                    "`policy`, `eval`, `rounds`, ...) is a loop file.")
     p.add_argument("file", metavar="FILE", help="pipeline or loop YAML file, or the name of a shipped one")
+    p.add_argument("--backend", choices=["vllm", "vllm-cpu", "openai", "transformers"],
+                   help="check a pipeline file as `synthfb run --backend` would run it (its options must suit this "
+                        "backend)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("card", help="(re)write the data card of a finished run",

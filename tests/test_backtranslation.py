@@ -204,7 +204,7 @@ def test_backtranslation_pipeline_tiny(tmp_path, tiny_model, vllm_tiny):
         # the tiny model rarely stops on its own: keep truncated instructions so curation has rows
         _stage(d, "backtranslate").update(sampling={"max_tokens": 24, "stop": ["\n"]}, drop_truncated=False)
         c = _stage(d, "self_curate")
-        c.update(num_ratings=2, drop=False, sampling={"max_tokens": 24})
+        c.update(scoring="text", num_ratings=2, drop=False, sampling={"max_tokens": 24})  # the parse path
 
     p = _pipeline(tiny_model, tweak)
     res = run_pipeline(p, tmp_path / "out", generators={p.model: vllm_tiny}, progress=False)

@@ -90,7 +90,7 @@ def test_validate_cli_subprocess_loop_file():
     ((("  max_steps: 2", "  model: other"),), "train.model: set by the loop"),
     ((("      n: 3", "      n: many"),), "pairs.stages[0].n: expected integer, got str 'many'"),
     ((("  chunk_size: 2 ", "  chunk_size: 0 "),), "pairs.chunk_size: must be >= 1, got 0"),
-    ((("  judge_prompt: pairwise_judge.jinja", "  options: [' (A)']"),),
+    ((("  judge_prompt: heldout_judge.jinja", "  options: [' (A)']"),),
      "eval.options: expected exactly 2 items, got 1"),
     ((("name: rlaif_tiny", "name: ../x"),), "name: '../x' is not allowed; expected a plain name"),
     ((("method: rm_ppo", "method: ppo"),), "method: 'ppo' is not one of ['dpo', 'rm_ppo']"),

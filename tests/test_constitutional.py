@@ -128,7 +128,7 @@ def test_cai_label_soft_labels_by_hand(tmp_path, vllm_tiny, hf_tiny):
         assert row["chosen"][0]["content"] == want_chosen
         assert row["rejected"][0]["content"] == (r2 if want_chosen == r1 else r1)
         assert row["p_chosen"] == pytest.approx(max(p, 1 - p), abs=1e-9)
-        assert row["margin"] == pytest.approx(row["score_chosen"] - row["score_rejected"])
+        assert row["score_margin"] == pytest.approx(row["score_chosen"] - row["score_rejected"])
         # the logged log-probs are the model's: re-score order AB with the transformers backend
         comp = const.by_id[row["principle_ids"][0]].comparison
         text = tpl.render({"prompt": src["prompt"], "comparison": comp, "response_a": r1, "response_b": r2})

@@ -27,47 +27,26 @@ import copy
 import itertools
 import json
 import math
-import random
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+# the per-pipeline scripts (the shipped file made small + its fake) live in scripted_runs, shared with
+# other tests; test_sft_contract imports some of them from here (_category)
+import scripted_runs
 from fakes import FakeGenerator, Reply, last_user, request_text
+from scripted_runs import (PIPELINES, SelfInstructScript, _category, _judged, _original, _segment,  # noqa: F401
+                           novel_instruction, rows, run, shipped, stage_cfg)
 
 from synthfb.engine import Pipeline, Runner, StageFailed
 from synthfb.llm.types import GenerationRequest, Generator, SamplingParams, ScoreRequest
 
-REPO = Path(__file__).resolve().parent.parent
-PIPELINES = REPO / "pipelines"
-
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-def shipped(name: str) -> dict[str, Any]:
-    """A shipped pipeline file as a dict (to shrink its input before running)."""
-    return yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
-
-
-def stage_cfg(d: dict[str, Any], kind: str) -> dict[str, Any]:
-    [cfg] = [s for s in d["stages"] if s["stage"] == kind]
-    return cfg
-
-
-def run(d: dict[str, Any], out: Path, fake: FakeGenerator, **kw):
-    """Run pipeline dict ``d`` (paths relative to pipelines/) into ``out`` with ``fake`` as every model."""
-    p = Pipeline.from_dict(copy.deepcopy(d), PIPELINES, source=f"pipelines/{d['name']}.yaml")
-    return Runner(p, out, generators={p.model: fake}, progress=False, **kw).run()
-
-
-def rows(out: Path) -> list[dict[str, Any]]:
-    return datasets.load_from_disk(str(out / "dataset")).to_list()
-
 
 def manifest(out: Path) -> dict[str, Any]:
     return json.loads((out / "run.json").read_text())
@@ -182,11 +161,8 @@ def test_every_shipped_pipeline_has_a_fast_test():
 # -- quickstart: load -> generate ---------------------------------------------------------------------------------
 
 def test_shipped_quickstart(tmp_path):
-    d = shipped("quickstart")
-    d["chunk_size"] = 3  # 8 seeds: chunks of 3, 3, 2
-    fake = FakeGenerator(rules=[("friendly email", " ".join(["word"] * 300))],  # longer than max_tokens 200
-                         default=lambda req, k: f"Answer: {last_user(req)}",
-                         failures=[("why the sky is blue", "HTTP 500: engine crashed")])
+    # chunk_size 3 (8 seeds: chunks of 3, 3, 2); the "friendly email" reply is longer than max_tokens 200
+    d, fake = scripted_runs.quickstart(failures=[("why the sky is blue", "HTTP 500: engine crashed")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -198,7 +174,7 @@ def test_shipped_quickstart(tmp_path):
         check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=200)
     # rows: every seed but the failed one, with its answer
     rs = rows(out)
-    check_columns(rs, {"instruction", "response"})
+    check_columns(rs, {"instruction", "response", "prompt", "completion"})
     assert m["status"] == "finished" and res.num_rows == len(rs) == len(seeds) - 1
     long_row = next(r for r in rs if "friendly email" in r["instruction"])
     assert long_row["response"] == " ".join(["word"] * 200)
@@ -240,59 +216,12 @@ def test_a_stage_whose_requests_all_fail_fails_the_run(tmp_path):
 
 # -- self_instruct: bootstrap -> classify -> instances ------------------------------------------------------------
 
-WORDS = [
-    "amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kelp", "lagoon",
-    "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra", "umber", "violet", "willow",
-    "yarrow", "zephyr", "acorn", "bramble", "canyon", "dune", "estuary", "fern", "glacier", "heather", "island",
-    "jasmine", "kestrel", "lichen", "marsh", "nettle", "oasis", "prairie", "quill", "reef", "sorrel", "thistle",
-    "upland", "vale", "wren", "yew", "alder", "birch", "cobalt", "dahlia", "elm", "flint", "grove", "hazel",
-    "indigo", "jade", "knoll", "loam", "maple", "nutmeg", "opal", "pine", "quince", "rowan", "slate", "teal",
-    "umbra", "verbena", "walnut",
-]
-
-
-def novel_instruction(i: int) -> str:
-    """A task instruction no seed and no other i resembles (random words; ROUGE-L stays low)."""
-    rng = random.Random(i)
-    return "Describe " + " ".join(rng.sample(WORDS, 7))
-
-
-class SelfInstructScript:
-    """Answers the three Self-Instruct prompts; remembers which new task is a classification one."""
-
-    def __init__(self):
-        self.count = itertools.count()
-        self.is_clf: dict[str, bool] = {}
-
-    def bootstrap(self, req, k):
-        a, b = (novel_instruction(next(self.count)) for _ in range(2))
-        for t in (a, b):
-            self.is_clf[t] = len(self.is_clf) % 2 == 1
-        # the prompt ends with "9.": the first item is unnumbered; the third is blacklisted ("picture")
-        return f" {a}\n10. {b}\n11. Draw a picture of a happy dog in the park\n"
-
-    @staticmethod
-    def task(req) -> str:
-        return re.findall(r"Task: (.*)", request_text(req))[-1].strip()
-
-    def classify(self, req, k):
-        return " Yes" if self.is_clf.get(self.task(req)) else " No"
-
-
 def test_shipped_self_instruct(tmp_path):
-    d = shipped("self_instruct")
-    d["chunk_size"] = 4
-    stage_cfg(d, "self_instruct_bootstrap").update(num_instructions=6, prompts_per_step=2, max_steps=6)
+    # chunk_size 4; bootstrap num_instructions=6, prompts_per_step=2, max_steps=6
     script = SelfInstructScript()
     first = novel_instruction(1)  # a classification task (the script says yes to every second one)
-    fake = FakeGenerator(rules=[
-        ("Write a list of new and varied tasks:", script.bootstrap),
-        ("Is it classification?", script.classify),
-        ("list its possible class labels", ("\nClass label: Positive\nText: I loved it.\n"
-                                            "Class label: Negative\nText: I did not like it at all.")),
-        ("For each task, write one or more examples.", ("\nExample 1\nInput: two apples\nOutput: a pair of apples\n"
-                                                        "Example 2\nInput: three pears\nOutput: a few pears")),
-    ], default=Reply("unexpected prompt", "stop"),
+    d, fake = scripted_runs.self_instruct(
+        script=script,
         failures=[(lambda req: "Is it classification?" in request_text(req) and SelfInstructScript.task(req) == first,
                    "HTTP 500: classifier down")])
     out = tmp_path / "run"
@@ -320,7 +249,7 @@ def test_shipped_self_instruct(tmp_path):
     # instances: one row per parsed instance, output-first for classification tasks
     rs = rows(out)
     check_columns(rs, {"instruction", "source", "step", "demo_ids", "rouge_l_max", "most_similar",
-                       "is_classification", "input", "output", "generation_mode"})
+                       "is_classification", "input", "output", "generation_mode", "prompt", "completion"})
     assert len(rs) == 12  # 6 tasks x 2 instances
     tasks = {r["instruction"] for r in rs}
     assert len(tasks) == 6 and tasks <= set(script.is_clf) and first in tasks
@@ -346,25 +275,15 @@ def test_shipped_self_instruct(tmp_path):
 # -- alpaca: one iterative stage ---------------------------------------------------------------------------------
 
 def test_shipped_alpaca(tmp_path):
-    d = shipped("alpaca")
-    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=5, prompts_per_step=2, max_steps=5)
-    count = itertools.count()
+    # bootstrap num_instructions=5, prompts_per_step=2, max_steps=5; each reply: 2 tasks and a malformed block
     calls = itertools.count()
-
-    def reply(req, k):
-        a, b = (novel_instruction(100 + next(count)) for _ in range(2))
-        # the prompt ends with "4. Instruction:"; block 6 has no Input/Output (malformed)
-        return (f" {a}\n4. Input:\n<noinput>\n4. Output:\nA short answer.\n###\n"
-                f"5. Instruction: {b}\n5. Input:\nsome input text\n5. Output:\nAnother answer.\n###\n"
-                f"6. Instruction: Broken block without the other fields\n###")
-
-    fake = FakeGenerator(reply, failures=[(lambda req: next(calls) == 1, "HTTP 429: rate limited")])
+    d, fake = scripted_runs.alpaca(failures=[(lambda req: next(calls) == 1, "HTTP 429: rate limited")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
     rs = rows(out)
     check_columns(rs, {"instruction", "input", "output", "source", "step", "demo_ids", "rouge_l_max",
-                       "most_similar"})
+                       "most_similar", "prompt", "completion"})
     assert res.num_rows == len(rs) == 5
     for r in fake.requests:
         assert r.messages is None and r.prompt.endswith("4. Instruction:") and r.prompt.count("###") == 4
@@ -389,34 +308,12 @@ def test_shipped_alpaca(tmp_path):
 
 # -- backtranslation: segments -> backtranslate -> self_curate ---------------------------------------------------
 
-def _segment(req) -> str:
-    return re.findall(r"Text: (.*?)\nRequest:", request_text(req), re.DOTALL)[-1]
-
-
-def _answer(req) -> str:
-    return re.findall(r"Answer: (.*?)\n\nRate the answer", request_text(req), re.DOTALL)[-1]
-
-
 def test_shipped_backtranslation(tmp_path):
-    d = shipped("backtranslation")
-    d["chunk_size"] = 4
-
-    def backward(req, k):
-        words = _segment(req).split()[:4]
-        # the pipeline's stop ["\n"] cuts the second line
-        return f" How do I {' '.join(words).lower()}?\nThis line is after the stop string."
-
-    def ratings(req, k):
-        ans = _answer(req)
-        if "Deeper is better" in ans:
-            return [" 2", " 3", " 2"][k]  # mean 2.33 < min_score 4
-        if "balcony garden needs" in ans:
-            return ["banana", " 5", " 4"][k]  # one unparseable rating, mean 4.5
-        return [" 5", " 4", " 5"][k]
-
-    fake = FakeGenerator(rules=[("Request:", backward), ("Rate the answer with a whole number", ratings)],
-                         failures=[(lambda req: "Request:" in request_text(req) and "budget is a plan" in _segment(req),
-                                    "HTTP 500: backward model crashed")])
+    # chunk_size 4; backward: "How do I <4 words>?" and a line after the stop string; ratings: "Deeper is
+    # better" gets 2, 3, 2 (mean < min_score 4), "balcony garden needs" one unparseable rating and 5, 4
+    d, fake = scripted_runs.backtranslation(
+        failures=[(lambda req: "Request:" in request_text(req) and "budget is a plan" in _segment(req),
+                   "HTTP 500: backward model crashed")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -437,7 +334,7 @@ def test_shipped_backtranslation(tmp_path):
     assert cur["counts"]["unparseable_ratings"] == 1 and cur["counts"]["dropped_below_min_score"] == 1
     rs = rows(out)
     check_columns(rs, {"document_id", "header", "output", "instruction", "source", "system_tag", "curation_score",
-                       "curation_ratings"})
+                       "curation_ratings", "prompt", "completion"})
     assert len(rs) == bt["rows_out"] - 1
     for r in rs:
         assert r["instruction"].startswith("How do I ") and r["instruction"].endswith("?")
@@ -458,35 +355,10 @@ def test_shipped_backtranslation(tmp_path):
 
 # -- realign: classify -> rewrite ------------------------------------------------------------------------------
 
-def _query(req) -> str:
-    return re.findall(r"Query: (.*)\nCategory:", request_text(req))[-1]
-
-
-def _category(req, k):
-    q = _query(req)
-    if q.startswith(("How do I", "Give me a plan")):
-        return " how_to_generation\nQuery: more text after the stop string"
-    if "Python" in q:
-        return " code_generation"
-    if "poem" in q:
-        return " poem_generation"
-    if q.startswith("Hi!"):
-        return " no idea"  # names no category: the default one
-    return " open_qa"
-
-
-def _original(req) -> str:
-    return re.findall(r"\[Response start\]\n(.*?)\n\[Response end\]", request_text(req), re.DOTALL)[-1]
-
-
 def test_shipped_realign(tmp_path):
-    d = shipped("realign")
-    d["chunk_size"] = 4
-    fake = FakeGenerator(rules=[
-        ("\nCategory:", _category),
-        ("[Response start]", lambda req, k: [" Too short.", f" 1. {_original(req)}\n2. One more step, to be clear."][k]),
-    ], failures=[(lambda req: "[Response start]" in request_text(req) and "egg" in _original(req),
-                  "HTTP 500: rewriter crashed")])
+    # chunk_size 4; classify: _category; rewrite: " Too short." and a 2-step list of the original
+    d, fake = scripted_runs.realign(failures=[(lambda req: "[Response start]" in request_text(req)
+                                               and "egg" in _original(req), "HTTP 500: rewriter crashed")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -504,7 +376,7 @@ def test_shipped_realign(tmp_path):
     assert [s["counts"].get("unknown_category", 0) for s in m["stages"][1:]] == [1, 0]
     rs = rows(out)
     check_columns(rs, {"instruction", "output", "evidence", "category", "original_response", "realign_tag",
-                       "realign_reason", "edit_rate"})
+                       "realign_reason", "edit_rate", "prompt", "completion"})
     assert len(rs) == 12  # realign keeps every row
     rewritable = {"how_to_generation", "code_generation", "open_qa"}
     by_q = {r["instruction"]: r for r in rs}
@@ -536,22 +408,13 @@ def test_shipped_realign(tmp_path):
 
 # -- cai_sft: generate -> cai_revise ---------------------------------------------------------------------------
 
-def _current(req) -> str:
-    return re.findall(r"Assistant: (.*?)\n\nCritique request:", last_user(req), re.DOTALL)[-1]
-
-
 def test_shipped_cai_sft(tmp_path):
-    d = shipped("cai_sft")
-    d["chunk_size"] = 2
-    stage_cfg(d, "load")["limit"] = 4
-    constitution = yaml.safe_load((PIPELINES / "data/constitution.yaml").read_text())
-    ids = {p["id"] for p in constitution["principles"]}
-    fake = FakeGenerator(rules=[
-        ("Reply with only the revised response", lambda req, k: f"Revised response: {_current(req)} [rev]"),
-        ("Write a short critique", "The response could be more considerate."),
-    ], default=lambda req, k: f"First answer to: {last_user(req)}",
+    # chunk_size 2, 4 prompts; revisions append " [rev]" to the current response
+    d, fake = scripted_runs.cai_sft(
         failures=[(lambda req: "Write a short critique" in last_user(req) and "sky is blue" in last_user(req),
                    "HTTP 500: critic crashed")])
+    constitution = yaml.safe_load((PIPELINES / "data/constitution.yaml").read_text())
+    ids = {p["id"] for p in constitution["principles"]}
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -592,25 +455,13 @@ def test_shipped_cai_sft(tmp_path):
 
 # -- cai_preferences: generate (n=2) -> cai_label (log-probs) ---------------------------------------------------
 
-def _option(context: str, letter: str) -> str:
-    return re.findall(rf"\({letter}\) \[\[\[(.*?)\]\]\]", context, re.DOTALL)[-1]
-
-
-def kind_is_better(context, continuation) -> float:
-    letter = continuation.strip()[1]
-    return -0.2 if "kind" in _option(context, letter) else -1.7
-
-
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
 def test_shipped_cai_preferences(tmp_path):
-    d = shipped("cai_preferences")
-    d["chunk_size"] = 2
-    stage_cfg(d, "load")["limit"] = 4
-    fake = FakeGenerator(lambda req, k: ["A rude answer.", "A kind and careful answer."][k], logprobs=kind_is_better,
-                         failures=[("lost their job", "HTTP 500")])
+    # chunk_size 2, 4 prompts; a rude and a kind answer, the A/B judge prefers the kind one
+    d, fake = scripted_runs.cai_preferences(failures=[("lost their job", "HTTP 500")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -625,7 +476,7 @@ def test_shipped_cai_preferences(tmp_path):
     [f] = failures_of(m, 1)
     assert f["reason"] == "HTTP 500" and m["stages"][1]["counts"]["failed_requests"] == 1
     rs = rows(out)
-    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin",
                        "p_chosen", "p_response_1", "p_order_ab", "p_order_ba", "position_gap", "principle_ids",
                        "label_logprobs", "cot_rationales"})
     assert len(rs) == 3
@@ -657,22 +508,11 @@ def test_a_failing_score_call_fails_the_run(tmp_path):
 
 # -- judge_pairs: generate (n=4) -> judge_pairs ----------------------------------------------------------------
 
-CANDIDATES = ["Short answer.", "A fuller answer.", "The most complete answer.", "Off-topic text."]
-JUDGEMENTS = {"Short answer.": "Score: 2", "A fuller answer.": "Some reasoning.\nScore: 3",
-              "The most complete answer.": "Very good.\nScore: 5", "Off-topic text.": ["Score: 1", "no score", "Score: 9"]}
-
-
-def _judged(req) -> str:
-    return re.findall(r"<response>(.*?)</response>", last_user(req), re.DOTALL)[-1]
-
-
 def test_shipped_judge_pairs(tmp_path):
-    d = shipped("judge_pairs")
-    d["chunk_size"] = 2
-    stage_cfg(d, "load")["limit"] = 4
-    fake = FakeGenerator(rules=[("<response>", lambda req, k: JUDGEMENTS[_judged(req)])], default=CANDIDATES,
-                         failures=[(lambda req: "<response>" in last_user(req) and "lost their job" in last_user(req)
-                                    and _judged(req) == "Short answer.", "HTTP 500: judge crashed")])
+    # chunk_size 2, 4 prompts; CANDIDATES judged as JUDGEMENTS says (the fake's backend: text scoring)
+    d, fake = scripted_runs.judge_pairs(
+        failures=[(lambda req: "<response>" in last_user(req) and "lost their job" in last_user(req)
+                   and _judged(req) == "Short answer.", "HTTP 500: judge crashed")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -690,13 +530,13 @@ def test_shipped_judge_pairs(tmp_path):
     assert rec["counts"]["unparseable_judgements_no_score"] == 4
     assert rec["counts"]["unparseable_judgements_out_of_range"] == 4
     rs = rows(out)
-    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+    check_columns(rs, {"id", "responses", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin",
                        "all_scores", "judgements_parsed"})
     assert len(rs) == 4  # the row with a failed judgement still has 3 scored candidates
     for r in rs:
         assert r["chosen"] == [{"role": "assistant", "content": "The most complete answer."}]
         assert r["rejected"] == [{"role": "assistant", "content": "Off-topic text."}]
-        assert r["score_chosen"] == 5.0 and r["score_rejected"] == 1.0 and r["margin"] == 4.0
+        assert r["score_chosen"] == 5.0 and r["score_rejected"] == 1.0 and r["score_margin"] == 4.0
         failed = "lost their job" in r["prompt"][0]["content"]
         assert r["all_scores"] == [None if failed else 2.0, 3.0, 5.0, 1.0]
         assert r["judgements_parsed"] == [0 if failed else 3, 3, 3, 1]
@@ -709,24 +549,10 @@ def test_shipped_judge_pairs(tmp_path):
 
 # -- onpolicy_pairs: sample n=5 -> pairwise LLM judge over the full matrix ------------------------------------
 
-def quality(text: str) -> int:
-    return int(re.search(r"quality (\d)", text).group(1))
-
-
-def better_quality_wins(context, continuation) -> float:
-    letter = continuation.strip()[1]
-    answer = re.findall(rf"Answer \({letter}\):\n(.*?)\n\n", context, re.DOTALL)[-1]
-    return -0.5 * (6 - quality(answer))
-
-
 def test_shipped_onpolicy_pairs(tmp_path):
-    d = shipped("onpolicy_pairs")
-    d["chunk_size"] = 2
-    stage_cfg(d, "load")["limit"] = 4
-    q = [3, 1, 4, 5, 2]
-    fake = FakeGenerator(rules=[("sky is blue", "The same answer quality 3")],  # all 5 samples identical
-                         default=lambda req, k: f"Answer {k}: quality {q[k]}", logprobs=better_quality_wins,
-                         failures=[("tips for staying healthy", "HTTP 500")])
+    # chunk_size 2, 4 prompts; sample k has quality [3, 1, 4, 5, 2][k] ("sky is blue": 5 identical samples);
+    # the A/B judge prefers the higher quality
+    d, fake = scripted_runs.onpolicy_pairs(failures=[("tips for staying healthy", "HTTP 500")])
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
@@ -742,7 +568,7 @@ def test_shipped_onpolicy_pairs(tmp_path):
     assert f["reason"] == "HTTP 500" and rec["counts"]["failed_requests"] == 1
     assert rec["counts"]["all_responses_identical"] == 1
     rs = rows(out)
-    check_columns(rs, {"id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin",
+    check_columns(rs, {"id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin",
                        "all_responses", "all_scores", "all_ranks", "comparison_matrix", "position_bias", "ranker"})
     assert len(rs) == 2
     for r in rs:

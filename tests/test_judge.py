@@ -43,14 +43,15 @@ def test_mean_scores_hand_computed():
 
 @pytest.mark.timeout(600)
 def test_judge_pairs_on_tiny_counts_unparseable(tmp_path, vllm_tiny):
-    """The random tiny model never writes "Score: N": every judgement is counted as
-    unparseable, no prompt yields a pair, and nothing crashes or retries."""
+    """The text path (`scoring: text`, as for API models): the random tiny model never
+    writes "Score: N", every judgement is counted as unparseable, no prompt yields a
+    pair, and nothing crashes or retries."""
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}?",
                                         "responses": ["one", "two", "three"]}) + "\n" for i in range(3)))
     pipe = Pipeline.from_dict({"name": "judge", "stages": [
         {"stage": "load", "path": str(data), "id_column": "id"},
-        {"stage": "judge_pairs", "samples": 2, "sampling": {"max_tokens": 12}}]}, tmp_path)
+        {"stage": "judge_pairs", "scoring": "text", "samples": 2, "sampling": {"max_tokens": 12}}]}, tmp_path)
     res = run_pipeline(pipe, tmp_path / "out", generators={"default": vllm_tiny}, progress=False)
     counts = res.manifest["stages"][-1]["counts"]
     assert res.num_rows == 0

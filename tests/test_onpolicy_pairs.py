@@ -35,7 +35,7 @@ def _check_rows(ds, method="max_logits"):
         best, worst = int(np.argmax(s)), int(np.argmin(s))
         assert row["chosen"][-1]["content"] == cands[best]
         assert row["rejected"][-1]["content"] == cands[worst]
-        assert row["margin"] == pytest.approx(s[best] - s[worst]) and row["margin"] > 0
+        assert row["score_margin"] == pytest.approx(s[best] - s[worst]) and row["score_margin"] > 0
         assert row["all_ranks"][best] == 1 and row["all_ranks"][worst] == max(row["all_ranks"])
 
 

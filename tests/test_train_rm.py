@@ -58,7 +58,7 @@ def test_rm_separates_toy_preferences_and_saves_hf_checkpoint(small, tmp_path):
     for i, r in enumerate(train):
         r["margin"] = 0.5 if i % 2 else 0.0
     cfg = RMConfig(model=str(small), dataset="-", output_dir=str(tmp_path / "rm"), batch_size=8, learning_rate=1e-3,
-                   lr_scheduler="constant", max_steps=12, center_rewards_coef=0.01)
+                   lr_scheduler="constant", max_steps=12, center_rewards_coef=0.01, margin_column="margin")
     out = train_rm(cfg, train)
     hist = out["history"]
     assert all({"loss", "reward_accuracy", "reward_margin"} <= set(h) for h in hist)

@@ -35,9 +35,9 @@ def assert_trl_preference(ds, fmt: str) -> None:
         else:
             assert all(isinstance(x, str) for x in (p, c, r)), row["row_id"]
         assert c != r
-        for col in ("score_chosen", "score_rejected", "margin"):
+        for col in ("score_chosen", "score_rejected", "score_margin"):
             assert isinstance(row[col], float) and row[col] == row[col]
-        assert row["margin"] > 0
+        assert row["score_margin"] > 0
 
 
 @pytest.fixture(scope="module")

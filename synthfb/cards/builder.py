@@ -39,7 +39,49 @@ CITATIONS: dict[str, str] = {
 }
 VLLM_CITATION = "Kwon et al. 2023, Efficient Memory Management for Large Language Model Serving with PagedAttention, arXiv:2309.06180"
 TEXT_COLUMNS = ("instruction", "input", "output", "response", "prompt", "completion", "chosen", "rejected")
-SCORE_COLUMNS = ("score", "score_chosen", "score_rejected", "margin", "p_chosen", "rating")
+SCORE_COLUMNS = ("score", "score_chosen", "score_rejected", "score_margin", "margin", "p_chosen", "rating")
+
+
+def _column_notes(stages: list[dict[str, Any]], cols: list[str]) -> list[dict[str, str]]:
+    """What the preference stages' metadata columns mean, in the unit of the
+    stage that wrote them (the last such stage). ``score_margin`` is
+    ``score_chosen - score_rejected``; no trainer reads it unless its config
+    names it (``margin_column``)."""
+    notes: dict[str, dict[str, str]] = {}
+    for s in stages:
+        kind, cfg = s.get("kind"), s.get("config") or {}
+        where = f"{s.get('index', 0):02d}-{kind}"
+        if kind == "judge_pairs":
+            unit = "judge points on the additive 0-5 rubric (mean of the judge's samples per response)"
+        elif kind == "onpolicy_pairs":
+            unit = ("pairwise wins of the ranker (max_wins aggregation)" if cfg.get("aggregate") == "max_wins" else
+                    "mean logit gap of the ranker over the full comparison matrix (max_logits aggregation)")
+        elif kind == "cai_label":
+            unit = "2p-1 of the CAI soft label p = p_chosen (score_chosen = p, score_rejected = 1 - p)"
+            notes["p_chosen"] = {"column": "p_chosen", "stage": where, "note": (
+                "probability that `chosen` is preferred (soft label from the feedback model's option log-probs, "
+                "both orders); trainers use it only with `soft_label_column: p_chosen`")}
+        else:
+            continue
+        notes["score_margin"] = {"column": "score_margin", "stage": where, "note": (
+            f"score_chosen - score_rejected; unit: {unit}; metadata, read by no trainer unless a config names it "
+            f"(`margin_column`)")}
+    return [notes[c] for c in ("score_margin", "p_chosen") if c in notes and c in cols]
+
+
+def _sampling(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model stage, its sampling settings as configured (``sampling``
+    and any non-empty ``*_sampling`` mapping) and ``n``; a stage whose config
+    has none (e.g. one that only scores) gets an empty mapping."""
+    out = []
+    for s in stages:
+        if not s.get("model"):
+            continue
+        cfg = s.get("config") or {}
+        settings = {k: v for k, v in cfg.items() if isinstance(v, dict)
+                    and (k == "sampling" or (k.endswith("_sampling") and v))}
+        out.append({"index": s.get("index"), "kind": s.get("kind"), "settings": settings, "n": cfg.get("n")})
+    return out
 
 
 class CardError(ValueError):
@@ -270,6 +312,11 @@ def build_card(run_dir: str | Path, *, license: str | None = None, pretty_name: 
         "num_rows": n,
         "columns": cols,
         "stages": stages,
+        "parse_rates": [{"index": s["index"], "kind": s["kind"], **s["parse"],
+                         "logprobs": bool((s.get("counts") or {}).get("scored_from_logprobs"))}
+                        for s in stages if isinstance(s.get("parse"), dict)],
+        "column_notes": _column_notes(stages, cols),
+        "sampling": _sampling(stages),
         "models": model_list,
         "prompts": prompts,
         "length_stats": {c: _summary(xs) for c, xs in lengths.items()},

@@ -117,7 +117,9 @@ class Pipeline:
                 raise PipelineError(f"{source}: {stage_error(f'stages[{i}]', kind, cls_, e)}") from e
             stages.append(stage)
         top = {k: v for k, v in data.items() if k != "stages"}
-        return cls(stages=stages, source=source, raw=data, **top)
+        pipeline = cls(stages=stages, source=source, raw=data, **top)
+        pipeline.check_backend_options()
+        return pipeline
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Pipeline":
@@ -127,6 +129,19 @@ class Pipeline:
         except yamlio.YAMLInputError as e:
             raise PipelineError(str(e)) from e
         return cls.from_dict(data, p.parent.resolve(), str(p))
+
+    def check_backend_options(self) -> None:
+        """Every option in ``backend_options`` and ``models`` is one the
+        backend takes (``synthfb.llm.check_backend_options``); run again after
+        ``backend`` changes (``--backend``), before any model loads."""
+        from ..llm import check_backend_options
+
+        try:
+            check_backend_options(self.backend, self.backend_options, "backend_options")
+            for name, opts in self.models.items():
+                check_backend_options(self.backend, opts, f"models.{name}")
+        except ValueError as e:
+            raise PipelineError(f"{self.source}: {e}") from None
 
     def check_columns(self) -> None:
         """Walk the stages' declared columns; fail before any model work if a

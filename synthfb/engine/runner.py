@@ -80,6 +80,16 @@ def scrub_text(text: str) -> str:
     return redact_text(text)
 
 
+def parse_rate(counts: dict[str, int]) -> dict[str, Any] | None:
+    """A stage record's parse figure: ``{outputs, parsed, rate}`` from the
+    counts a stage reports under ``outputs`` (model outputs it read) and
+    ``parsed`` (those it could use); None for a stage that reports neither."""
+    if "outputs" not in counts and "parsed" not in counts:
+        return None
+    n, ok = int(counts.get("outputs", 0)), int(counts.get("parsed", 0))
+    return {"outputs": n, "parsed": ok, "rate": round(ok / n, 4) if n else None}
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,14 +249,16 @@ class Runner:
         table: pa.Table | None = None
         prev_fp = "input"
         t_run = time.time()
+        types: dict[str, pa.DataType] = {}  # column types seen so far, for an empty output's schema
         for i, stage in enumerate(p.stages):
             record, table, prev_fp = self._run_stage(i, stage, table, prev_fp)
+            if table is not None:
+                types.update((f.name, f.type) for f in table.schema)
             manifest["stages"].append(record)
             self._check_ours()
             atomic_write_json(self.out / "run.json", manifest)
             self._check_failures(i, stage, record)
-        cols = p.stages[-1].output_columns([])
-        final = table if table is not None else pa.table({c: pa.array([], pa.string()) for c in cols if c})
+        final = table if table is not None else self._empty_table(types)
         self._check_ours()
         dataset_dir = self._write_dataset(final)
         manifest.update(
@@ -261,6 +273,16 @@ class Runner:
         self._summary(manifest)
         self._log(f"done: {final.num_rows} rows -> {dataset_dir}")
         return RunResult(self.out, dataset_dir, final.num_rows, manifest)
+
+    def _empty_table(self, types: dict[str, pa.DataType]) -> pa.Table:
+        """The output of a run that kept no row: every column the stages
+        declare (``output_columns`` walked through the pipeline, as
+        ``check_columns`` does), typed as in the last stage output that had
+        it, else string."""
+        cols: list[str] = []
+        for st in self.pipeline.stages:
+            cols = st.output_columns(cols)
+        return pa.table({c: pa.array([], types.get(c, pa.string())) for c in dict.fromkeys(cols) if c})
 
     def _check_ours(self) -> None:
         """The folder must still be this run's (same marker id): a run whose
@@ -414,6 +436,7 @@ class Runner:
             "rows_in": rows_in,
             "rows_out": rows_out,
             "counts": counts,
+            "parse": parse_rate(counts),
             "failures": failures,
             "usage": usage,
             "seconds": round(time.time() - t0, 3),

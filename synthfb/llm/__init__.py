@@ -21,6 +21,56 @@ from .types import (
 
 BACKENDS = ("vllm", "vllm-cpu", "openai", "transformers")
 
+# The constructor of each backend, as (module, class); read by signature only
+# (these modules import their engines lazily, so no vllm/torch import here).
+_BACKEND_CLASSES = {
+    "vllm": (".vllm_backend", "VLLMGenerator"),
+    "vllm-cpu": (".vllm_backend", "VLLMGenerator"),
+    "transformers": (".hf_backend", "TransformersGenerator"),
+    "openai": (".openai_backend", "OpenAIGenerator"),
+}
+
+
+def _named_options(backend: str) -> tuple[frozenset[str], bool]:
+    """(named constructor options of ``backend``, whether it also takes any other keyword)."""
+    import importlib
+    import inspect
+
+    if backend not in _BACKEND_CLASSES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    module, cls = _BACKEND_CLASSES[backend]
+    params = list(inspect.signature(getattr(importlib.import_module(module, __name__), cls).__init__).parameters.values())
+    named = frozenset(q.name for q in params[2:]  # self, the model
+                      if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)) - {"name"}
+    return named, any(q.kind is q.VAR_KEYWORD for q in params)
+
+
+def backend_options(backend: str) -> frozenset[str] | None:
+    """The option names (``backend_options``, ``models`` entries) ``backend``
+    accepts, from its constructor's signature; None when it takes any (vLLM
+    hands options it does not name to ``vllm.LLM``)."""
+    named, open_ = _named_options(backend)
+    return None if open_ else named
+
+
+def check_backend_options(backend: str, options: dict[str, Any], where: str = "backend_options") -> None:
+    """Raise ValueError (one line, naming the option and the backend) for an
+    option ``backend`` does not take. For vLLM, whose engine arguments are
+    open-ended, the options that only another backend names are rejected
+    (e.g. ``batch_size``); the engine checks the rest when it starts."""
+    named, open_ = _named_options(backend)
+    if open_:
+        foreign = set()
+        for other in {"transformers", "openai"} - {backend}:
+            foreign |= _named_options(other)[0]
+        bad = sorted(k for k in options if k in foreign - named)
+    else:
+        bad = sorted(k for k in options if k not in named)
+    if bad:
+        takes = ", ".join(sorted(named)) + (", and vLLM engine arguments" if open_ else "")
+        raise ValueError(f"{where}.{bad[0]}: not an option of backend {backend} (it takes: {takes}); remove it "
+                         f"or choose a backend that has it")
+
 
 def engine_options(backend: str, backend_options: dict[str, Any], models: dict[str, dict[str, Any]], name: str,
                    seed: int, progress: bool) -> dict[str, Any]:
@@ -70,6 +120,7 @@ def load_generator(backend: str, model: str, **options: Any) -> Generator:
     served model name. ``options`` go to the backend's constructor."""
     from .models import resolve_model
 
+    check_backend_options(backend, options, "options")
     if backend in ("vllm", "vllm-cpu"):
         from .vllm_backend import VLLMGenerator
 
@@ -96,6 +147,8 @@ __all__ = [
     "ScoreRequest",
     "ScoreResult",
     "UsageCounter",
+    "backend_options",
+    "check_backend_options",
     "load_generator",
     "local_model_info",
     "served_model_info",

@@ -36,7 +36,12 @@ class TransformersGenerator:
         trust_remote_code: bool = False,
         progress: bool = True,
         name: str | None = None,
+        max_model_len: int | None = None,
     ):
+        """``max_model_len`` caps prompt + completion tokens as vLLM's does
+        (default: the model's ``max_position_embeddings``): a longer prompt
+        comes back as a failed result, and generation stops at the cap
+        (finish reason ``length``)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +63,12 @@ class TransformersGenerator:
         self.info = ModelInfo(name=name or model, path=model, revision=model_revision(model), backend="transformers")
         self.usage = UsageCounter()
         self._eos = {i for i in [tok.eos_token_id, *(_as_list(self.model.generation_config.eos_token_id))] if i is not None}
+        positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        if max_model_len is not None and not 1 <= max_model_len <= positions:
+            raise ValueError(f"max_model_len {max_model_len}: must be between 1 and the model's context "
+                             f"(max_position_embeddings) {positions}")
+        self.max_model_len = max_model_len or positions
+        self._limit_name = "max_model_len" if max_model_len else "max_position_embeddings"
 
     def _pad_left(self, seqs: list[list[int]]):
         torch = self.torch
@@ -78,11 +89,11 @@ class TransformersGenerator:
         ctx = self.tokenizer.context_ids(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[Any, list[int]] = {}
-        limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        limit = self.max_model_len
         for i, r in enumerate(requests):
             if len(ctx[i]) >= limit:
                 results[i] = GenerationResult(completions=[], prompt_tokens=len(ctx[i]), error=(
-                    f"prompt has {len(ctx[i])} tokens; the model's context (max_position_embeddings) is {limit}"))
+                    f"prompt has {len(ctx[i])} tokens; the model's context ({self._limit_name}) is {limit}"))
                 self.usage.failures += 1
                 continue
             groups.setdefault(r.params, []).append(i)
@@ -96,7 +107,8 @@ class TransformersGenerator:
                 # greedy decoding is deterministic: decode once, repeat it n times
                 per_prompt = params.n if params.temperature > 0 else 1
                 kw: dict[str, Any] = dict(
-                    max_new_tokens=params.max_tokens,
+                    # prompt + completion stay within the context (the longest prompt of the batch decides)
+                    max_new_tokens=max(1, min(params.max_tokens, limit - max(len(ctx[i]) for i in batch))),
                     num_return_sequences=per_prompt,
                     pad_token_id=self.hf_tok.pad_token_id,
                 )
@@ -146,6 +158,9 @@ class TransformersGenerator:
         """Continuation log-probs from one forward pass per padded batch."""
         torch = self.torch
         items = self.tokenizer.score_ids(requests)
+        for i, (ids, _) in enumerate(items):
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"score request {i}: {len(ids)} tokens exceed {self._limit_name} {self.max_model_len}")
         results = []
         for b in range(0, len(items), self.batch_size):
             batch = items[b:b + self.batch_size]

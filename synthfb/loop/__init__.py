@@ -1,13 +1,18 @@
 """The RLAIF loop (``synthfb loop LOOP.yaml``): rounds of on-policy
 generation -> judging -> preference pairs -> DPO (or reward model + PPO)
 -> new policy, each round
-generating with the checkpoint the previous one trained.
+generating with the checkpoint the previous one trained, optionally after an
+SFT warm-up (a data pipeline such as seeds -> Self-Instruct, then SFT; its
+checkpoint is the round-0 policy).
 
 - :mod:`.config` the loop file, validated with jsonschema before any work;
 - :mod:`.engines` engines started on first use, one policy engine at a time;
+- :mod:`.warmup` the optional SFT warm-up before round 0;
 - :mod:`.pairs` the round's pairs through the pipeline runner;
 - :mod:`.train` the round's DPO or RM + PPO, resumable from the last checkpoint;
-- :mod:`.heldout` held-out win rate vs the round-0 policy (both orders);
+- :mod:`.heldout` held-out win rate vs the round-0 policy (frozen judge, both
+  orders, 95% bootstrap interval);
+- :mod:`.card` the loop's summary and card (``OUT/README.md``);
 - :mod:`.state` the loop folder and ``loop.json``;
 - :mod:`.runner` :func:`run_loop`; :mod:`.cli` the ``loop`` subcommand.
 

@@ -36,11 +36,20 @@ def _cmd_loop(args: argparse.Namespace) -> int:
     except StageFailed as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 1
+    summary = result.state.get("summary") or {}
+    sft = summary.get("sft")
     print(json.dumps({
         "out": str(result.out),
         "policy": result.policy,
+        **({"sft": {"rows": sft["rows"], "steps": sft["steps"], "final_loss": sft["final_loss"],
+                    "win_rate": (sft.get("vs_initial") or {}).get("win_rate"),
+                    "win_rate_ci95": (sft.get("vs_initial") or {}).get("win_rate_ci95")}} if sft else {}),
         "rounds": [{"round": m["round"], "pairs": m["pairs"]["pairs_built"], **_trained(m["train"]),
-                    "win_rate": m["eval"]["win_rate"]} for m in result.rounds],
+                    "win_rate": m["eval"]["win_rate"], "win_rate_ci95": m["eval"].get("win_rate_ci95")}
+                   for m in result.rounds],
+        **({"final_vs_initial": {k: summary["final_vs_initial"].get(k) for k in ("win_rate", "win_rate_ci95")}}
+           if summary.get("final_vs_initial") else {}),
+        "card": str(result.out / "README.md"),
     }))
     return 0
 
@@ -56,8 +65,11 @@ def add_loop_parser(subparsers) -> argparse.ArgumentParser:
         description="Run LOOP.yaml: each round samples on-policy responses with the current policy, has the judge "
                     "rank them into preference pairs, trains the policy with DPO (or, with `method: rm_ppo`, trains "
                     "a reward model on the pairs and the policy with PPO against it), and measures the new policy's "
-                    "held-out win rate against the round-0 policy. The next round generates with the new "
-                    "checkpoint. Rounds and the steps inside them resume after a kill (--resume). "
+                    "held-out win rate (with a 95% bootstrap interval, judged by a frozen judge distinct from the "
+                    "training ranker) against the round-0 policy. The next round generates with the new "
+                    "checkpoint. An `sft:` section first runs a data pipeline (e.g. seeds -> Self-Instruct) and "
+                    "SFT on its rows; that checkpoint is the round-0 policy. Rounds and the steps inside them "
+                    "resume after a kill (--resume); the loop card is OUT/README.md. "
                     f"Methods (`method:`, the training-method registry shared with `synthfb train`): {methods}. "
                     "`synthfb validate LOOP.yaml` checks a loop file without running it.")
     p.add_argument("loop", help="loop YAML file, or the name of a shipped one (e.g. rlaif_tiny)")

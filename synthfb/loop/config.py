@@ -34,6 +34,12 @@ A loop file::
     # rm_pairs: round                # `all_rounds`: each round's RM trains on the pairs of rounds 0..k
     eval:                            # fixed held-out prompts, new policy vs round-0 policy
       prompts: ["...", "..."]
+      judge_prompt: heldout_judge.jinja  # the default; the held-out judge may not be the training ranker
+    # optional warm-up before round 0 (its checkpoint is the round-0 policy and round 0's DPO reference):
+    # sft:
+    #   pipeline: {stages: [...]}      # or a pipeline file; must end in SFT rows (prompt/completion or messages)
+    #   model: null                    # the model that writes the data (default: `policy`)
+    #   train: {max_steps: 8}          # SFTConfig fields (model, dataset, output_dir are the loop's)
 """
 
 from __future__ import annotations
@@ -59,6 +65,16 @@ DEFAULT_METHOD = "dpo"
 # Stage fields that pick models: the loop sets them (policy generates, judge judges).
 RESERVED_STAGE = ("model", "ranker_model")
 SELF_JUDGE = "policy"
+# The held-out judge's default template: another prompt than the training rankers' default
+# (pairwise_judge.jinja), so the held-out win rate is not the training signal read back.
+HELDOUT_JUDGE_PROMPT = "heldout_judge.jinja"
+# The warm-up trainers (`sft:`) and the default one.
+WARMUP_METHODS = tuple(registry.warmup_methods())
+DEFAULT_WARMUP = "sft"
+# Pipeline settings the loop sets when it runs the warm-up's data pipeline (one engine pool).
+SFT_PIPELINE_SETS = ("backend", "model", "backend_options", "models", "seed")
+# Bootstrap of the held-out win rate: percentile interval over held-out prompts.
+CI_LEVEL = 0.95
 
 _PROMPTS = {
     "anyOf": [
@@ -102,13 +118,39 @@ class EvalSection:
     limit: int | None = option(None, "use only the first N held-out prompts", ge=1)
     sampling: dict = option({}, "decoding of the compared responses (default greedy: temperature 0, "
                                 "max_tokens 128)")
-    judge: str | None = option(None, "judge model (default: the loop's fixed judge, or the round-0 policy)",
+    judge: str | None = option(None, "held-out judge model, frozen across rounds (default: the loop's fixed "
+                                     "`judge`, or the loop's `policy` as written, never a trained checkpoint)",
                                schema=_NON_EMPTY)
-    judge_prompt: str = option("pairwise_judge.jinja", "A/B judge template (uses prompt, response_a, "
-                                                       "response_b)", schema=_NON_EMPTY)
+    judge_prompt: str = option(HELDOUT_JUDGE_PROMPT, "A/B judge template (uses prompt, response_a, response_b); "
+                                                     "with the same model as a training ranker it must be another "
+                                                     "template than that ranker's", schema=_NON_EMPTY)
     judge_chat: bool = option(False, "render the judge prompt as a chat turn")
     options: list[str] = option([" (A)", " (B)"], "the judge's two answer strings (first = response_a)",
                                 schema={"minItems": 2, "maxItems": 2})
+    bootstrap_resamples: int = option(2000, "resamples of the percentile bootstrap of the win rate's 95% "
+                                            "interval (over held-out prompts)", ge=100)
+    bootstrap_seed: int = option(0, "seed of that bootstrap (fixed: the interval is reproducible)")
+
+
+@dataclass
+class SFTSection:
+    """``sft:``: an optional warm-up before round 0: a data pipeline runs
+    once, a warm-up trainer (SFT) trains the loop's ``policy`` on its rows,
+    and that checkpoint becomes the round-0 policy."""
+
+    pipeline: str | dict = option(
+        help="the data pipeline that writes the SFT rows: a pipeline file (relative to the loop file, or a shipped "
+             "name) or an inline pipeline mapping (`stages`, optional `name`, `chunk_size`, ...); the loop sets its "
+             + ", ".join(SFT_PIPELINE_SETS) + " (a file's own are replaced); its last stage must emit SFT rows",
+        schema={"anyOf": [{"type": "string", "minLength": 1},
+                          {"type": "object", "required": ["stages"], "properties": {"stages": {"type": "array"}}}]})
+    model: str | None = option(None, "the pipeline's model, which writes the data (default: the loop's `policy`)",
+                               schema=_NON_EMPTY)
+    method: str = option(DEFAULT_WARMUP, "the warm-up trainer (training-method registry): "
+                         + "; ".join(f"{k}: {m.help}" for k, m in registry.warmup_methods().items()),
+                         schema={"enum": list(WARMUP_METHODS)})
+    train: dict = option({}, "the trainer's config fields (SFTConfig); the loop sets model (the loop's `policy`), "
+                             "dataset (the pipeline's rows), output_dir (OUT/sft/checkpoint) and resume")
 
 
 @dataclass
@@ -117,7 +159,8 @@ class LoopFile:
     ``rm:``, ``ppo:``) come from the method registry; see :func:`loop_schema`."""
 
     name: str = option(help=NAME_SCHEMA["description"], schema={"pattern": NAME_SCHEMA["pattern"]})
-    policy: str = option(help="round-0 policy: alias, local folder or hub id", schema=_NON_EMPTY)
+    policy: str = option(help="initial policy: alias, local folder or hub id; the round-0 policy, or with `sft:` "
+                              "the model SFT starts from", schema=_NON_EMPTY)
     prompts: str | list[str] = option(help="training prompts: a data file or an inline list of strings",
                                       schema=_PROMPTS)
     pairs: PairsSection = option(help="feedback stages that turn each round's samples into preference pairs")
@@ -125,8 +168,8 @@ class LoopFile:
     description: str = option("", "what is built and why (goes into each round's data card)")
     license: str | None = option(None, "license of the pairs datasets")
     backend: Literal[LOOP_BACKENDS] = option("vllm", "inference backend (must load local checkpoints)")
-    judge: str | None = option(None, "judge model (default: the round-0 policy, fixed); `policy`: each round's "
-                                     "policy judges itself")
+    judge: str | None = option(None, "judge model of the pairs (default: the `policy` model as written, fixed); "
+                                     "`policy`: each round's policy judges itself")
     backend_options: dict = option({}, "passed to every engine")
     models: dict[str, dict] = option({}, "per-model backend options, keyed by model name (e.g. the judge)")
     seed: int = option(0, "engine seed (sampling) and training seed default")
@@ -141,6 +184,9 @@ class LoopFile:
     rm_pairs: Literal["round", "all_rounds"] = option(
         "round", "a method with a reward model: train each round's reward model on its own pairs (round) or on "
                  "the pairs of rounds 0..k (all_rounds)")
+    sft: SFTSection | None = option(None, "warm-up before round 0: run a data pipeline once (e.g. seeds -> "
+                                          "Self-Instruct), SFT the `policy` on its rows; that checkpoint is the "
+                                          "round-0 policy (and round 0's DPO reference)")
 
 
 def _section_help(m: registry.Method) -> str:
@@ -178,9 +224,27 @@ class EvalConfig:
     prompts: list[str]
     sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 128})
     judge: str | None = None
-    judge_prompt: str = "pairwise_judge.jinja"
+    judge_prompt: str = HELDOUT_JUDGE_PROMPT
     judge_chat: bool = False
     options: list[str] = field(default_factory=lambda: [" (A)", " (B)"])
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+
+
+@dataclass
+class WarmupConfig:
+    """A validated ``sft:`` section."""
+
+    method: str
+    settings: dict[str, Any]  # the trainer's fields (seed default filled in)
+    pipeline: dict[str, Any]  # the pipeline mapping, without the settings the loop sets
+    pipeline_source: str  # for error messages: the pipeline file, or "LOOP: sft.pipeline"
+    pipeline_dir: Path  # where the pipeline's relative paths start
+    model: str | None = None
+
+    @property
+    def trainer(self) -> registry.Method:
+        return registry.get(self.method)
 
 
 @dataclass
@@ -206,6 +270,9 @@ class LoopConfig:
     rounds: int = 2
     chunk_size: int = 2048
     keep_checkpoints: bool = False
+    sft: WarmupConfig | None = None
+    # the pairs stages that judge with an LLM: index, kind, template name and sha256 (see training_rankers)
+    ranker_templates: list[dict[str, Any]] = field(default_factory=list)
     source: str = "<python>"
     base_dir: Path = field(default_factory=Path.cwd)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -244,10 +311,36 @@ class LoopConfig:
         return self.judge or self.policy
 
     def eval_judge(self) -> str:
-        """The fixed model that judges held-out win rates (never the moving policy)."""
+        """The fixed model that judges held-out win rates (never the moving
+        policy, never a checkpoint the loop trains)."""
         if self.eval.judge:
             return self.eval.judge
         return self.policy if (self.self_judging or not self.judge) else self.judge
+
+    def training_rankers(self) -> list[dict[str, Any]]:
+        """The LLM judges of the pairs stages (the training signal): stage,
+        model and template, for the loop's records and card."""
+        model = "the round's policy" if self.self_judging else self.judge_for(self.policy)
+        return [{**r, "model": model} for r in self.ranker_templates]
+
+    def data_model(self) -> str:
+        """The model that writes the warm-up's SFT data."""
+        return (self.sft.model if self.sft else None) or self.policy
+
+    def sft_pipeline_data(self) -> dict[str, Any]:
+        """The warm-up's data pipeline as the loop runs it: its own stages and
+        settings, with the loop's backend, engine options and seed, and
+        :meth:`data_model` as its model."""
+        assert self.sft is not None
+        data = json.loads(json.dumps(self.sft.pipeline))
+        data.setdefault("name", f"{self.name}-sft")
+        data.setdefault("description", (self.description + "\n\n" if self.description else "")
+                        + "SFT warm-up data of an RLAIF loop.")
+        if self.license and "license" not in data:
+            data["license"] = self.license
+        data.update(backend=self.backend, model=self.data_model(), backend_options=self.backend_options,
+                    models=self.models, seed=self.seed)
+        return data
 
     def stages_for(self, policy: str) -> list[dict[str, Any]]:
         """The pairs stages of one round with the judge model filled in."""
@@ -255,11 +348,9 @@ class LoopConfig:
         out = []
         for sd in self.pairs_stages:
             sd = json.loads(json.dumps(sd))
-            if judge is not None and judge != policy:
-                if sd["stage"] == "onpolicy_pairs" and sd.get("ranker", "llm_judge") == "llm_judge":
-                    sd["ranker_model"] = judge
-                elif sd["stage"] == "judge_pairs":
-                    sd["model"] = judge
+            key = judge_field(sd)
+            if judge is not None and judge != policy and key:
+                sd[key] = judge
             out.append(sd)
         return out
 
@@ -279,6 +370,16 @@ class LoopConfig:
             "backend_options": self.backend_options, "models": self.models, "seed": self.seed,
             "chunk_size": self.chunk_size, "judge": self.judge,
         })
+
+
+def judge_field(sd: dict[str, Any]) -> str | None:
+    """The field of a pairs stage that names its judge model (the loop fills
+    it in), or None for a stage that judges with no LLM (or not at all)."""
+    if sd["stage"] == "onpolicy_pairs" and sd.get("ranker", "llm_judge") == "llm_judge":
+        return "ranker_model"
+    if sd["stage"] == "judge_pairs":
+        return "model"
+    return None
 
 
 def _read_prompts(value: Any, column: str, limit: int | None, base_dir: Path, source: str, where: str,
@@ -314,16 +415,17 @@ def _read_prompts(value: Any, column: str, limit: int | None, base_dir: Path, so
     return texts
 
 
-def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[str]) -> None:
+def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[str]) -> list:
     """Each pairs stage against its config schema, then the column flow; the
     last stage's output must have the columns ``needs`` (what the method's
-    pair-reading trainers read)."""
+    pair-reading trainers read). Returns the built stages."""
     from ..data import ROW_ID
     from ..engine.pipeline import PipelineError
     from ..engine.stage import SourceStage, stage_kinds
 
     kinds = stage_kinds()
     cols = [ROW_ID, "id", "prompt"]  # what the loop's load stage emits
+    built = []
     for i, sd in enumerate(stages):
         where = f"pairs.stages[{i}]"
         kind = sd["stage"]
@@ -348,10 +450,12 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[s
         if missing:
             raise LoopError(f"{source}: {where} ({kind}): needs column(s) {missing}, but its input has {cols}")
         cols = stage.output_columns(cols)
+        built.append(stage)
     lacking = [c for c in needs if c not in cols]
     if lacking:
         raise LoopError(f"{source}: pairs.stages: the last stage must emit preference pairs; its output lacks "
                         f"{lacking} (columns {cols}); end with `onpolicy_pairs` or `judge_pairs`")
+    return built
 
 
 def _sets_note(m: registry.Method) -> str:
@@ -363,19 +467,23 @@ def _sets_note(m: registry.Method) -> str:
     return f"each round's {m.title} step {start}trains on {reads}{reward} and writes {into}"
 
 
-def _check_step(m: registry.Method, values: Any, source: str) -> dict:
-    """A trainer section (``train``, ``rm`` or ``ppo``) against its config
-    class, minus the fields the loop sets."""
+def _check_step(m: registry.Method, values: Any, source: str, prefix: tuple[str, ...] = (),
+                note: str | None = None) -> dict:
+    """A trainer section (``train``, ``rm`` or ``ppo``; ``prefix``: its path
+    when it is not the method's own section, e.g. ``sft.train``, and ``note``
+    what the loop sets there) against its config class, minus the fields the
+    loop sets."""
     from ..train.config import ConfigError as TrainConfigError
     from ..train.config import load_config
 
-    section = m.section
+    prefix = prefix or (m.section,)
+    section = ".".join(prefix)
     if values is None:
         values = {}
     if isinstance(values, dict):
         for k in m.loop_sets:
             if k in values:
-                raise LoopError(f"{source}: {section}.{k}: set by the loop ({_sets_note(m)}); remove it")
+                raise LoopError(f"{source}: {section}.{k}: set by the loop ({note or _sets_note(m)}); remove it")
     # what the loop fills in per round, as placeholders (checked for real when the round builds the config):
     # the fields it sets, and required fields the user may but need not write (`rm.model`: default round-0 policy)
     cls = m.config
@@ -383,7 +491,7 @@ def _check_step(m: registry.Method, values: Any, source: str) -> dict:
     optional = {f.name: "-" for f in dataclasses.fields(cls) if f.metadata.get("required") and f.name not in fixed}
     try:
         load_config(cls, {**optional, **values} if isinstance(values, dict) else values, where=source,
-                    prefix=[section], fixed=fixed)
+                    prefix=list(prefix), fixed=fixed)
     except TrainConfigError as e:
         raise LoopError(str(e)) from None
     return dict(values)
@@ -410,6 +518,98 @@ def _check_method(data: dict, source: str) -> tuple[str, dict[str, dict]]:
         values = _check_step(s, data.get(s.section), source)
         sections[s.section] = {"seed": data.get("seed", 0), **dict(s.loop_defaults), **values}
     return method, sections
+
+
+def _warmup_note(m: registry.Method) -> str:
+    return (f"the {m.title} warm-up starts from the loop's `policy`, trains on the rows of `sft.pipeline` and writes "
+            f"sft/checkpoint, the round-0 policy")
+
+
+def _check_warmup(values: dict, seed: int, base_dir: Path, source: str) -> WarmupConfig:
+    """The ``sft:`` section: its trainer's settings (the registry's warm-up
+    method) and its data pipeline (a file or an inline mapping). The
+    pipeline itself is checked by :func:`_check_warmup_pipeline` once the
+    loop's engine settings are known."""
+    from ..data.shipped import shipped_dir
+    from ..llm.prompts import find_file
+
+    sec: SFTSection = build(SFTSection, values)
+    m = registry.get(sec.method)
+    settings = _check_step(m, sec.train, source, prefix=("sft", "train"), note=_warmup_note(m))
+    if isinstance(sec.pipeline, str):
+        name = sec.pipeline
+        if not name.endswith((".yaml", ".yml")) and "/" not in name and not (base_dir / name).exists():
+            name += ".yaml"  # a shipped pipeline by name (`self_instruct`)
+        try:
+            path = find_file(name, base_dir, "pipeline file", shipped=(shipped_dir("pipelines"),), want="file")
+        except (ValueError, FileNotFoundError) as e:
+            raise LoopError(f"{source}: sft.pipeline: {e}") from None
+        try:
+            pdata = yamlio.load_file(path, "pipeline file")
+        except yamlio.YAMLInputError as e:
+            raise LoopError(str(e)) from None
+        if not isinstance(pdata, dict):
+            raise LoopError(f"{path}: expected a mapping at the top level, got {type(pdata).__name__}")
+        psource, pdir = str(path), path.parent
+    else:
+        pdata, psource, pdir = dict(sec.pipeline), f"{source}: sft.pipeline", base_dir
+        for k in SFT_PIPELINE_SETS:
+            if k in pdata:
+                what = "`sft.model` picks the model that writes the data" if k == "model" else \
+                    "the data pipeline runs on the loop's engines"
+                raise LoopError(f"{source}: sft.pipeline.{k}: set by the loop ({what}); remove it")
+    pdata = {k: v for k, v in pdata.items() if k not in SFT_PIPELINE_SETS}
+    return WarmupConfig(method=sec.method, settings={"seed": seed, **dict(m.loop_defaults), **settings},
+                        pipeline=pdata, pipeline_source=psource, pipeline_dir=Path(pdir), model=sec.model)
+
+
+def _check_warmup_pipeline(cfg: LoopConfig) -> None:
+    """The warm-up's data pipeline as the loop will run it validates, and its
+    last stage emits the rows its trainer reads."""
+    from ..engine.pipeline import Pipeline, PipelineError
+
+    assert cfg.sft is not None
+    try:
+        pipe = Pipeline.from_dict(cfg.sft_pipeline_data(), cfg.sft.pipeline_dir, source=cfg.sft.pipeline_source)
+        pipe.check_columns()
+    except PipelineError as e:
+        raise LoopError(str(e)) from None
+    cols: list[str] = []
+    for st in pipe.stages:
+        cols = st.output_columns(cols)
+    m = cfg.sft.trainer
+    lacking = m.missing_columns(cols)
+    if lacking:
+        want = "; ".join(spec.replace("+", " and ").replace("|", ", or ") for spec in lacking)
+        raise LoopError(f"{cfg.sft.pipeline_source}: the last stage must emit {m.title} rows ({want}); its output "
+                        f"has {cols}")
+
+
+def _ranker_templates(stage_dicts: list[dict], stages: list) -> list[dict[str, Any]]:
+    out = []
+    for i, (sd, st) in enumerate(zip(stage_dicts, stages)):
+        if judge_field(sd):
+            for fname, tpl in getattr(st, "prompt_templates", {}).items():
+                out.append({"stage": i, "kind": sd["stage"], "template": getattr(st.config, fname, fname),
+                            "template_sha256": tpl.sha256})
+    return out
+
+
+def _check_judges_distinct(cfg: LoopConfig, eval_tpl) -> None:
+    """The held-out judge may not be a training ranker read back: the same
+    model (by name) with the same template text as a pairs stage that judges
+    round 0 is an error (another template, such as the default, or another
+    model via ``eval.judge`` fixes it)."""
+    start = cfg.policy if cfg.sft is None else "<the SFT checkpoint>"
+    if cfg.judge_for(start) != cfg.eval_judge():
+        return
+    for r in cfg.ranker_templates:
+        if r["template_sha256"] == eval_tpl.sha256:
+            raise LoopError(
+                f"{cfg.source}: eval.judge_prompt: the held-out judge would be the training ranker of "
+                f"pairs.stages[{r['stage']}] (model {cfg.eval_judge()!r}, template {r['template']}), so its win "
+                f"rate would not be an independent measure; use another template (default "
+                f"{HELDOUT_JUDGE_PROMPT}) or another model (eval.judge)")
 
 
 def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_dir: Path | None = None,
@@ -439,8 +639,9 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
     lf: LoopFile = build(LoopFile, {k: v for k, v in data.items() if k not in registry.loop_sections()})
     steps = registry.get(lf.method).step_methods()
     needs = list(dict.fromkeys(c for s in steps if s.data == "pairs" for c in s.columns))
-    _check_stages(lf.pairs.stages, base_dir, source, needs)
+    built = _check_stages(lf.pairs.stages, base_dir, source, needs)
     method, sections = _check_method(data, source)
+    warmup = _check_warmup(data["sft"], lf.seed, base_dir, source) if data.get("sft") is not None else None
     prompts = _read_prompts(lf.prompts, lf.prompt_column, lf.limit, base_dir, source, "prompts", "prompt_column")
     ev = lf.eval
     held = _read_prompts(ev.prompts, ev.prompt_column, ev.limit, base_dir, source, "eval.prompts",
@@ -467,11 +668,17 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
     if ev.options[0] == ev.options[1]:
         raise LoopError(f"{source}: eval.options: the two option strings must differ")
     evc = EvalConfig(prompts=held, sampling=sampling, judge=ev.judge, judge_prompt=ev.judge_prompt,
-                     judge_chat=ev.judge_chat, options=list(ev.options))
-    return LoopConfig(
+                     judge_chat=ev.judge_chat, options=list(ev.options), bootstrap_resamples=ev.bootstrap_resamples,
+                     bootstrap_seed=ev.bootstrap_seed)
+    cfg = LoopConfig(
         name=lf.name, policy=lf.policy, prompts=prompts, pairs_stages=lf.pairs.stages, eval=evc,
         sections=sections, judge=lf.judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
         license=lf.license, backend=lf.backend, backend_options=dict(lf.backend_options), models=dict(lf.models),
         seed=lf.seed, rounds=lf.rounds, chunk_size=lf.pairs.chunk_size, keep_checkpoints=lf.keep_checkpoints,
-        source=source, base_dir=base_dir, raw=data,
+        sft=warmup, source=source, base_dir=base_dir, raw=data,
     )
+    cfg.ranker_templates = _ranker_templates(cfg.pairs_stages, built)
+    _check_judges_distinct(cfg, tpl)
+    if cfg.sft is not None:
+        _check_warmup_pipeline(cfg)
+    return cfg

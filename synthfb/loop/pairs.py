@@ -86,7 +86,7 @@ def pairs_metrics(result: RunResult) -> dict[str, Any]:
     ds = datasets.load_from_disk(str(result.dataset_dir))
     cols = ds.column_names
     bias = ds["position_bias"] if "position_bias" in cols else []
-    margin = ds["margin"] if "margin" in cols else []
+    margin = ds["score_margin"] if "score_margin" in cols else []  # the ranker's score gap (its own unit)
     return {
         "prompts": stages[0]["rows_out"],
         "pairs_built": result.num_rows,

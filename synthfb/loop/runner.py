@@ -1,6 +1,9 @@
 """The RLAIF loop: rounds of generate -> judge -> pairs -> DPO (or RM + PPO) -> new policy.
 
-Round ``k`` starts from policy ``P_k`` (``P_0`` = the loop's ``policy``,
+With an ``sft:`` section a warm-up runs first (``synthfb/loop/warmup.py``): a
+data pipeline (e.g. seeds -> Self-Instruct) once, then SFT of the loop's
+``policy`` on its rows; that checkpoint is ``P_0``. Round ``k`` starts from
+policy ``P_k`` (``P_0`` = the loop's ``policy`` or the SFT checkpoint,
 ``P_k`` = the checkpoint round ``k-1`` trained) and
 
 1. samples on-policy responses to the training prompts with ``P_k`` and has
@@ -14,6 +17,11 @@ Round ``k`` starts from policy ``P_k`` (``P_0`` = the loop's ``policy``,
 3. starts an engine on the new checkpoint, answers the fixed held-out prompts
    and has a fixed judge compare them with ``P_0``'s answers in both orders
    (``synthfb/loop/heldout.py``); that engine then generates round ``k+1``.
+
+The held-out judge is frozen: one model and template for every comparison,
+set once per loop. With a warm-up, the SFT checkpoint and the final policy
+are also compared with the initial ``policy``. After every round the loop
+card ``OUT/README.md`` is rewritten (``synthfb/loop/card.py``).
 
 A round whose record in ``loop.json`` is finished with the same fingerprint
 (settings + starting policy and judge revisions) is reused untouched; an
@@ -36,8 +44,10 @@ from . import heldout
 from .config import LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
 from .pairs import pairs_metrics, run_pairs, write_prompts
-from .state import LoopFolder, now, round_dir
+from .card import loop_summary, write_card
+from .state import LoopFolder, now, read_json, round_dir
 from .train import TrainingSetup, headline, prepare_training, train_round
+from .warmup import run_warmup, sft_dir
 
 
 @dataclass
@@ -65,27 +75,53 @@ class _Loop:
         if not cfg.self_judging:
             pool.pin(cfg.judge_for(cfg.policy))
         pool.pin(cfg.eval_judge())
+        eval_judge = pool.get(cfg.eval_judge())
         self.folder.start({
             "synthfb_loop": 1, "name": cfg.name, "description": cfg.description, "source": cfg.source,
             "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": scrub(initial.info.to_dict()),
             "judge": "the round's policy" if cfg.self_judging else cfg.judge_for(cfg.policy),
-            "eval_judge": cfg.eval_judge(), "versions": package_versions(),
+            "training_rankers": cfg.training_rankers(),
+            "eval_judge": scrub(heldout.judge_record(cfg, eval_judge)), "versions": package_versions(),
         })
         prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts)
-        base = heldout.answer(cfg, initial, self.out / "heldout-base.json", self.log)
+        start = cfg.policy
+        initial_answers = None
+        if cfg.sft is not None:
+            # the initial policy's held-out answers first: its engine is up for the data pipeline anyway
+            initial_answers = heldout.answer(cfg, initial, sft_dir(self.out) / "heldout-initial.json", self.log)
+            rec = run_warmup(cfg, self.folder, pool, initial, self.progress, self.log)
+            pool.release(cfg.policy)
+            start = rec["checkpoint"]
+        p0 = pool.get(start)
+        base = heldout.answer(cfg, p0, self.out / "heldout-base.json", self.log)
         self.folder.update(heldout_base={"model": base["model"], "fingerprint": base["fingerprint"],
                                          "prompts": len(cfg.eval.prompts)})
-        self.training: TrainingSetup = prepare_training(cfg, self.out, initial.info.path)
+        if initial_answers is not None:
+            em = heldout.compare(cfg, base, initial_answers, eval_judge, sft_dir(self.out) / "eval.json", self.log,
+                                 "the SFT checkpoint vs the initial policy")
+            self.folder.update(sft={**self.folder.state["sft"], "eval": heldout.summary(em)})
+            self.log(f"sft: held-out win rate vs the initial policy {_rate(em)}")
+        self.training: TrainingSetup = prepare_training(cfg, self.out, p0.info.path)
         cfg_fp = cfg.fingerprint()
-        policy = cfg.policy
+        policy = start
         rounds: list[dict[str, Any]] = []
         for k in range(cfg.rounds):
             m = self.round(k, policy, prompts_file, base, cfg_fp, [r["pairs"] for r in rounds])
             rounds.append(m)
             policy = m["checkpoint"]
+        final = None
+        if initial_answers is not None:
+            last = read_json(round_dir(self.out, cfg.rounds - 1) / "heldout-answers.json")
+            if last is not None:
+                final = heldout.summary(heldout.compare(cfg, last, initial_answers, eval_judge,
+                                                        self.out / "final-eval.json", self.log,
+                                                        "the final policy vs the initial policy"))
+                self.log(f"final policy vs the initial policy: held-out win rate {_rate(final)}")
         pool.close()
-        self.folder.update(status="finished", finished=now(), final_policy=policy)
-        self.log(f"done: {cfg.rounds} round(s); final policy {policy}")
+        self.folder.update(status="finished", finished=now(), final_policy=policy,
+                           summary=loop_summary(self.folder.state, rounds, final))
+        write_card(self.out, self.folder.state)
+        self.log(f"done: {cfg.rounds} round(s); final policy {policy}; card {self.out / 'README.md'}")
         return LoopResult(self.out, policy, rounds, self.folder.state)
 
     def round(self, k: int, policy_name: str, prompts_file: Path, base: dict, cfg_fp: str,
@@ -127,15 +163,23 @@ class _Loop:
             "checkpoint_revision": new.info.revision,
             "pairs": pm,
             "train": tm,
-            "eval": {key: v for key, v in em.items() if key != "per_prompt"},
+            "eval": heldout.summary(em),
             "seconds": {"pairs": round(t1 - t0, 3), "train": round(t2 - t1, 3), "eval": round(time.time() - t2, 3)},
         }
         atomic_write_json(rdir / "metrics.json", metrics)
         self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
         trained = f"{cfg.method}: " + ", ".join(f"{k} {v}" for k, v in headline(tm).items())
-        self.log(f"round {k}: {pm['pairs_built']} pairs, {trained}, held-out win rate vs round 0 {em['win_rate']}")
+        self.log(f"round {k}: {pm['pairs_built']} pairs, {trained}, held-out win rate vs round 0 {_rate(em)}")
+        write_card(self.out, self.folder.state)
         return metrics
+
+
+def _rate(em: dict[str, Any]) -> str:
+    """``0.625 [0.375, 0.875]``: a win rate and its 95% interval."""
+    ci = em.get("win_rate_ci95")
+    rate = em.get("win_rate")
+    return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if rate is not None and ci else str(rate)
 
 
 def run_loop(

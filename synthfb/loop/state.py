@@ -2,8 +2,15 @@
 
 Layout::
 
-    OUT/loop.json                  state: config, status, one record per round (policy, checkpoint, metrics)
+    OUT/loop.json                  state: config, status, the warm-up's record, one record per round
+                                   (policy, checkpoint, metrics), the held-out judge, the summary
+    OUT/README.md                  the loop card: what was trained, win rates with 95% intervals, what judged
     OUT/data/prompts.jsonl         the training prompts (id, prompt), the same every round
+    OUT/sft/data/                  warm-up (`sft:`): its data pipeline's run folder (run.json, stages/, dataset/)
+    OUT/sft/train.json, checkpoint/  warm-up: SFT fingerprint and metrics; the SFT checkpoint = round-0 policy
+    OUT/sft/heldout-initial.json   warm-up: the initial `policy`'s held-out answers
+    OUT/sft/eval.json              warm-up: the SFT checkpoint vs the initial `policy` (held-out win rate)
+    OUT/final-eval.json            warm-up: the last round's policy vs the initial `policy`
     OUT/heldout-base.json          round-0 policy responses to the held-out prompts (generated once)
     OUT/round-00/pairs/            the round's pairs run (a synthfb run folder: run.json, stages/, dataset/)
     OUT/round-00/train.json        training fingerprint, status and metrics
@@ -26,6 +33,10 @@ from ..data.io import atomic_write_json
 from ..data.redact import redact_obj
 from ..data.owned import FolderError, OwnedFolder, check_folder
 from .config import LoopError
+
+
+# what the loop writes besides synthfb.data.owned's "loop" entries (recorded in the folder's marker)
+LOOP_ENTRIES = ("sft", "README.md", "final-eval.json")
 
 
 def now() -> str:
@@ -65,7 +76,7 @@ class LoopFolder:
             check_folder(self.out, "loop", self._mode, hint)
         except FolderError as e:
             raise LoopError(str(e)) from None
-        self._folder = OwnedFolder(self.out, "loop", self._mode, flag_hint=hint)
+        self._folder = OwnedFolder(self.out, "loop", self._mode, flag_hint=hint, entries=LOOP_ENTRIES)
 
     def __enter__(self) -> "LoopFolder":
         try:
@@ -79,9 +90,12 @@ class LoopFolder:
         self._folder.release()
 
     def start(self, header: dict[str, Any]) -> None:
-        """(Re)open the state for a run: header fields replaced, round records kept."""
+        """(Re)open the state for a run: header fields replaced, the records
+        of the warm-up and the rounds kept."""
         rounds = self.state.get("rounds", [])
-        self.state = {**header, "rounds": rounds, "status": "running", "started": self.state.get("started", now())}
+        kept = {k: self.state[k] for k in ("sft",) if k in self.state}
+        self.state = {**header, **kept, "rounds": rounds, "status": "running",
+                      "started": self.state.get("started", now())}
         self.save()
 
     def round(self, k: int) -> dict[str, Any] | None:

@@ -262,3 +262,32 @@ def _drop_resume_states(ckpt: Path) -> None:
     for p in Path(ckpt).glob("checkpoint-*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def train_warmup(cfg: LoopConfig, start: tuple[str, str], data: dict[str, Any], sdir: Path, log) -> dict[str, Any]:
+    """The warm-up trainer of ``sft:`` (a registry method with ``warmup``) on
+    the rows of the warm-up's data pipeline (``data``: its dataset folder,
+    fingerprint and row count), from the loop's initial policy ``start``
+    (path, revision) into ``sdir/checkpoint``: a resumable step with its
+    marker ``sdir/train.json``, like a round's training."""
+    assert cfg.sft is not None
+    step = cfg.sft.trainer
+    out_dir = sdir / "checkpoint"
+    settings = dict(cfg.sft.settings)
+    values: dict[str, Any] = {**settings, "model": start[0], "dataset": data["dataset"], "output_dir": str(out_dir),
+                              "resume": True}
+    fp = stable_hash({"method": step.name, "settings": settings, "start": start[1], "data": data["fingerprint"]})
+
+    def run(resumed_from: int) -> dict[str, Any]:
+        if not data["rows"]:
+            raise LoopError(f"sft: the data pipeline wrote no rows to train on (stage counts: {data['counts']}); "
+                            f"see {Path(data['dataset']).parent / 'run.json'}")
+        tcfg = _load(step.config, values, f"{cfg.source}: sft.train")
+        log(f"sft: {step.title} on {data['rows']} rows from {start[0]}"
+            + (f" (resuming at step {resumed_from})" if resumed_from else ""))
+        out = step.train(tcfg, None)
+        metrics = _summary(step, out, tcfg, resumed_from)
+        metrics.update(method=step.name, rows=data["rows"], dataset=data["dataset"])
+        return metrics
+
+    return resumable_step(sdir, "train", fp, out_dir, cfg.keep_checkpoints, log, run)

@@ -4,10 +4,19 @@
   segments (text after a header), with the length / line / header-caps
   filters and exact dedupe; every drop is counted.
 * ``backtranslate``: the backward direction, segment -> instruction.
-* ``self_curate``: the 5-point quality rating, parsed robustly; keep rows
-  rated >= ``min_score`` (average of ``num_ratings`` samples).
+* ``self_curate``: the 5-point quality rating; keep rows rated >=
+  ``min_score``. ``scoring: logprobs`` (default on local engines) reads the
+  rating as the probability-weighted mean over "1".."5" after "Score:"
+  (G-Eval; :mod:`synthfb.rank.label_scores`), ``scoring: text`` samples
+  ``num_ratings`` ratings and parses them robustly (average of the
+  parsable ones; API models).
 * ``source_tag``: adds the seed/augmented tag columns (S_a / S_w) to any
   rows, e.g. the seed set that trainers mix with the curated data.
+
+``backtranslate``, ``self_curate`` and ``source_tag`` (on instruction/output
+rows) write SFT rows (:func:`sft_pair`): ``prompt`` is the instruction as the
+user turn after the row's ``system_tag`` (the paper's S_a / S_w sentence) as
+the system message, ``completion`` the segment (output).
 
 A second Humpback iteration is the same pipeline with ``self_curate.model``
 pointing at the improved model. See specs/methods.md section 2.
@@ -17,12 +26,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..engine.stage import Drop, ModelConfig, ModelStage, StageContext
+from ..data.trl import SFT_COLUMNS
+from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext
+from ..llm.types import ScoreResult
+from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
 from .backtranslation_data import (AUGMENTED_TAG, SEED_TAG, TAGS, SegmentsConfig, SegmentsStage,  # noqa: F401
-                                   SourceTagConfig, SourceTagStage, caps_ratio, segment_drop_reason, split_segments)
+                                   SourceTagConfig, SourceTagStage, caps_ratio, segment_drop_reason, sft_pair,
+                                   split_segments)
 
 
 def clean_generated_instruction(text: str) -> str | None:
@@ -49,6 +62,9 @@ class BacktranslateConfig(ModelConfig):
     min_instruction_chars: int = field(default=10, metadata={"help": "drop shorter instructions (Spico's repro: 10)"})
     max_instruction_chars: int = field(default=800, metadata={"help": "drop longer instructions (Spico's repro: 800)"})
     drop_truncated: bool = field(default=True, metadata={"help": "drop instructions that hit max_tokens (counted either way)"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion (system tag S_w, instruction -> segment): "
+                "conversational (message lists) or standard (strings, the tag a paragraph before the instruction)"})
 
 
 class BacktranslateStage(ModelStage):
@@ -70,8 +86,8 @@ class BacktranslateStage(ModelStage):
         return {self.config.output_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        keep = [c for c in input_columns if c not in (PROVENANCE, "instruction", "source", "system_tag")]
-        return keep + ["instruction", "source", "system_tag", PROVENANCE]
+        new = ["instruction", "source", "system_tag", *SFT_COLUMNS]
+        return [c for c in input_columns if c not in (PROVENANCE, *new)] + new + [PROVENANCE]
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
@@ -90,7 +106,8 @@ class BacktranslateStage(ModelStage):
             return Drop("instruction_too_short")
         if len(inst) > c.max_instruction_chars:
             return Drop("instruction_too_long")
-        return {"instruction": inst, "source": "augmented", "system_tag": AUGMENTED_TAG}
+        return {"instruction": inst, "source": "augmented", "system_tag": AUGMENTED_TAG,
+                **sft_pair(inst, row[c.output_column], AUGMENTED_TAG, c.format)}
 
 
 # -- self-curation ------------------------------------------------------------------
@@ -132,12 +149,25 @@ def parse_rating(text: str) -> int | None:
 class CurateConfig(ModelConfig):
     instruction_column: str = field(default="instruction", metadata={"help": "column with the (generated) instruction"})
     output_column: str = field(default="output", metadata={"help": "column with the candidate answer"})
-    prompt: str = field(default="backtranslation_curate.jinja", metadata={"help": "rating prompt (variables: instruction, output)"})
+    prompt: str = field(default="backtranslation_curate.jinja", metadata={"help": "rating prompt (variables: instruction, output, chat; score_only is true under logprobs scoring)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
     prefill: str = field(default="", metadata={"help": "completion mode only: appended to the prompt and put back before parsing (e.g. 'Score:' for small models)"})
     num_ratings: int = field(default=1, metadata={"help": "ratings sampled per row; the score is the mean of the parsable ones"})
-    min_score: float = field(default=5.0, metadata={"help": "keep rows whose score is >= this (paper: k=5; A_4 uses 4)"})
+    min_score: float = field(default=4.5, metadata={"help": "keep rows whose score is >= this (paper section 3.3: A_5 is score >= 4.5, i.e. a rating of 5; A_4 uses 4)"})
     drop: bool = field(default=True, metadata={"help": "drop rows below min_score (false: keep all with the score, for histograms)"})
+    system_column: str | None = field(default="system_tag", metadata={
+        "help": "column whose text (Humpback's S_a / S_w tag) becomes the system message of the SFT prompt; rows "
+                "without it (or null) get none"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion (instruction -> output): conversational (message "
+                "lists) or standard (strings, the tag a paragraph before the instruction)"})
+    scoring: Literal["auto", "logprobs", "text"] = field(default="auto", metadata={
+        "help": "logprobs: the score is the probability-weighted mean over the ratings 1-5 read from log-probs after "
+                "'Score:' (G-Eval; num_ratings/sampling unused); text: sample num_ratings ratings and parse them (API "
+                "models); auto: logprobs on vllm/transformers, text otherwise"})
+
+
+CURATION_LABELS = ("1", "2", "3", "4", "5")
 
 
 class SelfCurateStage(ModelStage):
@@ -146,7 +176,18 @@ class SelfCurateStage(ModelStage):
     Unparsable ratings are counted (``unparseable_ratings``); rows with none
     parsable are counted as ``unrated`` (and dropped: ``dropped_unrated``).
     Adds ``curation_score`` and ``curation_ratings`` (None where a rating
-    could not be read)."""
+    could not be read).
+
+    With ``scoring: logprobs`` one score call per row reads the five labels
+    (continuations "Score: 1".."Score: 5" in chat, " 1".." 5" after
+    "...\nScore:" in completion mode); ``curation_score`` is the expected
+    rating ``sum_r p(r) * r`` with p renormalised over 1..5,
+    ``curation_ratings`` the most probable rating (counted as
+    ``rating_<r>``) and ``curation_probs`` the five probabilities. The
+    threshold is unchanged: keep ``curation_score >= min_score`` (default
+    4.5, the paper's A_5 "score >= 4.5", which for one integer rating is
+    "== 5"; the shipped pipeline keeps A_4, >= 4). Every rating read counts
+    under ``outputs``, each usable one under ``parsed``."""
 
     kind = "self_curate"
     Config = CurateConfig
@@ -160,29 +201,60 @@ class SelfCurateStage(ModelStage):
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = self.sampling(n="num_ratings")
         self.template = self.load_template("prompt")
+        if config.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring: expected one of {list(SCORING_MODES)}, got {config.scoring!r}")
+        # logprobs: raw prompts end with "\n<prefill or Score:>" and score " 1".." 5"; chat scores "Score: 1"..
+        self.scorer = LabelScorer(CURATION_LABELS, config.prefill or "Score:", chat=config.chat)
+
+    def scoring(self, ctx: StageContext) -> str:
+        """``logprobs`` or ``text``: the ``scoring`` option on this stage's backend."""
+        return resolve_scoring(self.config.scoring, ctx.generator(self.model_name()).info.backend)
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column, self.config.output_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        keep = [c for c in input_columns if c not in (PROVENANCE, "curation_score", "curation_ratings")]
-        return keep + ["curation_score", "curation_ratings", PROVENANCE]
+        new = ["curation_score", "curation_ratings", *(["curation_probs"] if self.config.scoring != "text" else []),
+               *SFT_COLUMNS]
+        return [c for c in input_columns if c not in (PROVENANCE, *new)] + new + [PROVENANCE]
+
+    def _sft(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The SFT columns of a kept row: instruction -> output, the row's tag as the system message."""
+        c = self.config
+        tag = row.get(c.system_column) if c.system_column else None
+        return sft_pair(row[c.instruction_column], row[c.output_column], tag if isinstance(tag, str) else None,
+                        c.format)
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
+        logprobs = self.scoring(ctx) == "logprobs"
         text = self.template.render({"instruction": row[c.instruction_column], "output": row[c.output_column],
-                                     "chat": c.chat}, row.get(ROW_ID))
+                                     "chat": c.chat, "score_only": logprobs}, row.get(ROW_ID))
+        if logprobs:  # the five labels, batched with the chunk's other rows in one score call
+            return Ask(self.scorer.requests(text))
         return self.chat(with_prefill(text, c.prefill), self.params, chat=c.chat)
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
         c = self.config
-        ratings = [parse_rating(put_back_prefill(c.prefill, comp.text)) for comp in res.completions]
-        good = [x for x in ratings if x is not None]
+        probs, scored = None, isinstance(res, list) and bool(res) and isinstance(res[0], ScoreResult)
+        if scored:
+            # logprobs: the score is the expected rating; curation_ratings holds the most probable one
+            read = self.scorer.read(res)
+            ratings = [int(read.top) if read.ok else None]
+            good = [x for x in ratings if x is not None]
+            score = read.score if read.ok else None
+            probs = read.rounded() if read.ok else None
+            ctx.stats.add("scored_from_logprobs")
+        else:
+            ratings = [parse_rating(put_back_prefill(c.prefill, comp.text)) for comp in res.completions]
+            good = [x for x in ratings if x is not None]
+            score = sum(good) / len(good) if good else None
         ctx.stats.add("ratings", len(ratings))
         ctx.stats.add("unparseable_ratings", len(ratings) - len(good))
+        ctx.stats.add("outputs", len(ratings))
+        ctx.stats.add("parsed", len(good))
         for x in good:
             ctx.stats.add(f"rating_{x}")
-        score = sum(good) / len(good) if good else None
         if score is None:
             ctx.stats.add("unrated")
             if c.drop:
@@ -192,4 +264,5 @@ class SelfCurateStage(ModelStage):
             if c.drop:
                 return Drop("below_min_score")
         ctx.stats.add("kept")
-        return {"curation_score": None if score is None else float(score), "curation_ratings": ratings}
+        return {"curation_score": None if score is None else float(score), "curation_ratings": ratings,
+                **({"curation_probs": probs} if scored else {}), **self._sft(row)}

@@ -1,16 +1,18 @@
 """The model-free parts of instruction backtranslation (Humpback, Li et al.,
 2023; specs/methods.md section 2): documents -> self-contained segments
 with the paper's filters (``backtranslation_segments``), and the seed /
-augmented tags S_a / S_w (``source_tag``)."""
+augmented tags S_a / S_w (``source_tag``), and the SFT columns of a
+Humpback pair (:func:`sft_pair`)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..data import ROW_ID
+from ..data.trl import SFT_COLUMNS, sft_row
 from ..engine.stage import MapStage, StageContext
 
 # The paper's tag sentences (section 2.1, step 6): seed data is tagged S_a,
@@ -18,6 +20,14 @@ from ..engine.stage import MapStage, StageContext
 SEED_TAG = "Answer in the style of an AI Assistant."
 AUGMENTED_TAG = "Answer with knowledge from web search."
 TAGS = {"seed": SEED_TAG, "augmented": AUGMENTED_TAG}
+
+
+def sft_pair(instruction: str, output: str, system_tag: str | None,
+             fmt: Literal["conversational", "standard"] = "conversational") -> dict[str, Any]:
+    """The SFT columns of an (instruction, output) pair: the instruction as
+    the user turn -> the output; the row's tag (S_a / S_w), if any, as the
+    system message (standard: a paragraph before the instruction)."""
+    return sft_row(instruction, output, system_tag or None, fmt)
 
 _HEADER = re.compile(r"^(?:#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*|<h[1-6][^>]*>(.*?)</h[1-6]>)[ \t]*$", re.M | re.I)
 
@@ -123,25 +133,44 @@ class SegmentsStage(MapStage):
 class SourceTagConfig:
     source: Literal["seed", "augmented"] = field(metadata={"help": "seed (tag S_a) or augmented (tag S_w)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing source column"})
+    instruction_column: str = field(default="instruction", metadata={"help": "SFT rows: column with the instruction"})
+    output_column: str = field(default="output", metadata={"help": "SFT rows: column with the answer"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion, written when the rows have instruction_column and "
+                "output_column (the tag as the system message): conversational or standard (strings)"})
 
 
 class SourceTagStage(MapStage):
-    """Adds ``source`` and ``system_tag`` (the paper's S_a / S_w sentence)."""
+    """Adds ``source`` and ``system_tag`` (the paper's S_a / S_w sentence);
+    rows with an instruction and an output become SFT rows with the tag as
+    their system message (``prompt``/``completion``, rewritten if present)."""
 
     kind = "source_tag"
     Config = SourceTagConfig
 
+    def _sft(self, columns) -> bool:
+        return self.config.instruction_column in columns and self.config.output_column in columns
+
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        return [c for c in input_columns if c not in ("source", "system_tag")] + ["source", "system_tag"]
+        new = ["source", "system_tag"] + (list(SFT_COLUMNS) if self._sft(input_columns) else [])
+        return [c for c in input_columns if c not in new] + new
 
     def process(self, rows, ctx):
-        src = self.config.source
+        c = self.config
+        src = c.source
         out = []
         for r in rows:
-            if r.get("source") and not self.config.overwrite:
+            if r.get("source") and not c.overwrite:
                 if r["source"] not in TAGS:
                     raise ValueError(f"row {r.get(ROW_ID)!r}: unknown source {r['source']!r}; expected seed or augmented")
-                out.append({**r, "system_tag": TAGS[r["source"]]})
-                continue
-            out.append({**r, "source": src, "system_tag": TAGS[src]})
+                new = {**r, "system_tag": TAGS[r["source"]]}
+            else:
+                new = {**r, "source": src, "system_tag": TAGS[src]}
+            if self._sft(r):
+                inst, outp = r[c.instruction_column], r[c.output_column]
+                if not isinstance(inst, str) or not isinstance(outp, str):
+                    raise ValueError(f"row {r.get(ROW_ID)!r}: columns {c.instruction_column!r} and "
+                                     f"{c.output_column!r} must be text")
+                new.update(sft_pair(inst, outp, new["system_tag"], c.format))
+            out.append(new)
         return out

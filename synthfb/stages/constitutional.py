@@ -179,7 +179,7 @@ class CAILabelStage(ModelStage):
     def output_columns(self, input_columns: list[str]) -> list[str]:
         drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
         return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "p_chosen",
+            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "p_chosen",
             "p_response_1", "p_order_ab", "p_order_ba", "position_gap", "principle_ids", "label_logprobs",
             "cot_rationales", PROVENANCE]
 
@@ -228,7 +228,7 @@ class CAILabelStage(ModelStage):
         chosen, rejected = (r1, r2) if first else (r2, r1)
         pc = p if first else 1.0 - p
         return {**trl_pair(prompt, chosen, rejected, cfg.format),
-                "score_chosen": pc, "score_rejected": 1.0 - pc, "margin": 2.0 * pc - 1.0, "p_chosen": pc,
+                "score_chosen": pc, "score_rejected": 1.0 - pc, "score_margin": 2.0 * pc - 1.0, "p_chosen": pc,
                 "p_response_1": p, "p_order_ab": _mean(pa[0::2]), "p_order_ba": _mean([1.0 - x for x in pa[1::2]]),
                 "position_gap": _mean([m[1] for m in merged]), "principle_ids": [pr.id for pr in principles],
                 "label_logprobs": logs, "cot_rationales": [t for r in rationales for t in r]}

@@ -6,6 +6,27 @@ is judged ``samples`` times (default 3) in one engine call per chunk; the
 score is the mean of the samples that parse. ``judge_pairs`` then takes the
 highest and lowest scored candidates of each prompt as chosen/rejected and
 drops ties.
+
+``scoring`` says how a judgement becomes a number:
+
+* ``text`` (the paper): sample ``samples`` judgements (justification, then
+  ``Score: N``) and parse them; unparseable ones are counted and left out.
+  The path for API models without prompt log-probabilities.
+* ``logprobs`` (G-Eval, Liu et al. 2023; specs/methods-2.md section 9): the
+  template is rendered with ``score_only`` (it asks for the score line
+  only), each label "0".."5" of the additive scale is scored as the
+  continuation ``"Score: N"`` (chat) or ``" N"`` after ``"...\nScore:"``
+  (raw prompt) through the seam (one batched score call per chunk), the
+  probabilities are renormalised over the six labels and the candidate's
+  score is their weighted mean; nothing is parsed, ``samples`` and
+  ``sampling`` do not apply. Rows also get ``score_probs`` (per candidate,
+  label -> probability). See :mod:`synthfb.rank.label_scores`.
+* ``auto`` (default): ``logprobs`` on local engines (vllm, transformers),
+  ``text`` on others (openai: prompt log-probs need a vLLM server; set
+  ``logprobs`` there).
+
+Every judgement read is counted under ``outputs`` and each one that gave a
+score under ``parsed`` (the run record's parse rate).
 """
 
 from __future__ import annotations
@@ -18,7 +39,12 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import trl_pair
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext
+from ..llm.types import ScoreResult
 from ..rank.aggregate import pick_pair
+from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
+
+JUDGE_LABELS = ("0", "1", "2", "3", "4", "5")
+"""The additive rubric's totals (it starts at 0), scored after ``Score:``."""
 
 # "Score: 4", "**Score:** 4.5", "score = 3/5", "Score: **2**" (case-insensitive)
 _SCORE = re.compile(r"score\s*(?:\*\*)?\s*[:=]\s*(?:\*\*)?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -72,12 +98,13 @@ def mean_scores(judgements: list[list[str] | None]) -> tuple[list[float], list[i
 class JudgePairsConfig(ModelConfig):
     prompt_column: str = field(default="prompt", metadata={"help": "column with the user prompt"})
     responses_column: str = field(default="responses", metadata={"help": "list column with the candidate responses (e.g. generate with n: 4, explode: false)"})
-    judge_prompt: str = field(default="judge_additive.jinja", metadata={"help": "judge template (variables: prompt, response)"})
+    judge_prompt: str = field(default="judge_additive.jinja", metadata={"help": "judge template (variables: prompt, response; score_only is true under logprobs scoring)"})
     samples: int = field(default=3, metadata={"help": "judgements sampled per candidate and averaged"})
     min_scored: int = field(default=2, metadata={"help": "keep a prompt only if at least this many candidates got a score"})
     min_margin: float = field(default=0.0, metadata={"help": "drop pairs whose score gap is <= this (0: drop exact ties)"})
     chat: bool = field(default=True, metadata={"help": "send the judge prompt as a chat user turn (false: raw prompt)"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={"help": "TRL preference format of prompt/chosen/rejected"})
+    scoring: Literal["auto", "logprobs", "text"] = field(default="auto", metadata={"help": "logprobs: probability-weighted mean over the scores 0-5 read from log-probs (G-Eval; samples/sampling unused); text: sample `samples` judgements and parse 'Score: N' (the paper; API models); auto: logprobs on vllm/transformers, text otherwise"})
 
 
 class JudgePairsStage(ModelStage):
@@ -96,6 +123,13 @@ class JudgePairsStage(ModelStage):
         if {"prompt", "response"} - self.judge.variables:
             raise ValueError(f"{self.judge.source}: judge template must use `prompt` and `response`")
         self.params = self.sampling(n="samples")
+        if config.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring: expected one of {list(SCORING_MODES)}, got {config.scoring!r}")
+        self.scorer = LabelScorer(JUDGE_LABELS, "Score:", chat=config.chat)
+
+    def scoring(self, ctx: StageContext) -> str:
+        """``logprobs`` or ``text``: the ``scoring`` option on this stage's backend."""
+        return resolve_scoring(self.config.scoring, ctx.generator(self.model_name()).info.backend)
 
     def required_columns(self) -> set[str]:
         return {self.config.prompt_column, self.config.responses_column}
@@ -106,8 +140,8 @@ class JudgePairsStage(ModelStage):
     def output_columns(self, input_columns: list[str]) -> list[str]:
         drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
         return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_scores",
-            "judgements_parsed", PROVENANCE]
+            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "all_scores",
+            "judgements_parsed"] + (["score_probs"] if self.config.scoring != "text" else []) + [PROVENANCE]
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         cfg = self.config
@@ -118,21 +152,38 @@ class JudgePairsStage(ModelStage):
             raise ValueError(f"row {row.get(ROW_ID)}: column {cfg.responses_column!r} must be a list of strings")
         if len(cands) < cfg.min_scored:
             return Drop("too_few_candidates")
+        if self.scoring(ctx) == "logprobs":  # every label of every candidate, batched with the chunk's other rows
+            return Ask([r for c in cands for r in self.scorer.requests(
+                self.judge.render({"prompt": prompt, "response": c, "score_only": True}, row[ROW_ID]))])
         return Ask([self.chat(self.judge.render({"prompt": prompt, "response": c}, row[ROW_ID]), self.params,
                               chat=cfg.chat) for c in cands], partial=True)
 
     def parse(self, row: dict[str, Any], results: list, ctx: StageContext) -> Any:
         cfg = self.config
         cands = row[cfg.responses_column]
-        scores, parsed, counts = mean_scores([None if r.error else [c.text for c in r.completions] for r in results])
+        probs = None
+        if results and isinstance(results[0], ScoreResult):
+            read = self.scorer.read_all(results)
+            scores = [x.score for x in read]
+            parsed = [int(x.ok) for x in read]
+            probs = [x.rounded() if x.ok else None for x in read]
+            counts = {"judgements": len(read), "unparseable_judgements_no_label_mass": len(read) - sum(parsed),
+                      "unscored_candidates": len(read) - sum(parsed), "scored_from_logprobs": len(read)}
+        else:
+            scores, parsed, counts = mean_scores([None if r.error else [c.text for c in r.completions]
+                                                  for r in results])
         for key, v in counts.items():
             ctx.stats.add(key, v)
+        ctx.stats.add("outputs", counts.get("judgements", 0))
+        ctx.stats.add("parsed", counts.get("judgements", 0) - sum(v for k, v in counts.items()
+                                                                  if k.startswith("unparseable_judgements_")))
         if sum(not math.isnan(s) for s in scores) < cfg.min_scored:
             return Drop("too_few_scored")
         pick = pick_pair(scores, cands, cfg.min_margin)
         if pick.reason:
             return Drop(pick.reason)
         return {**trl_pair(row[cfg.prompt_column], cands[pick.best], cands[pick.worst], cfg.format),
-                "score_chosen": scores[pick.best], "score_rejected": scores[pick.worst], "margin": pick.margin,
+                "score_chosen": scores[pick.best], "score_rejected": scores[pick.worst], "score_margin": pick.margin,
                 "all_scores": [None if math.isnan(s) else s for s in scores], "judgements_parsed": parsed,
+                **({"score_probs": probs} if probs is not None else {}),
                 PROVENANCE: {"finish_reason": "judged"}}

@@ -75,7 +75,7 @@ class OnPolicyPairsStage(ModelStage):
     def output_columns(self, input_columns: list[str]) -> list[str]:
         drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
         return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "all_responses",
+            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "all_responses",
             "all_scores", "all_ranks", "comparison_matrix", "position_bias", "ranker", PROVENANCE]
 
     def fingerprint(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class OnPolicyPairsStage(ModelStage):
             out.append({
                 **base, **trl_pair(r[cfg.prompt_column], cands[pick.best], cands[pick.worst], cfg.format, cfg.system),
                 "score_chosen": float(scores[pick.best]), "score_rejected": float(scores[pick.worst]),
-                "margin": float(pick.margin),
+                "score_margin": float(pick.margin),
                 "all_responses": cands,
                 "all_scores": [float(x) for x in scores],
                 "all_ranks": [int(x) for x in ranks_from_scores(scores)],

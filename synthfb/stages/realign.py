@@ -7,6 +7,8 @@
   fit), optionally with evidence from a column, picks the longest of ``n``
   candidates and applies the post-filters; a rejected rewrite falls back to
   the original. Other categories pass through untouched (tag ``original``).
+  Its rows are SFT rows: ``prompt`` the query (user turn), ``completion`` the
+  final response (rewritten or original); see :func:`synthfb.data.trl.sft_row`.
 
 Formats live in a YAML data file (``pipelines/data/realign_formats.yaml``).
 See specs/methods.md section 3.
@@ -15,9 +17,10 @@ See specs/methods.md section 3.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
+from ..data.trl import SFT_COLUMNS, sft_row
 from ..data.shipped import shipped_dir
 from ..engine.stage import Ask, ModelConfig, ModelStage, StageContext, config_field
 from .realign_formats import (CODE_GROUP, Category, clean_evidence, edit_rate, has_code,  # noqa: F401
@@ -108,6 +111,9 @@ class RewriteConfig(ModelConfig):
     n: int = field(default=2, metadata={"help": "candidates per row; the longest parsable one is used"})
     min_length_ratio: float = field(default=0.5, metadata={"help": "a rewrite with <= this x the original's words keeps the original"})
     max_input_chars: int = field(default=6000, metadata={"help": "rows with a longer query+response pass through untouched (counted)"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion (query -> final response): conversational "
+                "(message lists) or standard (strings)"})
 
 
 class RealignRewriteStage(_FormatsStage):
@@ -135,10 +141,17 @@ class RealignRewriteStage(_FormatsStage):
         return cols | ({c.evidence_column} if c.evidence_column else set())
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        new = ["original_response", "realign_tag", "realign_reason", "edit_rate"]
+        new = ["original_response", "realign_tag", "realign_reason", "edit_rate", *SFT_COLUMNS]
         return [c for c in input_columns if c not in (*new, PROVENANCE)] + new + [PROVENANCE]
 
     def run(self, row: dict[str, Any], ctx: StageContext):
+        """The rewrite (or the original), plus the SFT columns: query -> final response."""
+        c = self.config
+        new = yield from self._rewrite(row, ctx)
+        final = new.get(c.response_column, row[c.response_column])
+        return {**new, **sft_row(row[c.query_column], final, None, c.format)}
+
+    def _rewrite(self, row: dict[str, Any], ctx: StageContext):
         c = self.config
         q, orig = row.get(c.query_column), row.get(c.response_column)
         if not isinstance(q, str) or not isinstance(orig, str):

@@ -9,6 +9,11 @@
 * ``alpaca_bootstrap`` (iterative): Alpaca's single call, 3 seed demos with
   input/output, up to 20 tasks with their instance per response.
 
+The instance rows of ``self_instruct_instances`` and ``alpaca_bootstrap`` are
+SFT rows (:func:`instance_sft`): ``prompt`` is the instruction, then the input
+(if any) after a blank line, ``completion`` the output; ``instruction``,
+``input`` and ``output`` stay as columns.
+
 Prompts are files in ``prompts/``; every step hands all its prompts to the
 generator in one call. The filters (reason codes, counted as
 ``dropped_<reason>``) are in :mod:`.self_instruct_filters`. See
@@ -19,9 +24,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
+from ..data.trl import SFT_COLUMNS, sft_row
 from ..engine.stage import IterativeStage, ModelConfig, StageContext
 from ..llm.prompts import text_request
 from .self_instruct_filters import (
@@ -41,6 +47,36 @@ BOOTSTRAP_SAMPLING = dict(temperature=0.7, top_p=0.5, max_tokens=1024, presence_
 ALPACA_SAMPLING = dict(temperature=1.0, top_p=1.0, max_tokens=3072, stop=["\n20", "20.", "20."])
 CLASSIFY_SAMPLING = dict(temperature=0.0, max_tokens=3, stop=["\n", "Task"])
 INSTANCE_SAMPLING = dict(temperature=0.0, presence_penalty=1.5, stop=["Example 6", "Task:"])
+
+
+# Stanford Alpaca's training prompts (train.py PROMPT_DICT), ending in a line break before the output.
+ALPACA_PROMPT = {
+    True: ("Below is an instruction that describes a task, paired with an input that provides further context. "
+           "Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    False: ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+
+
+def instance_sft(instruction: str, inp: str | None, output: str, fmt: str = "conversational",
+                 method: Literal["self_instruct", "alpaca"] = "self_instruct") -> dict[str, Any]:
+    """The SFT columns of one task instance.
+
+    conversational: the user turn is the instruction, then the input (if
+    any) after a blank line (Self-Instruct's fixed encoding, and the usual
+    chat form of Alpaca data); the completion is the output. standard: the
+    paper's plain-text prompt: Self-Instruct's ``"{instruction}\\n\\n{input}\\n\\n"``
+    (prepare_for_finetuning.py, fixed template) or Alpaca's
+    ``### Instruction: / ### Input: / ### Response:`` prompt."""
+    inst, inp = instruction.strip(), (inp or "").strip()
+    if fmt == "standard" and method == "alpaca":
+        user = ALPACA_PROMPT[bool(inp)].format(instruction=inst, input=inp)
+    elif fmt == "standard":
+        user = f"{inst}\n\n{inp}\n\n" if inp else f"{inst}\n\n"
+    else:
+        user = f"{inst}\n\n{inp}" if inp else inst
+    return sft_row(user, output, None, fmt)  # type: ignore[arg-type]
 
 
 def _seed_text(row: dict[str, Any], column: str) -> str:
@@ -179,8 +215,12 @@ class SelfInstructBootstrapStage(IterativeStage):
                     ctx.stats.add("accepted")
                     new.append({ROW_ID: f"si-{step:05d}-{len(new):05d}", **cand, "source": "machine", "step": step,
                                 "demo_ids": [d[ROW_ID] for d in demos], "rouge_l_max": score,
-                                "most_similar": similar, PROVENANCE: [prov]})
+                                "most_similar": similar, **self._sft(cand), PROVENANCE: [prov]})
         return new
+
+    def _sft(self, cand: dict[str, str]) -> dict[str, Any]:
+        """The SFT columns of an accepted candidate (none: a bare instruction is no SFT row)."""
+        return {}
 
 
 @dataclass
@@ -196,6 +236,9 @@ class AlpacaConfig(ModelConfig):
     chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
     system: str | None = field(default=None, metadata={"help": "system message (chat mode; in completion mode a paragraph before the prompt)"})
     faithful_capitalize: bool = field(default=False, metadata={"help": "Alpaca does not capitalize; true applies str.capitalize()"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion: conversational (user turn: instruction, blank "
+                "line, input) or standard (Alpaca's '### Instruction:' prompt as a string)"})
     extra_blacklist: list[str] = field(default_factory=list, metadata={"help": "words added to the keyword blacklist"})
     rouge_threshold: float = field(default=0.7, metadata={"help": "reject when ROUGE-L F1 > this"})
     max_steps: int = field(default=200, metadata={"help": "give up (counted) after this many steps"})
@@ -217,7 +260,10 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
         cols = super().output_columns(input_columns)
-        return cols[:2] + ["input", "output"] + cols[2:]
+        return cols[:2] + ["input", "output"] + cols[2:-1] + list(SFT_COLUMNS) + [PROVENANCE]
+
+    def _sft(self, cand: dict[str, str]) -> dict[str, Any]:
+        return instance_sft(cand["instruction"], cand.get("input"), cand["output"], self.config.format, "alpaca")
 
     def _seed_io(self, row: dict[str, Any]) -> tuple[str, str]:
         c = self.config

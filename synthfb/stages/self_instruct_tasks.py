@@ -1,14 +1,17 @@
 """Self-Instruct's per-task stages (Wang et al., 2022; specs/methods.md
 section 1): ``self_instruct_classify`` (is the instruction a classification
 task?) and ``self_instruct_instances`` (output-first for classification,
-input-first otherwise, with the reference post-filters; one row per
-instance)."""
+input-first otherwise, with the reference post-filters; one SFT row per
+instance: ``prompt``/``completion`` from instruction + input -> output, see
+:func:`.self_instruct.instance_sft`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..data import PROVENANCE, ROW_ID
+from ..data.trl import SFT_COLUMNS
 from ..engine.stage import Ask, ModelConfig, ModelStage
 from .self_instruct_filters import (
     filter_instances,
@@ -18,7 +21,7 @@ from .self_instruct_filters import (
 )
 
 # Reference decoding (GPT-3 davinci, section 1.2); user ``sampling`` overrides.
-from .self_instruct import CLASSIFY_SAMPLING, INSTANCE_SAMPLING, _seed_text
+from .self_instruct import CLASSIFY_SAMPLING, INSTANCE_SAMPLING, _seed_text, instance_sft
 
 
 @dataclass
@@ -78,6 +81,9 @@ class InstancesConfig(ModelConfig):
     output_first_prompt: str = field(default="self_instruct_output_first.jinja", metadata={"help": "prompt for classification tasks"})
     chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
     max_instances: int = field(default=5, metadata={"help": "keep at most this many instances per task (random sample)"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of the SFT columns prompt/completion: conversational (user turn: instruction, blank "
+                "line, input) or standard (Self-Instruct's '{instruction}\\n\\n{input}\\n\\n' prompt string)"})
 
 
 class SelfInstructInstancesStage(ModelStage):
@@ -101,8 +107,8 @@ class SelfInstructInstancesStage(ModelStage):
         return {self.config.instruction_column, self.config.classification_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        cols = [c for c in input_columns if c not in (PROVENANCE, "input", "output", "generation_mode")]
-        return cols + ["input", "output", "generation_mode", PROVENANCE]
+        new = ["input", "output", "generation_mode", *SFT_COLUMNS]
+        return [c for c in input_columns if c not in (PROVENANCE, *new)] + new + [PROVENANCE]
 
     def requests(self, row, ctx):
         c = self.config
@@ -127,5 +133,7 @@ class SelfInstructInstancesStage(ModelStage):
         # the record names the template this row was asked with (not the hash of both)
         prov = {"template_sha256": self.templates[clf].sha256, "finish_reason": comp.finish_reason}
         mode = "output_first" if clf else "input_first"
-        return [{ROW_ID: f"{row[ROW_ID]}/{k}", "input": inp, "output": outp, "generation_mode": mode, PROVENANCE: prov}
+        inst = _seed_text(row, c.instruction_column)
+        return [{ROW_ID: f"{row[ROW_ID]}/{k}", "input": inp, "output": outp, "generation_mode": mode,
+                 **instance_sft(inst, inp, outp, c.format), PROVENANCE: prov}
                 for k, (inp, outp) in enumerate(kept)]

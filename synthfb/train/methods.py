@@ -12,7 +12,10 @@ round's preference pairs into a new policy (``loop=True``): each step reads
 its settings from its ``section`` of the loop file, and the loop fills in the
 fields in ``loop_sets`` from what the step reads (``data``) and what it
 produces (``produces``). Adding a trainer or a loop method is one entry here;
-neither ``synthfb/train/cli.py`` nor ``synthfb/loop/`` names a method.
+neither ``synthfb/train/cli.py`` nor ``synthfb/loop/`` names a method. A
+trainer marked ``warmup`` (``sft``) can also run once before a loop's first
+round (a loop file's ``sft:`` section): rows from a data pipeline -> the
+round-0 policy.
 
 This module is import-light: trainer modules (torch) load on first use.
 """
@@ -41,7 +44,9 @@ class Method:
     config_name: str = ""  # its config dataclass
     train_name: str = ""  # its train function: f(cfg, rows=None) -> summary dict
     data: DataKind | None = None
-    columns: tuple[str, ...] = ()  # the row columns it reads (alternatives joined with '|')
+    # the row columns it reads: each entry a column, or alternatives joined with '|' (an alternative may be
+    # several columns joined with '+'); see missing_columns
+    columns: tuple[str, ...] = ()
     produces: Product = "policy"
     evaluate: Callable[[dict, Any], float] | None = None  # (train summary, config) -> score on the training data
     evaluate_key: str = ""  # the metric name of that score
@@ -50,6 +55,7 @@ class Method:
     headline: tuple[tuple[str, str], ...] = ()  # (short name, metric) for one-line summaries
     steps: tuple[str, ...] = ()  # composite: the trainers it runs
     loop: bool = False  # usable as a loop file's `method:`
+    warmup: bool = False  # usable as a loop's warm-up phase before round 0 (`sft:` in a loop file)
     section: str = ""  # loop-file mapping with this trainer's settings
     loop_sets: tuple[str, ...] = ()  # config fields the loop sets (the user may not)
     loop_defaults: tuple[tuple[str, Any], ...] = ()  # config defaults inside the loop
@@ -73,6 +79,14 @@ class Method:
     def train(self, cfg: Any, rows: list[dict] | None = None) -> dict[str, Any]:
         """Run the trainer; its summary dict (``steps``, ``history``, ``last``, ``seconds``, ...)."""
         return self._attr(self.train_name)(cfg, rows)
+
+    def missing_columns(self, columns: list[str]) -> list[str]:
+        """The entries of ``self.columns`` that rows with ``columns`` do not
+        satisfy (an entry is satisfied by any one of its '|' alternatives,
+        an alternative by all of its '+' columns)."""
+        have = set(columns)
+        return [spec for spec in self.columns
+                if not any(set(alt.split("+")) <= have for alt in spec.split("|"))]
 
     def step_methods(self) -> list[Method]:
         """The trainers this method runs: itself, or a composite's steps."""
@@ -100,8 +114,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "sft", "supervised fine-tuning on prompt/completion or messages rows",
         module=".sft", config_name="SFTConfig", train_name="train_sft",
-        data="sft", columns=("prompt|messages", "completion"), metrics=_LOSS,
+        data="sft", columns=("prompt+completion|messages",), metrics=_LOSS,
         headline=(("final_loss", "final_loss"),), title="SFT",
+        warmup=True, loop_sets=("model", "dataset", "output_dir", *_RESUME),
     ),
     Method(
         "rm", "reward model: Bradley-Terry on prompt/chosen/rejected (Plackett-Luce for ranked lists)",
@@ -154,6 +169,12 @@ def loop_methods() -> dict[str, Method]:
     return {k: m for k, m in METHODS.items() if m.loop}
 
 
+def warmup_methods() -> dict[str, Method]:
+    """Trainers a loop may run once before round 0 (``sft: {method: ...}``):
+    rows from a data pipeline -> the round-0 policy."""
+    return {k: m for k, m in METHODS.items() if m.warmup}
+
+
 def loop_sections() -> dict[str, Method]:
     """Loop-file section -> the trainer whose settings it holds (``train`` -> dpo, ``rm``, ``ppo``)."""
     return {s.section: s for m in loop_methods().values() for s in m.step_methods()}
@@ -174,6 +195,9 @@ def _check_registry() -> None:
             steps = m.step_methods()
             assert steps[-1].produces == "policy", f"{m.name}: a loop method's last step must produce the policy"
             assert all(s.section for s in steps), f"{m.name}: every step needs a loop-file section"
+        if m.warmup:
+            assert m.is_trainer and m.produces == "policy" and m.data == "sft", \
+                f"{m.name}: a warm-up method is a trainer that turns SFT rows into a policy"
 
 
 _check_registry()

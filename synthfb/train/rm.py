@@ -24,10 +24,18 @@ from .logprobs import last_token_index, position_ids_from_mask
 class RMConfig(TrainConfig):
     """Reward model (``synthfb train rm``)."""
 
-    margin_column: str | None = _f("margin", "column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m); ignored if absent")
+    margin_column: str | None = _f(None, "column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m) (Llama 2); "
+                                         "none by default: the pipelines' `score_margin` is in the ranker's own unit")
+    soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. CAI's `p_chosen`): BT loss "
+                                             "on the soft target, -(p log s(d) + (1-p) log s(-d)) (Bai et al. 2022)")
     center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)", ge=0)
     ranked: bool = _f(False, "rows are ranked lists (`completions` + `scores`, K >= 2): Plackett-Luce loss")
     learning_rate: float = _f(1e-5, "peak learning rate (AdamW)", gt=0)
+
+    def check(self) -> None:
+        if self.ranked and (self.margin_column or self.soft_label_column):
+            raise ValueError("fields `margin_column` and `soft_label_column` are for pairs; ranked lists (ranked: "
+                             "true) use neither")
 
 
 def load_reward_model(path: str, dtype: str = "float32", device=None):
@@ -55,16 +63,24 @@ def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
     return head(last)[:, 0].float()
 
 
-def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0) -> torch.Tensor:
+def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0, p_chosen=None) -> torch.Tensor:
     """Per-pair Bradley-Terry loss ``-log sigmoid(r_c - r_r - margin)`` (+ centering).
 
     Bradley & Terry 1952; the margin term follows Llama 2 (Touvron et al.
     2023); centering follows Eisenstein et al. 2023 ("Helping or Herding?").
+
+    ``p_chosen`` (per pair, in [0, 1]) makes the target soft: with
+    ``d = r_c - r_r - margin`` the loss is the cross-entropy
+    ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))``, as Constitutional AI
+    trains its preference model on the feedback model's probabilities
+    (Bai et al. 2022, arXiv:2212.08073). ``p = 1`` is the hard loss.
     """
     d = r_chosen - r_rejected
     if margin is not None:
         d = d - margin
     loss = -F.logsigmoid(d)
+    if p_chosen is not None:
+        loss = p_chosen * loss - (1.0 - p_chosen) * F.logsigmoid(-d)
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
     return loss
@@ -102,6 +118,7 @@ def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
     comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
     b = collate_sequences(prompts, comps, pad_id, "right")
     b["margin"] = torch.tensor([e.get("margin", 0.0) for e in items], dtype=torch.float32)
+    b["p_chosen"] = torch.tensor([e.get("p_chosen", 1.0) for e in items], dtype=torch.float32)
     return b
 
 
@@ -118,7 +135,8 @@ def rm_task(tok, cfg: RMConfig) -> loop.Task:
             return losses.sum(), ms
         k = r.shape[0] // 2
         rc, rr = r[:k], r[k:]
-        losses = bt_loss(rc, rr, b["margin"], cfg.center_rewards_coef)
+        losses = bt_loss(rc, rr, b["margin"], cfg.center_rewards_coef,
+                         b["p_chosen"] if cfg.soft_label_column else None)
         with torch.no_grad():
             ms = {"reward_accuracy": float((rc > rr).float().sum()), "reward_margin": float((rc - rr).sum()),
                   "reward_mean": float(((rc + rr) / 2).sum())}
@@ -147,6 +165,12 @@ def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[d
             if not isinstance(m, (int, float)) or isinstance(m, bool):
                 raise InputError(f"row {i}: `{cfg.margin_column}` must be a number, got {m!r}")
             ex["margin"] = float(m)
+        if cfg.soft_label_column:
+            p = r.get(cfg.soft_label_column)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise InputError(f"row {i}: `{cfg.soft_label_column}` (soft_label_column) must be a probability "
+                                 f"in [0, 1], got {p!r}")
+            ex["p_chosen"] = float(p)
         out.append(ex)
     return out
 

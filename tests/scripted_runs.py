@@ -1,0 +1,360 @@
+"""Scripted runs of every shipped pipeline on the fake model (``tests/fakes.py``).
+
+For each pipeline file in ``pipelines/`` (loop files aside) one function
+``NAME(failures=()) -> (pipeline dict, FakeGenerator)``: the file as it
+ships with only its input made small (input size, chunk size, the iterative
+stages' targets), and a fake that answers every prompt of that pipeline the
+way the stage's parser expects, so the run ends with rows. ``failures`` are
+the fake's injected request failures (``FakeGenerator(failures=...)``); by
+default none. ``SCRIPTED_RUNS`` maps each pipeline name to its function.
+
+Users: ``tests/test_fast_stages.py`` (each pipeline end to end, with
+failures and resume), ``tests/test_sft_contract.py`` (its helpers), and
+``tests/test_every_pipeline_trains.py`` (every pipeline's output trains in
+TRL and in ``synthfb train``). A new pipeline file needs a function here.
+
+Scoring. ``judge_pairs`` and ``self_curate`` pick ``scoring: auto`` from the
+shipped files: log-prob scoring on local engines (vllm, transformers), text
+parsing elsewhere, and the fake's backend is ``"fake"``, so they sample and
+parse judgements / ratings here. The fakes also script ``logprobs=`` with the
+same verdicts (the label a scripted judgement gives gets nearly all the
+mass), so the same rows survive when a test sets ``scoring: logprobs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+from fakes import FakeGenerator, Reply, last_user, render_messages, request_text
+
+from synthfb.engine import Pipeline, Runner
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = REPO / "pipelines"
+
+Failures = Iterable[tuple[Any, Any]]
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+def shipped(name: str) -> dict[str, Any]:
+    """A shipped pipeline file as a dict (to shrink its input before running)."""
+    return yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
+
+
+def stage_cfg(d: dict[str, Any], kind: str) -> dict[str, Any]:
+    [cfg] = [s for s in d["stages"] if s["stage"] == kind]
+    return cfg
+
+
+def run(d: dict[str, Any], out: Path, fake: FakeGenerator, **kw):
+    """Run pipeline dict ``d`` (paths relative to pipelines/) into ``out`` with ``fake`` as every model."""
+    p = Pipeline.from_dict(copy.deepcopy(d), PIPELINES, source=f"pipelines/{d['name']}.yaml")
+    return Runner(p, out, generators={p.model: fake}, progress=False, **kw).run()
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return datasets.load_from_disk(str(out / "dataset")).to_list()
+
+
+def _text(context: Any) -> str:
+    """A score request's context (raw prompt or messages) as text."""
+    return context if isinstance(context, str) else render_messages(context)
+
+
+def label_logprobs(target: Callable[[str], int]) -> Callable[[Any, str], float]:
+    """``logprobs=`` for G-Eval-style label scoring: the continuation ``" N"`` /
+    ``"Score: N"`` whose N is ``target(context text)`` gets nearly all the mass."""
+
+    def lp(context: Any, continuation: str) -> float:
+        label = continuation.split()[-1]
+        return -0.01 if label == str(target(_text(context))) else -9.0
+
+    return lp
+
+
+# -- quickstart: load -> generate ---------------------------------------------------------------------------------
+
+def quickstart(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("quickstart")
+    d["chunk_size"] = 3  # 8 seeds: chunks of 3, 3, 2
+    fake = FakeGenerator(rules=[("friendly email", " ".join(["word"] * 300))],  # longer than max_tokens 200
+                         default=lambda req, k: f"Answer: {last_user(req)}", failures=failures)
+    return d, fake
+
+
+# -- self_instruct: bootstrap -> classify -> instances ------------------------------------------------------------
+
+WORDS = [
+    "amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kelp", "lagoon",
+    "meadow", "nectar", "orchid", "pebble", "quartz", "raven", "saffron", "tundra", "umber", "violet", "willow",
+    "yarrow", "zephyr", "acorn", "bramble", "canyon", "dune", "estuary", "fern", "glacier", "heather", "island",
+    "jasmine", "kestrel", "lichen", "marsh", "nettle", "oasis", "prairie", "quill", "reef", "sorrel", "thistle",
+    "upland", "vale", "wren", "yew", "alder", "birch", "cobalt", "dahlia", "elm", "flint", "grove", "hazel",
+    "indigo", "jade", "knoll", "loam", "maple", "nutmeg", "opal", "pine", "quince", "rowan", "slate", "teal",
+    "umbra", "verbena", "walnut",
+]
+
+
+def novel_instruction(i: int) -> str:
+    """A task instruction no seed and no other i resembles (random words; ROUGE-L stays low)."""
+    rng = random.Random(i)
+    return "Describe " + " ".join(rng.sample(WORDS, 7))
+
+
+class SelfInstructScript:
+    """Answers the three Self-Instruct prompts; remembers which new task is a classification one."""
+
+    def __init__(self):
+        self.count = itertools.count()
+        self.is_clf: dict[str, bool] = {}
+
+    def bootstrap(self, req, k):
+        a, b = (novel_instruction(next(self.count)) for _ in range(2))
+        for t in (a, b):
+            self.is_clf[t] = len(self.is_clf) % 2 == 1
+        # the prompt ends with "9.": the first item is unnumbered; the third is blacklisted ("picture")
+        return f" {a}\n10. {b}\n11. Draw a picture of a happy dog in the park\n"
+
+    @staticmethod
+    def task(req) -> str:
+        return re.findall(r"Task: (.*)", request_text(req))[-1].strip()
+
+    def classify(self, req, k):
+        return " Yes" if self.is_clf.get(self.task(req)) else " No"
+
+
+def self_instruct(failures: Failures = (), script: SelfInstructScript | None = None
+                  ) -> tuple[dict[str, Any], FakeGenerator]:
+    """``script``: the SelfInstructScript the fake answers with (a new one by default)."""
+    d = shipped("self_instruct")
+    d["chunk_size"] = 4
+    stage_cfg(d, "self_instruct_bootstrap").update(num_instructions=6, prompts_per_step=2, max_steps=6)
+    script = script or SelfInstructScript()
+    fake = FakeGenerator(rules=[
+        ("Write a list of new and varied tasks:", script.bootstrap),
+        ("Is it classification?", script.classify),
+        ("list its possible class labels", ("\nClass label: Positive\nText: I loved it.\n"
+                                            "Class label: Negative\nText: I did not like it at all.")),
+        ("For each task, write one or more examples.", ("\nExample 1\nInput: two apples\nOutput: a pair of apples\n"
+                                                        "Example 2\nInput: three pears\nOutput: a few pears")),
+    ], default=Reply("unexpected prompt", "stop"), failures=failures)
+    return d, fake
+
+
+# -- alpaca: one iterative stage ---------------------------------------------------------------------------------
+
+def alpaca(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("alpaca")
+    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=5, prompts_per_step=2, max_steps=5)
+    count = itertools.count()
+
+    def reply(req, k):
+        a, b = (novel_instruction(100 + next(count)) for _ in range(2))
+        # the prompt ends with "4. Instruction:"; block 6 has no Input/Output (malformed)
+        return (f" {a}\n4. Input:\n<noinput>\n4. Output:\nA short answer.\n###\n"
+                f"5. Instruction: {b}\n5. Input:\nsome input text\n5. Output:\nAnother answer.\n###\n"
+                f"6. Instruction: Broken block without the other fields\n###")
+
+    return d, FakeGenerator(reply, failures=failures)
+
+
+# -- backtranslation: segments -> backtranslate -> self_curate ---------------------------------------------------
+
+def _segment(req) -> str:
+    return re.findall(r"Text: (.*?)\nRequest:", request_text(req), re.DOTALL)[-1]
+
+
+def _answer(req) -> str:
+    return _answer_in(request_text(req))
+
+
+def _answer_in(text: str) -> str:
+    return re.findall(r"Answer: (.*?)\n\nRate the answer", text, re.DOTALL)[-1]
+
+
+def _backward(req, k):
+    words = _segment(req).split()[:4]
+    # the pipeline's stop ["\n"] cuts the second line
+    return f" How do I {' '.join(words).lower()}?\nThis line is after the stop string."
+
+
+def _ratings(req, k):
+    ans = _answer(req)
+    if "Deeper is better" in ans:
+        return [" 2", " 3", " 2"][k]  # mean 2.33 < min_score 4
+    if "balcony garden needs" in ans:
+        return ["banana", " 5", " 4"][k]  # one unparseable rating, mean 4.5
+    return [" 5", " 4", " 5"][k]
+
+
+def _rating_target(context: str) -> int:
+    """The rating with (nearly) all the label mass under ``scoring: logprobs``."""
+    return 2 if "Deeper is better" in _answer_in(context) else 5
+
+
+def backtranslation(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("backtranslation")
+    d["chunk_size"] = 4
+    fake = FakeGenerator(rules=[("Request:", _backward), ("Rate the answer with a whole number", _ratings)],
+                         logprobs=label_logprobs(_rating_target), failures=failures)
+    return d, fake
+
+
+# -- realign: classify -> rewrite ------------------------------------------------------------------------------
+
+def _query(req) -> str:
+    return re.findall(r"Query: (.*)\nCategory:", request_text(req))[-1]
+
+
+def _category(req, k):
+    q = _query(req)
+    if q.startswith(("How do I", "Give me a plan")):
+        return " how_to_generation\nQuery: more text after the stop string"
+    if "Python" in q:
+        return " code_generation"
+    if "poem" in q:
+        return " poem_generation"
+    if q.startswith("Hi!"):
+        return " no idea"  # names no category: the default one
+    return " open_qa"
+
+
+def _original(req) -> str:
+    return re.findall(r"\[Response start\]\n(.*?)\n\[Response end\]", request_text(req), re.DOTALL)[-1]
+
+
+def realign(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("realign")
+    d["chunk_size"] = 4
+    fake = FakeGenerator(rules=[
+        ("\nCategory:", _category),
+        ("[Response start]",
+         lambda req, k: [" Too short.", f" 1. {_original(req)}\n2. One more step, to be clear."][k]),
+    ], failures=failures)
+    return d, fake
+
+
+# -- cai_sft: generate -> cai_revise ---------------------------------------------------------------------------
+
+def _current(req) -> str:
+    return re.findall(r"Assistant: (.*?)\n\nCritique request:", last_user(req), re.DOTALL)[-1]
+
+
+def cai_sft(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("cai_sft")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    fake = FakeGenerator(rules=[
+        ("Reply with only the revised response", lambda req, k: f"Revised response: {_current(req)} [rev]"),
+        ("Write a short critique", "The response could be more considerate."),
+    ], default=lambda req, k: f"First answer to: {last_user(req)}", failures=failures)
+    return d, fake
+
+
+# -- cai_preferences: generate (n=2) -> cai_label (log-probs) ---------------------------------------------------
+
+def _option(context: str, letter: str) -> str:
+    return re.findall(rf"\({letter}\) \[\[\[(.*?)\]\]\]", context, re.DOTALL)[-1]
+
+
+def kind_is_better(context, continuation) -> float:
+    letter = continuation.strip()[1]
+    return -0.2 if "kind" in _option(context, letter) else -1.7
+
+
+def cai_preferences(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("cai_preferences")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    fake = FakeGenerator(lambda req, k: ["A rude answer.", "A kind and careful answer."][k], logprobs=kind_is_better,
+                         failures=failures)
+    return d, fake
+
+
+# -- judge_pairs: generate (n=4) -> judge_pairs ----------------------------------------------------------------
+
+CANDIDATES = ["Short answer.", "A fuller answer.", "The most complete answer.", "Off-topic text."]
+JUDGEMENTS = {"Short answer.": "Score: 2", "A fuller answer.": "Some reasoning.\nScore: 3",
+              "The most complete answer.": "Very good.\nScore: 5",
+              "Off-topic text.": ["Score: 1", "no score", "Score: 9"]}
+JUDGE_TARGETS = {"Short answer.": 2, "A fuller answer.": 3, "The most complete answer.": 5, "Off-topic text.": 1}
+"""The score each candidate gets under ``scoring: logprobs`` (the parsable judgements' mean, rounded)."""
+
+
+def _judged_in(text: str) -> str:
+    return re.findall(r"<response>(.*?)</response>", text, re.DOTALL)[-1]
+
+
+def _judged(req) -> str:
+    return _judged_in(last_user(req))
+
+
+def judge_pairs(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("judge_pairs")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    fake = FakeGenerator(rules=[("<response>", lambda req, k: JUDGEMENTS[_judged(req)])], default=CANDIDATES,
+                         logprobs=label_logprobs(lambda ctx: JUDGE_TARGETS[_judged_in(ctx)]), failures=failures)
+    return d, fake
+
+
+# -- onpolicy_pairs: sample n=5 -> pairwise LLM judge over the full matrix ------------------------------------
+
+ONPOLICY_QUALITY = [3, 1, 4, 5, 2]
+"""The quality of sample k; the A/B judge prefers the higher one."""
+
+
+def quality(text: str) -> int:
+    return int(re.search(r"quality (\d)", text).group(1))
+
+
+def better_quality_wins(context, continuation) -> float:
+    letter = continuation.strip()[1]
+    answer = re.findall(rf"Answer \({letter}\):\n(.*?)\n\n", context, re.DOTALL)[-1]
+    return -0.5 * (6 - quality(answer))
+
+
+def onpolicy_pairs(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("onpolicy_pairs")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    q = ONPOLICY_QUALITY
+    fake = FakeGenerator(rules=[("sky is blue", "The same answer quality 3")],  # all 5 samples identical
+                         default=lambda req, k: f"Answer {k}: quality {q[k]}", logprobs=better_quality_wins,
+                         failures=failures)
+    return d, fake
+
+
+# -- the registry -----------------------------------------------------------------------------------------------
+
+SCRIPTED_RUNS: dict[str, Callable[..., tuple[dict[str, Any], FakeGenerator]]] = {
+    "quickstart": quickstart,
+    "self_instruct": self_instruct,
+    "alpaca": alpaca,
+    "backtranslation": backtranslation,
+    "realign": realign,
+    "cai_sft": cai_sft,
+    "cai_preferences": cai_preferences,
+    "judge_pairs": judge_pairs,
+    "onpolicy_pairs": onpolicy_pairs,
+}
+
+
+def shipped_pipeline_files() -> list[Path]:
+    """Every pipeline file in ``pipelines/`` (top level; ``pipelines/train/`` holds trainer configs):
+    the YAML files that are not loop files (``synthfb.loop.config.looks_like_loop``)."""
+    from synthfb.loop.config import looks_like_loop
+
+    return sorted(f for f in PIPELINES.glob("*.yaml") if not looks_like_loop(yaml.safe_load(f.read_text())))
