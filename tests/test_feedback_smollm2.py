@@ -67,17 +67,18 @@ def test_cai_preferences_on_smollm2(tmp_path, vllm_smol):
 @pytest.mark.smollm2
 @pytest.mark.timeout(900)
 def test_judge_pairs_on_smollm2(tmp_path, vllm_smol):
-    pipe = _small("judge_pairs", 3, 64, judge_pairs={"sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 160}})
+    # local engine: the judge's score is read from the log-probs of the labels "0".."5" (G-Eval), one
+    # scoring request per candidate, so every judgement is read and pairs come out
+    pipe = _small("judge_pairs", 3, 64)
     res = run_pipeline(pipe, tmp_path / "judge", generators={pipe.model: vllm_smol}, progress=False)
-    counts = res.manifest["stages"][-1]["counts"]
-    assert counts["judgements"] == 3 * 4 * 3
-    unparseable = sum(v for k, v in counts.items() if k.startswith("unparseable_judgements_"))
-    assert 0 <= unparseable <= counts["judgements"]
-    if res.num_rows:  # a 135M judge rarely follows the format; pairs are checked when there are any
-        ds = datasets.load_from_disk(str(res.dataset_dir))
-        assert_trl_preference(ds, "conversational")
-        for row in ds:
-            assert 0 <= row["score_rejected"] < row["score_chosen"] <= 5
+    st = res.manifest["stages"][-1]
+    assert st["counts"]["judgements"] == 3 * 4
+    assert st["parse"]["rate"] == 1.0
+    assert res.num_rows >= 1
+    ds = datasets.load_from_disk(str(res.dataset_dir))
+    assert_trl_preference(ds, "conversational")
+    for row in ds:
+        assert 0 <= row["score_rejected"] < row["score_chosen"] <= 5
 
 
 @pytest.mark.smollm2
