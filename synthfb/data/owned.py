@@ -42,7 +42,8 @@ TEMPORARIES = (".*.tmp-*", ".*.partial-*", ".*.old-*")
 ENTRIES: dict[str, tuple[str, ...]] = {
     "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish"),
     "publish": ("README.md", "data", "plots"),
-    "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]"),
+    "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]", "sft",
+             "README.md", "final-eval.json"),
     "train": ("metrics.jsonl", "train_config.yaml", "ref_logps-*.pt", "rollout-policy", "value_head.pt"),
 }
 

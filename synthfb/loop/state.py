@@ -35,10 +35,6 @@ from ..data.owned import FolderError, OwnedFolder, check_folder
 from .config import LoopError
 
 
-# what the loop writes besides synthfb.data.owned's "loop" entries (recorded in the folder's marker)
-LOOP_ENTRIES = ("sft", "README.md", "final-eval.json")
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -76,7 +72,7 @@ class LoopFolder:
             check_folder(self.out, "loop", self._mode, hint)
         except FolderError as e:
             raise LoopError(str(e)) from None
-        self._folder = OwnedFolder(self.out, "loop", self._mode, flag_hint=hint, entries=LOOP_ENTRIES)
+        self._folder = OwnedFolder(self.out, "loop", self._mode, flag_hint=hint)
 
     def __enter__(self) -> "LoopFolder":
         try:
