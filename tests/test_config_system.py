@@ -226,7 +226,7 @@ def test_one_registry_for_train_and_loop():
     trainers = methods.trainers()
     text = _help("train")
     listed = re.findall(r"^    ([a-z_]+) {2,}", text, flags=re.MULTILINE)  # the TRAINER sub-commands
-    assert listed == list(trainers) == ["sft", "rm", "dpo", "ppo"]
+    assert listed == list(trainers) == ["sft", "rm", "dpo", "kto", "ppo"]
     for name, m in trainers.items():
         assert m.help in " ".join(text.replace("-\n", "-").split()).replace("- ", "-")
     # the loop's methods are registry entries whose steps are the trainers `synthfb train` runs

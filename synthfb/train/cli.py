@@ -1,4 +1,4 @@
-"""``synthfb train {sft,rm,dpo,ppo} --config FILE``.
+"""``synthfb train {sft,rm,dpo,kto,ppo} --config FILE``.
 
 Hook it into the main parser with ``add_train_parser(subparsers)``. The
 sub-commands are the trainers of the method registry

@@ -1,11 +1,14 @@
-"""Direct preference optimization and its variants.
+"""Pairwise preference optimization: DPO and the objectives of its family.
 
-:func:`dpo_loss` is a plain function on sequence log-probs; :func:`train_dpo`
-runs it over preference rows. The reference model's log-probs are computed
+The objectives are plain functions on sequence log-probs in
+:mod:`synthfb.train.losses`; :func:`pair_losses` picks one by
+``DPOConfig.loss_type`` and :func:`train_dpo` runs it over preference rows.
+For reference-based objectives the reference model's log-probs are computed
 once before training and cached to ``output_dir`` (keyed by a hash of the
 reference weights and the tokenized data), so training holds one model: when
 the reference is the starting model, the untrained policy computes them
 itself; a separate ``ref_model`` is loaded, used once and freed.
+Reference-free objectives (SimPO, CPO, SLiC-HF, RRHF, ORPO) load no reference.
 """
 
 from __future__ import annotations
@@ -19,97 +22,143 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from . import loop
 from .collate import Tokenizer, collate_sequences, load_rows
 from .config import TrainConfig, _f
+from . import losses as L
 from .logprobs import sequence_logps
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+from .losses import dpo_loss  # noqa: F401  (its public home used to be here)
+
+# loss_type -> (what it is, needs the reference model's log-probs)
+OBJECTIVES = {
+    "sigmoid": ("DPO (cDPO with label smoothing)", True),
+    "ipo": ("IPO", True),
+    "hinge": ("relu(1 - beta h) on reference log-ratios (RSO hinge-norm; not SLiC-HF)", True),
+    "rdpo": ("R-DPO (length-regularised DPO)", True),
+    "simpo": ("SimPO", False),
+    "cpo": ("CPO", False),
+    "slic": ("SLiC-HF", False),
+    "rrhf": ("RRHF", False),
+    "orpo": ("ORPO", False),
+}
+LOSS_TYPES = tuple(OBJECTIVES)
+REFERENCE_FREE = frozenset(k for k, (_, ref) in OBJECTIVES.items() if not ref)
+# objectives with a Bradley-Terry logistic margin, where a soft label (cDPO) is defined
+SOFT_LABEL_TYPES = frozenset({"sigmoid", "rdpo", "simpo", "cpo"})
+DEFAULT_BETA = {"simpo": 2.0}  # SimPO paper: beta 2.0-2.5; 0.1 for the rest (DPO paper, IPO tau, CPO, R-DPO)
 
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float | torch.Tensor = 0.0,
-    *,
-    gamma: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-example preference losses (shape (B,)); average them yourself.
+def pair_losses(cfg: DPOConfig, pc, pr, nc, nr, rc=None, rr=None, eps=0.0):
+    """Per-pair losses (B,) of ``cfg.loss_type`` (:mod:`synthfb.train.losses`) from
+    summed policy log-probs ``pc``/``pr``, response token counts ``nc``/``nr``,
+    summed reference log-probs ``rc``/``rr`` (None for reference-free types) and
+    the soft-label ``eps`` (cDPO) per pair."""
+    t, beta = cfg.loss_type, cfg.beta_value
+    if t == "sigmoid":
+        return L.sigmoid_loss(pc, pr, rc, rr, beta, eps)
+    if t == "ipo":  # length-averaged log-ratios, as TRL (see losses.ipo_loss)
+        return L.ipo_loss(pc, pr, rc, rr, beta, nc, nr)
+    if t == "hinge":
+        return L.hinge_loss(pc, pr, rc, rr, beta)
+    if t == "rdpo":
+        return L.rdpo_loss(chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                           chosen_lengths=nc, rejected_lengths=nr, beta=beta, alpha=cfg.rdpo_alpha,
+                           label_smoothing=eps)
+    if t == "simpo":
+        return L.simpo_loss(chosen_logps=pc, rejected_logps=pr, chosen_lengths=nc, rejected_lengths=nr, beta=beta,
+                            gamma=cfg.simpo_gamma_value, label_smoothing=eps)
+    if t == "cpo":
+        return L.cpo_loss(chosen_logps=pc, rejected_logps=pr, beta=beta, lam=cfg.cpo_lambda, label_smoothing=eps)
+    if t == "slic":
+        return L.slic_loss(chosen_logps=pc, rejected_logps=pr, delta=cfg.slic_delta, lam=cfg.slic_lambda)
+    if t == "rrhf":
+        return L.rrhf_loss(chosen_logps=pc, rejected_logps=pr, chosen_lengths=nc, rejected_lengths=nr,
+                           lam=cfg.rrhf_lambda)
+    if t == "orpo":
+        return L.orpo_loss(chosen_logps=pc, rejected_logps=pr, chosen_lengths=nc, rejected_lengths=nr,
+                           lam=cfg.orpo_lambda)
+    raise ValueError(f"unknown loss_type {t!r}; expected one of {', '.join(LOSS_TYPES)}")
 
-    With h = (pi_c - ref_c) - (pi_r - ref_r) (sequence log-prob ratios):
 
-    - ``sigmoid``: DPO, Rafailov et al. 2023, "Direct Preference Optimization:
-      Your Language Model is Secretly a Reward Model" (arXiv 2305.18290):
-      ``-log sigmoid(beta h)``. With ``label_smoothing`` eps > 0 it is
-      conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy
-      preferences & relationship to IPO"): ``-(1-eps) log sigmoid(beta h) -
-      eps log sigmoid(-beta h)``, i.e. a soft label p(chosen) = 1 - eps (e.g.
-      from Constitutional AI's ``p_chosen``). ``label_smoothing`` may be a
-      per-example tensor.
-    - ``ipo``: IPO, Azar et al. 2023, "A General Theoretical Paradigm to
-      Understand Learning from Human Preferences" (arXiv 2310.12036):
-      ``(h - 1/(2 beta))^2`` (beta plays the role of tau). Our trainer feeds it
-      length-averaged log-probs, as TRL does.
-    - ``hinge``: SLiC-HF, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood
-      Calibration with Human Feedback" (arXiv 2305.10425): ``relu(1 - beta h)``.
-    - ``simpo``: SimPO, Meng et al. 2024, "SimPO: Simple Preference
-      Optimization with a Reference-Free Reward" (arXiv 2405.14734):
-      reference-free, length-normalized:
-      ``-log sigmoid(beta (pi_c / |y_c| - pi_r / |y_r|) - gamma)``.
-      Extra arguments: ``gamma`` is the target reward margin (the paper uses
-      beta 2 to 2.5 and gamma/beta around 0.5); ``chosen_lengths`` /
-      ``rejected_lengths`` are the completion token counts used to average the
-      summed log-probs (leave them None if the log-probs are already averages).
-      The reference log-probs are ignored (may be None). Label smoothing
-      applies as in cDPO.
-    """
-    eps = label_smoothing
-    if loss_type == "simpo":
-        pc, pr = policy_chosen_logps, policy_rejected_logps
-        if chosen_lengths is not None:
-            pc = pc / chosen_lengths.clamp(min=1)
-        if rejected_lengths is not None:
-            pr = pr / rejected_lengths.clamp(min=1)
-        z = beta * (pc - pr) - gamma
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    if loss_type == "hinge":
-        return torch.relu(1 - beta * h)
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+def implicit_rewards(cfg: DPOConfig, pc, pr, nc, nr, rc=None, rr=None):
+    """(chosen, rejected) rewards each objective ranks by, for the logged
+    ``rewards_*`` / ``reward_accuracy`` and :func:`preference_accuracy`:
+    beta * log-ratio (reference-based types), beta * mean log-prob (SimPO),
+    beta * summed log-prob (CPO, as TRL logs it), summed log-prob (SLiC-HF) and
+    mean log-prob (RRHF, ORPO: their ranking terms compare means)."""
+    t = cfg.loss_type
+    if t not in REFERENCE_FREE:
+        return cfg.beta_value * (pc - rc), cfg.beta_value * (pr - rr)
+    if t == "simpo":
+        return cfg.beta_value * pc / nc.clamp(min=1), cfg.beta_value * pr / nr.clamp(min=1)
+    if t == "cpo":
+        return cfg.beta_value * pc, cfg.beta_value * pr
+    if t == "slic":
+        return pc, pr
+    return pc / nc.clamp(min=1), pr / nr.clamp(min=1)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """Preference optimization (``synthfb train dpo``): DPO, cDPO, IPO, hinge, SimPO."""
+    """Pairwise preference optimization (``synthfb train dpo``): DPO, cDPO, IPO,
+    hinge, R-DPO (reference-based) and SimPO, CPO, SLiC-HF, RRHF, ORPO
+    (reference-free); formulas and papers in :mod:`synthfb.train.losses`."""
 
-    beta: float = _f(0.1, "inverse temperature of the implicit reward (SimPO: 2.0 to 2.5)")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = _f("sigmoid", "sigmoid = DPO, ipo, hinge = SLiC, simpo = reference-free")
-    label_smoothing: float = _f(0.0, "cDPO: probability that a preference label is flipped (0 = plain DPO)")
-    soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. p_chosen); sets label smoothing to 1 - p per example")
-    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma")
-    ref_model: str | None = _f(None, "reference model path; none = the starting model", path=True)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "rdpo", "simpo", "cpo", "slic", "rrhf", "orpo"] = _f(
+        "sigmoid", "the objective: sigmoid = DPO (cDPO with label_smoothing), ipo, hinge = relu(1 - beta h) on "
+        "reference log-ratios (RSO's hinge-norm, not SLiC-HF), rdpo = R-DPO (length-regularised DPO), all with a "
+        "reference model; simpo, cpo, slic = SLiC-HF, rrhf, orpo are reference-free (no reference model is loaded)")
+    beta: float | None = _f(None, "inverse temperature of the implicit reward (sigmoid, ipo = IPO's tau, hinge, rdpo, "
+                                  "simpo, cpo); none = 2.0 for simpo (SimPO paper: 2.0 to 2.5), 0.1 otherwise "
+                                  "(DPO paper's grid 0.01-0.1); rrhf, slic and orpo have no beta", gt=0)
+    label_smoothing: float = _f(0.0, "cDPO: probability that a preference label is flipped (0 = plain DPO); for the "
+                                     "logistic objectives sigmoid, rdpo, simpo, cpo")
+    soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. p_chosen); sets label "
+                                             "smoothing to 1 - p per example (sigmoid, rdpo, simpo, cpo)")
+    simpo_gamma: float | None = _f(None, "SimPO target reward margin gamma (in reward units: the loss is -log "
+                                         "sigmoid(beta a_w - beta a_l - gamma)); none = beta / 2, the paper's "
+                                         "gamma/beta of about 0.5 (Table 8: beta 2.0, gamma 1.0 for Llama-3-Base)", ge=0)
+    rdpo_alpha: float = _f(0.05, "R-DPO length coefficient alpha: the margin gains alpha * (|y_w| - |y_l|) (response "
+                                 "tokens); SimPO paper's grid 0.05, 0.1, 0.5, 1", ge=0)
+    cpo_lambda: float = _f(1.0, "CPO weight lambda of the NLL term -lambda * log pi(y_w) (summed over response "
+                                "tokens); 1 in the CPO paper", ge=0)
+    slic_delta: float = _f(1.0, "SLiC-HF margin delta of max(0, delta - log pi(y_w) + log pi(y_l)); SimPO paper's "
+                                "grid 0.1, 0.5, 1, 2", ge=0)
+    slic_lambda: float = _f(0.1, "SLiC-HF weight lambda of the regulariser -lambda * log pi(y_w); SimPO paper's "
+                                 "grid 0.1, 0.5, 1, 10", ge=0)
+    rrhf_lambda: float = _f(1.0, "RRHF weight lambda of the fine-tuning term -lambda * log pi(y_w) (1 in the RRHF "
+                                 "paper; SimPO paper's grid 0.1, 0.5, 1, 10)", ge=0)
+    orpo_lambda: float = _f(0.1, "ORPO weight lambda of the odds-ratio term (TRL's ORPO beta; 0.1 is TRL's default; "
+                                 "SimPO paper's grid 0.1, 0.5, 1, 2)", ge=0)
+    ref_model: str | None = _f(None, "reference model path; none = the starting model (unused by reference-free "
+                                     "loss types)", path=True)
     ref_batch_size: int = _f(16, "batch size for the one-time reference log-prob pass", ge=1)
     learning_rate: float = _f(5e-7, "peak learning rate (AdamW)", gt=0)
+
+    @property
+    def beta_value(self) -> float:
+        """``beta``, or the loss type's default when it is unset."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss_type, 0.1)
+
+    @property
+    def simpo_gamma_value(self) -> float:
+        """``simpo_gamma``, or beta / 2 when it is unset."""
+        return self.simpo_gamma if self.simpo_gamma is not None else self.beta_value / 2
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
 
     def check(self) -> None:
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError("field `label_smoothing` must be in [0, 0.5)")
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise ValueError("field `beta` must be > 0")
+        if (self.label_smoothing or self.soft_label_column) and self.loss_type not in SOFT_LABEL_TYPES:
+            raise ValueError(f"fields `label_smoothing` / `soft_label_column` need a logistic loss_type "
+                             f"({', '.join(sorted(SOFT_LABEL_TYPES))}); loss_type {self.loss_type!r} has no soft label")
 
 
 def build_examples(cfg: DPOConfig, tok, rows: list[dict] | None = None) -> list[dict]:
@@ -201,16 +250,9 @@ def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
         k = lp.shape[0] // 2
         pc, pr, nc, nr = lp[:k], lp[k:], n[:k].float(), n[k:].float()
         rc, rr = b.get("ref_chosen"), b.get("ref_rejected")
-        if cfg.loss_type == "ipo":
-            pc, pr = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
-            rc, rr = b["ref_chosen"] / nc.clamp(min=1), b["ref_rejected"] / nr.clamp(min=1)
-        losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, b["eps"], gamma=cfg.simpo_gamma,
-                          chosen_lengths=nc, rejected_lengths=nr)
+        losses = pair_losses(cfg, pc, pr, nc, nr, rc, rr, b["eps"])
         with torch.no_grad():
-            if cfg.loss_type == "simpo":
-                wc, wr = cfg.beta * pc / nc.clamp(min=1), cfg.beta * pr / nr.clamp(min=1)
-            else:
-                wc, wr = cfg.beta * (pc - rc), cfg.beta * (pr - rr)
+            wc, wr = implicit_rewards(cfg, pc, pr, nc, nr, rc, rr)
             ms = {"rewards_chosen": float(wc.sum()), "rewards_rejected": float(wr.sum()),
                   "reward_margin": float((wc - wr).sum()), "reward_accuracy": float((wc > wr).float().sum()),
                   "logps_chosen": float(pc.detach().sum()), "logps_rejected": float(pr.detach().sum())}
@@ -232,7 +274,7 @@ def prepare(cfg: DPOConfig, rows: list[dict] | None = None, model=None):
     """
     tok = loop.load_tokenizer(cfg.model)
     ex = build_examples(cfg, tok, rows)
-    if cfg.loss_type != "simpo":
+    if cfg.needs_reference:  # reference-free objectives never load or run a reference model
         logps, _ = reference_logps(cfg, ex, tok, model)
         for e, (c, r) in zip(ex, logps.tolist()):
             e["ref_chosen"], e["ref_rejected"] = c, r
@@ -241,7 +283,7 @@ def prepare(cfg: DPOConfig, rows: list[dict] | None = None, model=None):
 
 @torch.no_grad()
 def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_size: int = 16) -> float:
-    """Fraction of pairs whose implicit reward ranks chosen above rejected."""
+    """Fraction of pairs whose implicit reward (:func:`implicit_rewards`) ranks chosen above rejected."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -251,11 +293,8 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
         b = _pair_batch(items, tok.pad_token_id)
         lp, n = sequence_logps(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["loss_mask"].to(dev))
         k = len(items)
-        if cfg.loss_type == "simpo":
-            wc, wr = lp[:k] / n[:k].clamp(min=1), lp[k:] / n[k:].clamp(min=1)
-        else:
-            wc = lp[:k].cpu() - b["ref_chosen"]
-            wr = lp[k:].cpu() - b["ref_rejected"]
+        lp, n = lp.float().cpu(), n.float().cpu()
+        wc, wr = implicit_rewards(cfg, lp[:k], lp[k:], n[:k], n[k:], b.get("ref_chosen"), b.get("ref_rejected"))
         right += int((wc > wr).sum())
     model.train(was)
     return right / max(1, len(examples))
@@ -263,7 +302,7 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
 
 @loop.owns_output
 def train_dpo(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
-    """Run DPO (or a variant); the model ends up in ``cfg.output_dir``."""
+    """Run DPO (or another pairwise objective, ``cfg.loss_type``); the model ends up in ``cfg.output_dir``."""
     loop.seed_all(cfg.seed)
     rows = load_rows(cfg.dataset) if rows is None else rows  # data errors before the model loads
     model = loop.load_causal_lm(cfg.model, cfg)

@@ -2,7 +2,7 @@
 
 A :class:`Method` names a config dataclass, a train function, the dataset it
 reads (kind and columns), how its result is evaluated and which metrics sum
-it up. A *trainer* (``sft``, ``rm``, ``dpo``, ``ppo``) is one training run:
+it up. A *trainer* (``sft``, ``rm``, ``dpo``, ``kto``, ``ppo``) is one training run:
 ``synthfb train NAME --config FILE`` runs it. A *composite* method
 (``rm_ppo``) is a sequence of trainers, each feeding the next (a reward model,
 then PPO against it).
@@ -99,6 +99,12 @@ def _dpo_accuracy(out: dict, cfg: Any) -> float:
     return preference_accuracy(out["model"], out["tokenizer"], out["examples"], cfg)
 
 
+def _kto_accuracy(out: dict, cfg: Any) -> float:
+    from .kto import label_accuracy
+
+    return label_accuracy(out["model"], out["tokenizer"], out["examples"])
+
+
 def _rm_accuracy(out: dict, cfg: Any) -> float:
     from .rm import pair_accuracy
 
@@ -129,7 +135,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         loop_defaults=(("margin_column", None),),
     ),
     Method(
-        "dpo", "preference optimization: DPO, cDPO, IPO, hinge, SimPO",
+        "dpo", "pairwise preference optimization: DPO, cDPO, IPO, hinge, R-DPO, SimPO, CPO, SLiC-HF, RRHF, ORPO",
         module=".dpo", config_name="DPOConfig", train_name="train_dpo",
         data="pairs", columns=("prompt", "chosen", "rejected"),
         evaluate=_dpo_accuracy, evaluate_key="pair_accuracy",
@@ -137,6 +143,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                  ("final_rewards_rejected", "last", "rewards_rejected")),
         headline=(("final_loss", "final_loss"),), title="DPO",
         loop=True, section="train", loop_sets=("model", "dataset", "output_dir", *_RESUME),
+    ),
+    Method(
+        # the loop feeds it the round's pairs (split into desirable/undesirable rows); `synthfb train kto` also
+        # reads unpaired prompt/completion/label rows
+        "kto", "KTO on unpaired prompt/completion/label rows, or on preference pairs split into them",
+        module=".kto", config_name="KTOConfig", train_name="train_kto",
+        data="pairs", columns=("prompt", "chosen", "rejected"),
+        evaluate=_kto_accuracy, evaluate_key="label_accuracy",
+        metrics=(*_LOSS, ("final_kl", "last", "kl"), ("final_label_accuracy", "last", "label_accuracy")),
+        headline=(("final_loss", "final_loss"),), title="KTO",
+        loop=True, section="kto", loop_sets=("model", "dataset", "output_dir", *_RESUME),
     ),
     Method(
         "ppo", "PPO against a reward model or a Python reward function",
