@@ -244,3 +244,36 @@ def test_kto_learns_from_unpaired_rows(small, tmp_path):
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.02
     assert hist[-1]["signed_reward"] > 0
     assert label_accuracy(out["model"], out["tokenizer"], out["examples"]) >= 0.9
+
+
+@pytest.mark.engine  # trains a tiny model
+@pytest.mark.timeout(600)
+def test_loop_round_trains_kto_on_its_pairs(small, tmp_path):
+    """`method: kto` in a loop file: a round's training step reads the round's prompt/chosen/rejected pairs,
+    splits them into desirable/undesirable rows and records the registry's KTO metrics."""
+    from pathlib import Path
+
+    import datasets
+
+    from synthfb.llm.models import model_revision
+    from synthfb.loop import load_loop
+    from synthfb.loop.train import prepare_training, train_round
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "pipelines" / "rlaif_tiny.yaml").read_text().replace("\ntrain:", "\nmethod: kto\nkto:", 1)
+    text = text.replace("prompts: data/", f"prompts: {repo}/pipelines/data/")
+    f = tmp_path / "loop.yaml"
+    f.write_text(text)
+    cfg = load_loop(f)
+    assert cfg.method == "kto" and [s.name for s in cfg.steps] == ["kto"]
+    ds = tmp_path / "pairs"
+    datasets.Dataset.from_list(pairs(8, 7)).save_to_disk(str(ds))
+    rdir = tmp_path / "round-00"
+    rdir.mkdir()
+    setup = prepare_training(cfg, tmp_path, str(small))
+    got = train_round(cfg, setup, str(small), model_revision(str(small)),
+                      {"dataset": str(ds), "fingerprint": "p0", "pairs_built": 8, "counts": {}}, [], rdir, lambda m: None)
+    assert got["method"] == "kto" and got["steps"] == cfg.sections["kto"]["max_steps"]
+    assert got["first_loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference at step 1
+    assert {"final_kl", "final_label_accuracy", "label_accuracy"} <= set(got)
+    assert (rdir / "checkpoint" / "config.json").exists() and (rdir / "kto.json").exists()
