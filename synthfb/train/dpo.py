@@ -112,7 +112,7 @@ class DPOConfig(TrainConfig):
         "reference model; simpo, cpo, slic = SLiC-HF, rrhf, orpo are reference-free (no reference model is loaded)")
     beta: float | None = _f(None, "inverse temperature of the implicit reward (sigmoid, ipo = IPO's tau, hinge, rdpo, "
                                   "simpo, cpo); none = 2.0 for simpo (SimPO paper: 2.0 to 2.5), 0.1 otherwise "
-                                  "(DPO paper's grid 0.01-0.1); rrhf, slic and orpo have no beta", gt=0)
+                                  "(DPO paper's grid 0.01-0.1); rrhf, slic and orpo have no beta")
     label_smoothing: float = _f(0.0, "cDPO: probability that a preference label is flipped (0 = plain DPO); for the "
                                      "logistic objectives sigmoid, rdpo, simpo, cpo")
     soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. p_chosen); sets label "
