@@ -135,7 +135,8 @@ def test_cli_reports_error_without_traceback(pdir):
 
 def test_cli_help_for_every_command():
     for args in ([], ["run"], ["validate"], ["card"], ["publish"], ["models"], ["models", "prepare"], ["models", "tiny"],
-                 ["train"], ["train", "sft"], ["train", "rm"], ["train", "dpo"], ["train", "ppo"], ["loop"]):
+                 ["train"], ["train", "sft"], ["train", "rm"], ["train", "dpo"], ["train", "kto"], ["train", "ppo"],
+                 ["loop"]):
         r = subprocess.run([sys.executable, "-m", "synthfb.cli", *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: synthfb" in r.stdout
 
