@@ -277,3 +277,24 @@ def test_loop_round_trains_kto_on_its_pairs(small, tmp_path):
     assert got["first_loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference at step 1
     assert {"final_kl", "final_label_accuracy", "label_accuracy"} <= set(got)
     assert (rdir / "checkpoint" / "config.json").exists() and (rdir / "kto.json").exists()
+
+
+def test_kto_rows_unpaired_as_trl_and_balance_warning():
+    from synthfb.data.io import InputError
+    from synthfb.train.kto import KTOConfig, check_balance, unpair_rows
+
+    rows = [{"prompt": "p0", "chosen": "a", "rejected": "b", "extra": 1}, {"prompt": "p1", "chosen": "c", "rejected": "d"}]
+    u = unpair_rows(rows)
+    assert [(x["pair"]["prompt"], x["side"], x["label"]) for x in u] == [
+        ("p0", "chosen", True), ("p1", "chosen", True), ("p0", "rejected", False), ("p1", "rejected", False)]
+    flat = unpair_rows([{"prompt": "p", "completion": "c", "label": False}])
+    assert flat[0]["label"] is False
+    with pytest.raises(InputError, match=r"row 1: `label` must be a bool"):
+        unpair_rows([{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "c", "label": "y"}])
+    with pytest.raises(InputError, match=r"row 0: KTO rows need .*missing `label`"):
+        unpair_rows([{"prompt": "p", "completion": "c"}])
+    cfg = KTOConfig(model="m", dataset="d", output_dir="o")
+    ex = [{"label": True}] * 2 + [{"label": False}] * 6
+    assert "recommends [1, 4/3]" in check_balance(cfg, ex) and "[3.00, 4.00]" in check_balance(cfg, ex)
+    assert check_balance(KTOConfig(model="m", dataset="d", output_dir="o", desirable_weight=3.5), ex) is None
+    assert check_balance(cfg, [{"label": True}] * 4 + [{"label": False}] * 4) is None

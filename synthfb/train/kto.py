@@ -193,10 +193,31 @@ def kto_task(tok, cfg: KTOConfig) -> loop.Task:
     )
 
 
+def check_balance(cfg: KTOConfig, examples: list[dict]) -> str | None:
+    """A warning when lambda_D n_D / (lambda_U n_U) lies outside [1, 4/3], the range
+    the KTO paper recommends (§4.2; TRL 1.16 warns on the same condition); None when inside."""
+    n_d = sum(e["label"] for e in examples)
+    n_u = len(examples) - n_d
+    if not n_d or not n_u:
+        return f"KTO: all {len(examples)} rows are {'desirable' if n_d else 'undesirable'}; the loss has one side only"
+    ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    lo, hi = n_u * cfg.undesirable_weight / n_d, 4 / 3 * n_u * cfg.undesirable_weight / n_d
+    return (f"KTO: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.2f} with "
+            f"{n_d} desirable and {n_u} undesirable rows; the KTO paper recommends [1, 4/3], e.g. "
+            f"desirable_weight in [{lo:.2f}, {hi:.2f}]")
+
+
 def prepare(cfg: KTOConfig, rows: list[dict] | None = None, model=None):
     """Tokenizer and examples with cached reference log-probs attached."""
+    import warnings
+
     tok = loop.load_tokenizer(cfg.model)
     ex = build_examples(cfg, tok, rows)
+    note = check_balance(cfg, ex)
+    if note:
+        warnings.warn(note, stacklevel=2)
     for e, (r, rk) in zip(ex, reference_logps(cfg, ex, tok, model).tolist()):
         e["ref"], e["ref_kl"] = r, rk
     return tok, ex
