@@ -15,7 +15,10 @@ each example also carries a *mismatched* completion (the completions are
 rotated by one within consecutive groups of ``batch_size`` examples, so
 prompt i is paired with completion i-1 of its group), and a batch's estimate
 is the mean of log pi - log pi_ref over those mismatched pairs, detached and
-clamped at 0 (:func:`synthfb.train.losses.kto_kl`). Reference log-probs of
+clamped at 0 (:func:`synthfb.train.losses.kto_kl`). The pairing is fixed when
+the examples are built and travels with each example, so shuffled batches
+(our loop shuffles every epoch, as TRL 1.16 does with transformers >= 5.2)
+still estimate from mismatched pairs. Reference log-probs of
 both the matched and the mismatched pairs are computed once and cached in
 ``output_dir``, as for DPO, so training holds one model.
 """
