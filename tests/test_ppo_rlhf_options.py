@@ -435,7 +435,9 @@ def test_vllm_rollout_trains_on_the_engine_ids_and_logprobs(tiny_model, tmp_path
     assert len(returned) == 8
     for c, tok in returned:
         assert len(c.token_ids) == c.num_tokens and len(c.logprobs) == len(c.token_ids)
-        assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+        # vLLM's incremental detokenizer holds back a trailing partial UTF-8 character (the random model
+        # samples byte tokens): the text is the decoded ids up to that; one reason not to re-tokenize text
+        assert tok.decode(c.token_ids, skip_special_tokens=True).rstrip("\ufffd") == c.text.rstrip("\ufffd")
         assert (c.token_ids[-1] == tok.eos_token_id) == (c.finish_reason == "stop")
     assert seen == [c.token_ids for c, _ in returned]
     h, = out["history"]
