@@ -778,6 +778,9 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     dev = loop.device_of(cfg)
     tok = loop.load_tokenizer(cfg.model)
     pad_id = tok.pad_token_id
+    ptx = (PtxStream(ptx_examples(load_rows(cfg.ptx_dataset), tok, cfg.max_length, f"ptx_dataset {cfg.ptx_dataset}"),
+                     cfg.seed)
+           if cfg.ptx_coef > 0 else None)  # its data errors too before any model loads
     if reward_fn is None:
         reward_fn = (load_reward_function(cfg.reward_function) if cfg.reward_function
                      else RewardModelScorer(cfg.reward_model, cfg.dtype, dev))
@@ -789,9 +792,6 @@ def train_ppo(cfg: PPOConfig, rows: list[dict] | None = None, reward_fn: Callabl
     for p in ref.parameters():
         p.requires_grad_(False)
     vhead = make_value_function(cfg, model, tok, dev)
-    ptx = (PtxStream(ptx_examples(load_rows(cfg.ptx_dataset), tok, cfg.max_length, f"ptx_dataset {cfg.ptx_dataset}"),
-                     cfg.seed)
-           if cfg.ptx_coef > 0 else None)
     norm = (ScoreNormalizer(cfg.score_normalization, cfg.score_clip)
             if cfg.score_normalization != "none" or cfg.score_clip is not None else None)
     total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(prompts) / cfg.rollout_batch_size))
