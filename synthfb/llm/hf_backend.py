@@ -127,7 +127,8 @@ class TransformersGenerator:
                     for k in range(params.n):
                         row = new[j * per_prompt + (k if per_prompt > 1 else 0)]
                         comps.append(self._completion(row.tolist(), params, requests[i].json_schema))
-                    results[i] = GenerationResult(completions=comps, prompt_tokens=len(ctx[i]))
+                    results[i] = GenerationResult(completions=comps, prompt_tokens=len(ctx[i]),
+                                                  prompt_token_ids=list(ctx[i]))
                     self.usage.prompt_tokens += len(ctx[i])
                     self.usage.completion_tokens += sum(c.num_tokens for c in comps)
                 bar.update(len(batch))
@@ -152,7 +153,10 @@ class TransformersGenerator:
             pos = text.find(s)
             if pos >= 0:
                 text, finish = text[:pos], "stop"
-        return make_completion(text, finish, cut + (1 if finish == "stop" and cut < len(toks) else 0), schema)
+        n_tokens = cut + (1 if finish == "stop" and cut < len(toks) else 0)
+        comp = make_completion(text, finish, n_tokens, schema)
+        comp.token_ids = toks[:n_tokens]  # the sampled ids, the EOS it stopped on included
+        return comp
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         """Continuation log-probs from one forward pass per padded batch."""

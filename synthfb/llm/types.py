@@ -113,12 +113,16 @@ class GenerationRequest:
 
     ``json_schema``: constrain the output to this JSON schema (vLLM structured
     outputs / OpenAI ``response_format``) and validate it with ``jsonschema``.
+    ``token_logprobs``: also return the log-prob of each sampled token
+    (:attr:`Completion.logprobs`) where the backend can (vLLM); off by default,
+    since it costs a log-softmax and a Python float per generated token.
     """
 
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     json_schema: dict[str, Any] | None = None
+    token_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -128,22 +132,36 @@ class GenerationRequest:
 @dataclass
 class Completion:
     """One sampled output. ``parsed`` holds the decoded JSON when the request
-    had a schema and the text validated; otherwise ``error`` says why not."""
+    had a schema and the text validated; otherwise ``error`` says why not.
+
+    ``token_ids``: the generated token ids exactly as the engine sampled them
+    (the stop token, e.g. EOS, included when generation stopped on it; local
+    backends fill it, None where unknown). Use them instead of re-tokenizing
+    ``text``: decoding and encoding again need not give the same ids.
+    ``logprobs``: one log-prob per ``token_ids`` entry, of that token under the
+    model's distribution before temperature / top-p (vLLM's raw log-probs),
+    when the request asked for ``token_logprobs`` and the backend supports it.
+    """
 
     text: str
     finish_reason: str
     num_tokens: int
     parsed: Any = None
     error: str | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 @dataclass
 class GenerationResult:
-    """All ``n`` completions of one request, or ``error`` if it failed for good."""
+    """All ``n`` completions of one request, or ``error`` if it failed for good.
+    ``prompt_token_ids``: the prompt as the backend tokenized it (chat template
+    applied), where known (local backends)."""
 
     completions: list[Completion]
     prompt_tokens: int = 0
     error: str | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass

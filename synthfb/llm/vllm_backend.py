@@ -103,6 +103,8 @@ class VLLMGenerator:
         )
         if req.json_schema is not None:
             kw["structured_outputs"] = StructuredOutputsParams(json=req.json_schema)
+        if req.token_logprobs:
+            kw["logprobs"] = 0  # the sampled token's own log-prob only
         return VSP(**kw)
 
     def generate(self, requests: list[GenerationRequest], desc: str = "") -> list[GenerationResult]:
@@ -130,11 +132,14 @@ class VLLMGenerator:
                                  [self._sampling(requests[i]) for i in run], use_tqdm=self.progress) if run else []
         for i, out in zip(run, outs):
             req = requests[i]
-            comps = [
-                make_completion(c.text, c.finish_reason, len(c.token_ids), req.json_schema)
-                for c in out.outputs
-            ]
-            results[i] = GenerationResult(completions=comps, prompt_tokens=len(ids[i]))
+            comps = []
+            for c in out.outputs:
+                comp = make_completion(c.text, c.finish_reason, len(c.token_ids), req.json_schema)
+                comp.token_ids = list(c.token_ids)
+                if req.token_logprobs and c.logprobs is not None:
+                    comp.logprobs = [float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)]
+                comps.append(comp)
+            results[i] = GenerationResult(completions=comps, prompt_tokens=len(ids[i]), prompt_token_ids=list(ids[i]))
             self.usage.prompt_tokens += len(ids[i])
             self.usage.completion_tokens += sum(c.num_tokens for c in comps)
         self.usage.requests += len(requests)

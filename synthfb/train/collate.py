@@ -9,8 +9,13 @@ Row formats:
 - Preference, conversational: ``prompt`` (messages) + ``chosen`` / ``rejected``
   (lists of assistant messages); without ``prompt`` the shared leading turns of
   ``chosen`` and ``rejected`` are taken as the prompt (TRL's implicit prompt).
-- Ranked lists (Plackett-Luce): ``prompt`` + ``completions`` (K strings or
-  message lists) + ``scores`` (K numbers, higher is better).
+- Ranked lists (K-way reward models: InstructGPT pairs or Plackett-Luce):
+  ``prompt`` (a string or messages, as in preference rows) + ``completions``
+  (K >= 2 responses, each in the form of a preference row's ``chosen``) +
+  ``ranks`` (K integers, 1 = best, equal ranks = a tie) and/or ``scores`` (K
+  numbers, higher is better). ``ranks`` wins when both are present; from
+  ``scores`` the rank of a completion is 1 + the number of completions scored
+  strictly higher (equal scores tie). K may differ from row to row.
 
 Loss masks are 1 on completion / assistant tokens only (including the end of
 turn token, so the model learns to stop) and 0 on prompt, template and pad
@@ -170,20 +175,49 @@ class Tokenizer:
         return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
 
     def ranked_example(self, row: dict, i: int = 0) -> dict[str, Any]:
-        """``prompt_ids`` + ``completion_ids`` sorted best first (by ``scores``)."""
-        comps, scores = row.get("completions"), row.get("scores")
-        if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores) or len(comps) < 2:
-            raise _row_err(i, "ranked rows need `completions` and `scores` lists of the same length >= 2")
+        """``prompt_ids``, ``completion_ids`` sorted best first and their ``ranks``
+        (1 = best, equal = tie; see :func:`ranks_of`). The sort is stable, so
+        tied completions keep their order in the row."""
+        comps = row.get("completions")
+        if not isinstance(comps, list) or len(comps) < 2:
+            raise _row_err(i, f"ranked rows need `completions`, a list of >= 2 responses; got {_kind(comps)}")
+        ranks = ranks_of(row, len(comps), i)
         try:
             p = self.prompt_ids(row["prompt"])
-            order = sorted(range(len(comps)), key=lambda k: -float(scores[k]))
+            order = sorted(range(len(comps)), key=lambda k: ranks[k])
             cs = [self.completion_ids(row["prompt"], comps[k]) for k in order]
         except (InputError, KeyError, TypeError, ValueError) as e:
             raise _row_err(i, f"bad ranked row ({e})") from None
         if self.max_length:
             room = max(1, self.max_length - len(p))
             cs = [c[:room] for c in cs]
-        return {"prompt_ids": p, "completion_ids": cs}
+        return {"prompt_ids": p, "completion_ids": cs, "ranks": [ranks[k] for k in order]}
+
+
+def _kind(x: Any) -> str:
+    return f"{type(x).__name__} of {len(x)}" if isinstance(x, list) else type(x).__name__
+
+
+def ranks_of(row: dict, k: int, i: int = 0) -> list[int]:
+    """Ranks (1 = best) of the ``k`` completions of ranked row ``i``: its
+    ``ranks`` column when present (K integers >= 1; equal = tie), else derived
+    from ``scores`` (K finite numbers, higher is better) as 1 + the number of
+    completions scored strictly higher, so equal scores tie."""
+    import math
+
+    ranks, scores = row.get("ranks"), row.get("scores")
+    if ranks is not None:
+        if (not isinstance(ranks, list) or len(ranks) != k
+                or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)):
+            raise _row_err(i, f"`ranks` must be a list of {k} integers >= 1 (1 = best), one per completion; got {ranks!r}")
+        return list(ranks)
+    if scores is None:
+        raise _row_err(i, f"ranked rows need `ranks` (1 = best) or `scores` (higher = better); got columns {sorted(row)}")
+    if (not isinstance(scores, list) or len(scores) != k
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in scores)):
+        raise _row_err(i, f"`scores` must be a list of {k} finite numbers (higher = better), one per completion; "
+                          f"got {scores!r}")
+    return [1 + sum(t > s for t in scores) for s in scores]
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:

@@ -125,7 +125,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         warmup=True, loop_sets=("model", "dataset", "output_dir", *_RESUME),
     ),
     Method(
-        "rm", "reward model: Bradley-Terry on prompt/chosen/rejected (Plackett-Luce for ranked lists)",
+        "rm", "reward model: Bradley-Terry on prompt/chosen/rejected (ranked lists: InstructGPT K-way or "
+              "Plackett-Luce)",
         module=".rm", config_name="RMConfig", train_name="train_rm",
         data="pairs", columns=("prompt", "chosen", "rejected"), produces="reward_model",
         evaluate=_rm_accuracy, evaluate_key="pair_accuracy", metrics=_PAIRWISE,

@@ -1,15 +1,24 @@
-"""Reward model training: Bradley-Terry pairs or Plackett-Luce ranked lists.
+"""Reward model training: Bradley-Terry pairs, or ranked lists of K completions
+(InstructGPT's loss over all C(K,2) pairs of a ranking, or Plackett-Luce).
 
 The model is ``AutoModelForSequenceClassification`` with one label (a fresh
 linear ``score`` head on the LM's last hidden state). The score is read at
 the last *real* token of each row, found from the attention mask, so it is
 right for left or right padding and when pad == eos (transformers' own
 pooling looks for the pad id and gets that case wrong).
+
+Ranked rows (``ranked: true``; columns in :mod:`synthfb.train.collate`:
+``prompt``, ``completions``, ``ranks`` and/or ``scores``) put all K
+completions of one prompt in the same batch: one forward per completion, and
+every pair of the ranking is built from those K scores (Ouyang et al. 2022,
+section 3.5: feeding the C(K,2) pairs as separate examples overfits within an
+epoch, since each completion then gets K - 1 separate updates).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +38,20 @@ class RMConfig(TrainConfig):
     soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. CAI's `p_chosen`): BT loss "
                                              "on the soft target, -(p log s(d) + (1-p) log s(-d)) (Bai et al. 2022)")
     center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)", ge=0)
-    ranked: bool = _f(False, "rows are ranked lists (`completions` + `scores`, K >= 2): Plackett-Luce loss")
+    ranked: bool = _f(False, "rows are ranked lists of K >= 2 completions per prompt (`prompt`, `completions`, and "
+                             "`ranks` (1 = best, equal = tie) or `scores` (higher = better)); the loss is `ranked_loss`")
+    ranked_loss: Literal["instructgpt", "plackett_luce"] = _f(
+        "plackett_luce", "loss on ranked rows (with ranked: true): `instructgpt` = -log sigmoid(r_w - r_l) averaged over "
+                         "the C(K,2) pairs of each prompt's ranking, tied pairs skipped (Ouyang et al. 2022, Eq. 1; the "
+                         "paper's K is 4-9); `plackett_luce` = the likelihood of the whole order (ties kept in row order)")
     learning_rate: float = _f(1e-5, "peak learning rate (AdamW)", gt=0)
 
     def check(self) -> None:
         if self.ranked and (self.margin_column or self.soft_label_column):
             raise ValueError("fields `margin_column` and `soft_label_column` are for pairs; ranked lists (ranked: "
                              "true) use neither")
+        if self.ranked and self.center_rewards_coef:
+            raise ValueError("field `center_rewards_coef` is for pairs; ranked lists (ranked: true) do not use it")
 
 
 def load_reward_model(path: str, dtype: str = "float32", device=None):
@@ -101,18 +117,50 @@ def plackett_luce_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -
     return -terms[:, :-1].sum(-1)
 
 
+def ranking_pairs(ranks: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, K) bool: ``[b, w, l]`` is True when completion w is ranked strictly
+    better than completion l (``ranks`` (B, K): 1 = best); equal ranks (ties) and
+    entries outside ``mask`` (B, K) make no pair."""
+    better = ranks[:, :, None] < ranks[:, None, :]
+    if mask is not None:
+        m = mask.bool()
+        better = better & m[:, :, None] & m[:, None, :]
+    return better
+
+
+def instructgpt_loss(scores: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-prompt K-way reward-model loss of InstructGPT (Ouyang et al. 2022, Eq. 1).
+
+    ``loss(theta) = -1/C(K,2) E_{(x, y_w, y_l) ~ D}[log sigmoid(r(x, y_w) - r(x, y_l))]``:
+    for each prompt, the mean over every pair (w, l) of its ranking with w
+    ranked better than l. ``scores`` (B, K) are the rewards of the K
+    completions of each prompt (any order), ``ranks`` (B, K) their ranks (1 =
+    best), ``mask`` (B, K) marks real entries (K may differ between prompts).
+    Returns (B,). A tie is not a comparison, so a prompt with ties averages over
+    its untied pairs (C(K,2) of them when there are no ties); a prompt with
+    no untied pair gives 0. K = 2 is the Bradley-Terry loss of the pair.
+    """
+    pairs = ranking_pairs(ranks, mask)
+    d = scores[:, :, None] - scores[:, None, :]
+    per_pair = torch.where(pairs, -F.logsigmoid(d), torch.zeros_like(d))
+    return per_pair.sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+
+
 def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
     if ranked:
         K = max(len(e["completion_ids"]) for e in items)
-        prompts, comps, real = [], [], []
+        prompts, comps, real, ranks = [], [], [], []
         for e in items:
+            rk = e.get("ranks") or list(range(1, len(e["completion_ids"]) + 1))
             for k in range(K):
                 has = k < len(e["completion_ids"])
                 prompts.append(e["prompt_ids"])
                 comps.append(e["completion_ids"][k] if has else e["completion_ids"][-1])
                 real.append(has)
+                ranks.append(rk[k] if has else 0)
         b = collate_sequences(prompts, comps, pad_id, "right")
         b["list_mask"] = torch.tensor(real).view(len(items), K)
+        b["ranks"] = torch.tensor(ranks, dtype=torch.long).view(len(items), K)
         return b
     prompts = [e["prompt_ids"] for e in items] * 2
     comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
@@ -125,6 +173,18 @@ def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
 def rm_task(tok, cfg: RMConfig) -> loop.Task:
     def loss(model, b):
         r = reward_scores(model, b["input_ids"], b["attention_mask"])
+        if cfg.ranked and cfg.ranked_loss == "instructgpt":
+            s = r.view(b["list_mask"].shape)
+            losses = instructgpt_loss(s, b["ranks"], b["list_mask"])
+            with torch.no_grad():
+                pairs = ranking_pairs(b["ranks"], b["list_mask"]).float()
+                n = pairs.sum((1, 2)).clamp(min=1)
+                d = s[:, :, None] - s[:, None, :]
+                m = b["list_mask"].float()
+                ms = {"reward_accuracy": float((((d > 0).float() * pairs).sum((1, 2)) / n).sum()),
+                      "reward_margin": float(((d * pairs).sum((1, 2)) / n).sum()),
+                      "reward_mean": float(((s * m).sum(-1) / m.sum(-1)).sum())}
+            return losses.sum(), ms
         if cfg.ranked:
             s = r.view(b["list_mask"].shape)
             losses = plackett_luce_loss(s, b["list_mask"])
@@ -150,6 +210,10 @@ def rm_task(tok, cfg: RMConfig) -> loop.Task:
 
 
 def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[dict]:
+    """Tokenized examples of ``rows``. With the ``instructgpt`` ranked loss, a
+    row whose completions all tie holds no comparison and is left out (how
+    many: ``skipped_all_tied`` in :func:`train_rm`'s summary); an error when
+    no row is left."""
     from ..data.io import InputError
 
     t = Tokenizer(tok, cfg.max_length, cfg.max_prompt_length)
@@ -157,7 +221,10 @@ def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[d
     out = []
     for i, r in enumerate(rows):
         if cfg.ranked:
-            out.append(t.ranked_example(r, i))
+            ex = t.ranked_example(r, i)
+            if cfg.ranked_loss == "instructgpt" and len(set(ex["ranks"])) == 1:
+                continue
+            out.append(ex)
             continue
         ex = t.preference_example(r, i)
         if cfg.margin_column and r.get(cfg.margin_column) is not None:
@@ -172,12 +239,18 @@ def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[d
                                  f"in [0, 1], got {p!r}")
             ex["p_chosen"] = float(p)
         out.append(ex)
+    if cfg.ranked and rows and not out:
+        raise InputError(f"{cfg.dataset}: no ranked row has two completions of different rank; nothing to train on")
     return out
 
 
 @torch.no_grad()
 def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
-    """Fraction of (chosen, rejected) pairs scored chosen > rejected."""
+    """Fraction of (chosen, rejected) pairs scored chosen > rejected; for ranked
+    examples, of all untied pairs of every ranking scored in rank order
+    (:func:`ranked_pair_accuracy`)."""
+    if examples and "completion_ids" in examples[0]:
+        return ranked_pair_accuracy(model, tok, examples, batch_size)
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -191,6 +264,25 @@ def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> flo
     return right / max(1, len(examples))
 
 
+@torch.no_grad()
+def ranked_pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
+    """Over every untied pair (w ranked better than l) of every ranked example,
+    the fraction with r(x, y_w) > r(x, y_l) (pairs pooled over prompts)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    right = total = 0
+    for s in range(0, len(examples), batch_size):
+        b = _batch(examples[s:s + batch_size], tok.pad_token_id, True)
+        r = reward_scores(model, b["input_ids"].to(dev), b["attention_mask"].to(dev)).cpu()
+        sc = r.view(b["list_mask"].shape)
+        pairs = ranking_pairs(b["ranks"], b["list_mask"])
+        right += int(((sc[:, :, None] > sc[:, None, :]) & pairs).sum())
+        total += int(pairs.sum())
+    model.train(was)
+    return right / max(1, total)
+
+
 @loop.owns_output
 def train_rm(cfg: RMConfig, rows: list[dict] | None = None) -> dict:
     """Train a reward model; it ends up in ``cfg.output_dir`` (a sequence-classification checkpoint)."""
@@ -201,5 +293,5 @@ def train_rm(cfg: RMConfig, rows: list[dict] | None = None) -> dict:
         model.gradient_checkpointing_enable()
     ex = build_examples(cfg, tok, rows)
     summary = loop.run(cfg, model, tok, ex, rm_task(tok, cfg))
-    summary.update(model=model, tokenizer=tok, examples=ex)
+    summary.update(model=model, tokenizer=tok, examples=ex, skipped_all_tied=len(rows) - len(ex))
     return summary
