@@ -43,8 +43,9 @@ Frontier rule (:func:`dpo_dominates`): a method's frontier at a KL budget k is
 the best reward among its points with KL <= k, pi_sft (KL 0) included for both
 methods. DPO dominates PPO when, for every PPO point, DPO's frontier at that
 point's KL is >= its reward (i.e. some DPO point, or the start, has <= KL and
->= reward). The area under both frontiers up to the smaller of the two
-largest KLs is printed as well.
+>= reward). Also printed: the area under each method's frontier with its
+Pareto points joined by straight lines (:func:`frontier_area`), up to the
+smaller of the two methods' largest KLs.
 
 Fairness notes, printed with the table: DPO sees ``2 * pairs`` reward labels
 of pi_sft samples; PPO sees ``ppo_steps * ppo_prompts * ppo_samples`` labels of
@@ -304,12 +305,21 @@ def dpo_dominates(dpo: list[tuple[float, float]], ppo: list[tuple[float, float]]
 
 
 def frontier_area(points: list[tuple[float, float]], start: tuple[float, float], upto: float) -> float:
-    """Integral over k in [0, upto] of :func:`best_within` (points plus the start): a step function."""
-    pts = sorted([(max(k, 0.0), r) for k, r in points + [start] if k <= upto])
-    area, best = 0.0, -math.inf
-    for (k, r), nxt in zip(pts, [p[0] for p in pts[1:]] + [upto]):
-        best = max(best, r)
-        area += best * (nxt - k)
+    """Area under a method's frontier over KL in [0, ``upto``]: its Pareto points (plus the start)
+    joined by straight lines, flat after the last. A chord is attainable: mixing the two policies
+    per prompt gives the mixed reward at no more than the mixed KL (KL is convex in pi)."""
+    pareto, best = [], -math.inf
+    for k, r in sorted([(max(k, 0.0), r) for k, r in points] + [start]):
+        if r > best:
+            pareto.append((k, r))
+            best = r
+    area = 0.0
+    for (k0, r0), (k1, r1) in zip(pareto, pareto[1:] + [(math.inf, pareto[-1][1])]):
+        if k0 >= upto:
+            break
+        k1c = min(k1, upto)
+        r1c = r0 if k1 == math.inf else r0 + (r1 - r0) * (k1c - k0) / (k1 - k0)
+        area += (r0 + r1c) / 2 * (k1c - k0)
     return area
 
 
@@ -388,7 +398,7 @@ def report(res: dict, s: Settings) -> str:
              "labels: true-reward evaluations used in training",
              HEADER] + [format_row(r) for r in res["rows"]]
     a = res["areas"]
-    lines.append(f"area under the frontier (best reward within KL k, k in [0, {a['upto']:.3f}]): "
+    lines.append(f"area under the frontier (Pareto points joined by lines, KL in [0, {a['upto']:.3f}]): "
                  f"DPO {a['dpo']:.4f}, PPO {a['ppo']:.4f}")
     n = sum(r["method"] == "ppo" for r in res["rows"])
     lines.append(f"rule: {RULE}")

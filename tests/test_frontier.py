@@ -52,9 +52,11 @@ def test_frontier_rule_on_hand_made_points():
     assert F.dpo_dominates(dpo, [(0.5, 0.2), (2.0, 0.3)], start) == (False, 1)
     assert F.dpo_dominates(dpo, [(0.2, 0.05)], start) == (True, 1)  # below the start: the start matches it
     assert F.dpo_dominates(dpo, [(3.5, 0.51)], start) == (False, 0)
-    # area of the step frontier over [0, 4]: 0.1 on [0, 1), 0.3 on [1, 3), 0.5 on [3, 4]
-    assert F.frontier_area(dpo, start, 4.0) == pytest.approx(0.1 * 1 + 0.3 * 2 + 0.5 * 1)
-    assert F.frontier_area(dpo, start, 2.0) == pytest.approx(0.1 * 1 + 0.3 * 1)
+    # area: trapezoids (0, 0.1)-(1, 0.3)-(3, 0.5), then flat at 0.5; a dominated point changes nothing
+    assert F.frontier_area(dpo, start, 4.0) == pytest.approx(0.2 * 1 + 0.4 * 2 + 0.5 * 1)
+    assert F.frontier_area(dpo + [(2.0, 0.25)], start, 4.0) == pytest.approx(0.2 * 1 + 0.4 * 2 + 0.5 * 1)
+    assert F.frontier_area(dpo, start, 2.0) == pytest.approx(0.2 * 1 + (0.3 + 0.4) / 2 * 1)
+    assert F.frontier_area([], start, 2.0) == pytest.approx(0.1 * 2)
     assert F.best_within(dpo, 0.5) == -math.inf
 
 
