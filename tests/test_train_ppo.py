@@ -150,7 +150,7 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(small_policy, tmp_path):
     prompts = [f"Write {w} please" for w in "a b c d e f g h i j k l m n o p".split()]
     cfg = PPOConfig(model=str(small_policy), dataset="-", output_dir=str(tmp_path / "ppo"), reward_function="-:-",
                     rollout_backend="transformers", rollout_batch_size=16, samples_per_prompt=4, max_new_tokens=6,
-                    ppo_epochs=4, batch_size=32, learning_rate=1e-3, kl_coef=0.02, max_steps=10, seed=0)
+                    ppo_epochs=4, batch_size=32, learning_rate=2e-3, kl_coef=0.02, max_steps=10, seed=0)
     out = train_ppo(cfg, [{"prompt": p} for p in prompts], reward_fn=letter_e)
     hist = out["history"]
     assert [h["step"] for h in hist] == list(range(1, 11))

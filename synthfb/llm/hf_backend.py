@@ -113,7 +113,10 @@ class TransformersGenerator:
                     pad_token_id=self.hf_tok.pad_token_id,
                 )
                 if params.temperature > 0:
-                    kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+                    # top_k=0: no top-k cut, as vLLM and the OpenAI API sample when none is asked for
+                    # (transformers would otherwise apply its global default top_k=50, and e.g. PPO's
+                    # rollouts would not be samples of the policy whose log-probs it scores)
+                    kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
                 else:
                     kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                 if params.stop:
