@@ -13,6 +13,7 @@ once when the stage ends otherwise) and, at the end, :func:`summary_table`.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import threading
@@ -75,6 +76,10 @@ class Console:
         os.dup2(target, 2)
         if not self.verbose:
             os.close(log_fd)
+        # Python-level writers too, where sys.stdout/err were replaced by objects not on fds 1/2
+        self._sys = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), line_buffering=True,
+                                                   encoding="utf-8", errors="replace") for fd in (1, 2))
 
     def isatty(self) -> bool:
         return getattr(self, "_isatty", False) if self.enabled else _isatty(self.out)
@@ -87,6 +92,12 @@ class Console:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stdout, sys.stderr = self._sys
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         for fd in self._saved:
@@ -104,6 +115,36 @@ class Console:
         except (OSError, ValueError):
             pass
         self.out = sys.stderr
+
+
+class TerminalLogHandler(logging.Handler):
+    """synthfb's own warnings (e.g. a served model's retries) on the terminal
+    while the engine libraries' logs go to the file: ``say`` prints a line
+    under the live progress line. Installed on the ``synthfb`` logger only
+    where no logging is configured (Python would then print warnings to
+    stderr, i.e. into the log file)."""
+
+    def __init__(self, say):
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.say(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)
+
+    @classmethod
+    def install(cls, say) -> "TerminalLogHandler | None":
+        ours = logging.getLogger("synthfb")
+        if logging.getLogger().handlers or ours.handlers:
+            return None
+        handler = cls(say)
+        ours.addHandler(handler)
+        return handler
+
+    def remove(self) -> None:
+        logging.getLogger("synthfb").removeHandler(self)
 
 
 def _pump(r: int, log_fd: int, term_fd: int) -> None:

@@ -41,7 +41,7 @@ from ..data.redact import redact_obj, redact_text
 from ..llm import live
 from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
-from .progress import Console, StageProgress, summary_table
+from .progress import Console, StageProgress, TerminalLogHandler, summary_table
 from .stage import IterativeStage, MapStage, SourceStage, Stage, StageContext
 
 class RunError(RuntimeError):
@@ -260,10 +260,13 @@ class Runner:
         self.console = Console(self.out / "logs" / "engine.log", verbose=self.verbose)
         try:
             with self.console:
+                shown = TerminalLogHandler.install(self._say)
                 try:
                     return self._run()
                 finally:
                     self.close()  # engines shut down while their output still goes to the log
+                    if shown is not None:
+                        shown.remove()
         finally:
             folder.release()
 

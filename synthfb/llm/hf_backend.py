@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import live
 from .base import PromptTokenizer, make_completion
 from .models import model_revision, resolve_dtype
 from .types import (
@@ -99,7 +100,8 @@ class TransformersGenerator:
                 self.usage.failures += 1
                 continue
             groups.setdefault(r.params, []).append(i)
-        bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress)
+        hook = live.current()  # the runner's progress line, when one is shown
+        bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress or hook is not None)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for params, idx in groups.items():
             idx.sort(key=lambda i: len(ctx[i]))
@@ -133,6 +135,8 @@ class TransformersGenerator:
                     self.usage.prompt_tokens += len(ctx[i])
                     self.usage.completion_tokens += sum(c.num_tokens for c in comps)
                 bar.update(len(batch))
+                if hook is not None:
+                    hook(len(batch), len(requests), None)
         bar.close()
         self.usage.requests += len(requests)
         return results  # type: ignore[return-value]
