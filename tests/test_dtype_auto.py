@@ -142,3 +142,19 @@ def test_unloaded_model_identity_predicts_the_dtype(tmp_path, tiny_model):
     ident = runner.model_identity(None)
     assert ident["name"] == tiny_model.name and ident["dtype"] == resolve_dtype("auto", device="cpu")
     assert str(tiny_model) not in json.dumps(ident) and ident["revision"].startswith("sha256:")
+
+
+def test_cpu_engine_env_defaults_and_user_settings_win():
+    from synthfb.llm.vllm_backend import RESERVE_NO_CPU_UP_TO, cpu_engine_env
+
+    # small idle machine: no reserved core, 1 GiB KV cache
+    assert cpu_engine_env(1.0, {}, cpus=2, load=0.3) == {"VLLM_CPU_KVCACHE_SPACE": "1",
+                                                         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    # busy (load >= cores) or large: vLLM's own default (one reserved core)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in cpu_engine_env(1.0, {}, cpus=2, load=2.5)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in cpu_engine_env(1.0, {}, cpus=RESERVE_NO_CPU_UP_TO + 1, load=0.0)
+    # whatever the user set stays as it is
+    assert cpu_engine_env(4.0, {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
+                          cpus=2, load=0.0) == {}
+    assert cpu_engine_env(2.5, {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, cpus=2, load=0.0) == {
+        "VLLM_CPU_KVCACHE_SPACE": "2"}

