@@ -80,13 +80,13 @@ def test_summary_table_from_a_run_record():
     manifest = {"stages": [
         {"index": 0, "kind": "load", "rows_in": 8, "rows_out": 8, "failures": [], "usage": {}, "seconds": 0.1},
         {"index": 1, "kind": "generate", "rows_in": 8, "rows_out": 7, "usage": {"completion_tokens": 500},
-         "failures": [{"row_id": "a", "reason": "x"}, {"row_id": "a", "reason": "y"}], "seconds": 2.0,
-         "generate_seconds": 2.0},
+         "failures": [{"row_id": "a", "reason": "x"}, {"row_id": "a", "reason": "y"}], "seconds": 3.0,
+         "generate_seconds": 2.0},  # 1 s of it was engine start-up
     ]}
     lines = summary_table(manifest)
     assert len(lines) == 4 and lines[0].split() == ["stage", "rows", "in", "rows", "out", "failed", "tokens", "tok/s",
                                                     "time"]
-    assert lines[3].split() == ["2.", "generate", "8", "7", "1", "500", "250", "00:02"]
+    assert lines[3].split() == ["2.", "generate", "8", "7", "1", "500", "250", "00:03"]
 
 
 def test_scripted_run_prints_progress_and_a_table_only(tmp_path, capfd):

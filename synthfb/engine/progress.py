@@ -286,16 +286,18 @@ class StageProgress:
 
 def summary_table(manifest: dict[str, Any]) -> list[str]:
     """The run's final table: per stage rows in/out, failed rows, completion
-    tokens, tokens/s and seconds, then the run's status line."""
+    tokens, tokens/s (over the chunks' own time, without engine start-up)
+    and the stage's wall time."""
     head = ("stage", "rows in", "rows out", "failed", "tokens", "tok/s", "time")
     rows = []
     for r in manifest.get("stages", []):
         failed = len({f["row_id"] for f in r.get("failures") or []})
         tokens = int((r.get("usage") or {}).get("completion_tokens", 0))
         secs = float(r.get("seconds") or 0.0)
+        gen_secs = float(r.get("generate_seconds") or secs)  # without engine start-up
         label = f"{r['index'] + 1}. {r['kind']}" + (" (reused)" if r.get("reused") else "")
         rows.append((label, str(r["rows_in"]), str(r["rows_out"]), str(failed), str(tokens) if tokens else "-",
-                     f"{tokens / secs:,.0f}" if tokens and secs > 0 else "-", _clock(secs)))
+                     f"{tokens / gen_secs:,.0f}" if tokens and gen_secs > 0 else "-", _clock(secs)))
     widths = [max(len(h), *(len(x[k]) for x in rows)) if rows else len(h) for k, h in enumerate(head)]
 
     def fmt(cells) -> str:
