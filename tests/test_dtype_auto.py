@@ -134,10 +134,19 @@ def test_run_record_has_the_resolved_dtype_and_no_model_path(tmp_path, monkeypat
     assert str(folder) not in json.dumps(record) and str(folder) not in card
 
 
-def test_unloaded_model_identity_predicts_the_dtype(tmp_path, tiny_model):
+def _checkpoint_folder(tmp_path: Path) -> Path:
+    """A folder that resolves as a local checkpoint (no engine is started)."""
+    folder = tmp_path / "ckpt" / "tiny-llama"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def test_unloaded_model_identity_predicts_the_dtype(tmp_path):
     """Before an engine starts (fingerprints, records of reused stages) the
     identity resolves `auto` for this machine, names the folder, and never
     holds its path."""
+    tiny_model = _checkpoint_folder(tmp_path)
     runner = Runner(_quick_pipeline(tmp_path, str(tiny_model)), tmp_path / "run", progress=False)
     ident = runner.model_identity(None)
     assert ident["name"] == tiny_model.name and ident["dtype"] == resolve_dtype("auto", device="cpu")
@@ -158,3 +167,12 @@ def test_cpu_engine_env_defaults_and_user_settings_win():
                           cpus=2, load=0.0) == {}
     assert cpu_engine_env(2.5, {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, cpus=2, load=0.0) == {
         "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_a_bad_dtype_is_a_one_line_pipeline_error(tmp_path):
+    from synthfb.engine import PipelineError
+
+    p = _quick_pipeline(tmp_path, str(_checkpoint_folder(tmp_path)))
+    p.backend_options["dtype"] = "int4"
+    with pytest.raises(PipelineError, match="dtype 'int4': expected one of auto, float32, bfloat16, float16"):
+        Runner(p, tmp_path / "run", progress=False).run()

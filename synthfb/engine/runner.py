@@ -210,7 +210,10 @@ class Runner:
             from ..llm import local_model_info
 
             info = local_model_info(backend, name)
-            dtype = resolve_dtype(self._options(name).get("dtype", "auto"), device=engine_device(backend))
+            try:
+                dtype = resolve_dtype(self._options(name).get("dtype", "auto"), device=engine_device(backend))
+            except ValueError as e:
+                raise PipelineError(f"{self.pipeline.source}: model {name!r}: {e}") from None
         ident: dict[str, Any] = {"name": public_model_name(info.name), "revision": info.revision,
                                  "backend": info.backend}
         if dtype:
