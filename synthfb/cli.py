@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         executor = RayExecutor(args.ray_address, args.ray_workers, log_to_driver=not args.quiet)
     try:
         result = run_pipeline(pipeline, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                              executor=executor)
+                              executor=executor, verbose=args.verbose)
     finally:
         if executor is not None:
             executor.close()
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the pipeline's default model")
     p.add_argument("--chunk-size", type=_positive_int, metavar="N", help="override the pipeline's chunk size (>= 1)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the engine's own log (vLLM, transformers, torch) on the terminal; it is always "
+                        "written to OUT/logs/engine.log")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where model stages' chunks run: here (local, default) or on a Ray cluster, one engine per "
                         "worker (needs pip install 'synthfb[ray]'); same checkpoints, resumable either way")

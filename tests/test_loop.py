@@ -52,7 +52,8 @@ def test_two_rounds_end_to_end(tiny_loop, tiny_model):
             assert gen["model"] == str(policy) and gen["model_revision"] == model_revision(str(policy))
             assert judged["model"] == str(tiny_model)  # the fixed judge (the round-0 policy)
         run = json.loads((rdir / "pairs" / "run.json").read_text())
-        assert run["stages"][1]["model"]["path"] == str(policy)
+        assert run["stages"][1]["model"]["revision"] == model_revision(str(policy))  # named, never by path
+        assert run["stages"][1]["model"]["name"] == policy.name
         # pairs: every prompt becomes a pair or a counted drop
         p = metrics["pairs"]
         assert p["prompts"] == 4 and p["pairs_built"] == len(ds) >= 1

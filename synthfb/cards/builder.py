@@ -236,7 +236,8 @@ def build_card(run_dir: str | Path, *, license: str | None = None, pretty_name: 
     from ..llm.models import model_license
 
     for m in model_list:
-        m["license"] = model_license(m.get("path", "")) if m.get("path") else None
+        # recorded at run time; runs from before that kept the checkpoint's path instead
+        m["license"] = m.get("license") or (model_license(m["path"]) if m.get("path") else None)
         if m["license"] is None:
             unknown_license_models.append(m["name"])
     if unknown_license_models:

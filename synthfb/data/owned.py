@@ -40,7 +40,7 @@ TEMPORARIES = (".*.tmp-*", ".*.partial-*", ".*.old-*")
 
 # what each kind of folder holds (names or fnmatch patterns, first level only)
 ENTRIES: dict[str, tuple[str, ...]] = {
-    "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish"),
+    "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish", "logs"),
     "publish": ("README.md", "data", "plots"),
     "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]", "sft",
              "README.md", "final-eval.json"),

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,8 +38,10 @@ from ..data import ROW_ID
 from ..data.io import atomic_write_json, read_tables, replace_dir_atomic, rows_to_table, write_table_atomic
 from ..data.owned import FolderError, OwnedFolder
 from ..data.redact import redact_obj, redact_text
+from ..llm import live
 from ..llm.types import Generator
 from .pipeline import Pipeline, PipelineError
+from .progress import Console, StageProgress, TerminalLogHandler, summary_table
 from .stage import IterativeStage, MapStage, SourceStage, Stage, StageContext
 
 class RunError(RuntimeError):
@@ -78,6 +79,21 @@ def scrub(obj: Any) -> Any:
 
 def scrub_text(text: str) -> str:
     return redact_text(text)
+
+
+def _without_model_paths(obj: Any) -> Any:
+    """The pipeline's config as recorded: a value naming a local model folder
+    is replaced by the folder's name (as run.json and the card name models),
+    so no machine-specific path is kept or published."""
+    from ..llm.models import public_model_name
+
+    if isinstance(obj, dict):
+        return {k: _without_model_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_model_paths(v) for v in obj]
+    if isinstance(obj, str) and public_model_name(obj) != obj and (Path(obj).expanduser() / "config.json").is_file():
+        return public_model_name(obj)
+    return obj
 
 
 def parse_rate(counts: dict[str, int]) -> dict[str, Any] | None:
@@ -118,6 +134,12 @@ class Runner:
     Ray actor). Checkpoints are written here either way, with the same
     helpers, so runs resume across executors. Source, iterative and
     model-free stages always run here. The caller owns (and closes) it.
+
+    While it runs, the engine libraries' output (vLLM and its workers,
+    transformers, torch, warnings) goes to ``logs/engine.log`` in the run
+    folder (also to the terminal with ``verbose``); the terminal shows one
+    progress line per stage and a summary table (:mod:`.progress`).
+    ``progress=False`` keeps only the final status line.
     """
 
     def __init__(
@@ -130,12 +152,16 @@ class Runner:
         generators: dict[str, Generator] | None = None,
         progress: bool = True,
         executor: Any = None,
+        verbose: bool = False,
     ):
         self.pipeline = pipeline
         self.out = Path(out_dir)
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
+        self.verbose = verbose
+        self.console = Console(self.out / "logs" / "engine.log", enabled=False)
+        self._bar: StageProgress | None = None
         self.executor = executor
         self._given = dict(generators or {})
         self._owned: dict[str, Generator] = {}
@@ -162,18 +188,43 @@ class Runner:
         return self._owned[name]
 
     def model_identity(self, model: str | None) -> dict[str, Any]:
-        """Name, path and revision of a model without starting an engine."""
+        """How run.json and the card name a model, without starting an engine:
+        ``name`` (an alias or hub id as given, a local folder by its folder
+        name), ``revision`` (hub commit or content hash), ``backend``,
+        ``dtype`` (the resolved one: what a loaded engine reports, else what
+        ``auto`` resolves to here), ``license`` when the checkpoint records
+        one, and ``url`` for a served model. Never a local path: the folder's
+        location is machine-specific and stays in memory (``Generator.info.path``)."""
+        from ..llm.models import engine_device, model_license, public_model_name, resolve_dtype
+
         name = self._model_name(model)
         gen = self._given.get(name) or self._owned.get(name)
+        backend = self.pipeline.backend
         if gen is not None:
-            return redact_obj(gen.info.to_dict())
-        if self.pipeline.backend == "openai":
+            info, dtype = gen.info, getattr(gen, "dtype", None)
+        elif backend == "openai":
             from ..llm import served_model_info
 
-            return served_model_info(name, self._options(name).get("base_url", "")).to_dict()
-        from ..llm import local_model_info
+            info, dtype = served_model_info(name, self._options(name).get("base_url", "")), None
+        else:
+            from ..llm import local_model_info
 
-        return local_model_info(self.pipeline.backend, name).to_dict()
+            info = local_model_info(backend, name)
+            try:
+                dtype = resolve_dtype(self._options(name).get("dtype", "auto"), device=engine_device(backend))
+            except ValueError as e:
+                raise PipelineError(f"{self.pipeline.source}: model {name!r}: {e}") from None
+        ident: dict[str, Any] = {"name": public_model_name(info.name), "revision": info.revision,
+                                 "backend": info.backend}
+        if dtype:
+            ident["dtype"] = dtype
+        if info.backend == "openai":
+            ident["url"] = info.path  # already redacted (served_model_info / the client)
+        else:
+            license_ = model_license(info.path) if info.path else None
+            if license_:
+                ident["license"] = license_
+        return redact_obj(ident)
 
     def close(self) -> None:
         for gen in self._owned.values():
@@ -183,7 +234,13 @@ class Runner:
     # -- run ---------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.progress:
-            print(f"synthfb: {redact_text(msg)}", file=sys.stderr, flush=True)
+            self._say(f"synthfb: {redact_text(msg)}")
+
+    def _say(self, text: str) -> None:
+        """A line on the terminal (not into engine.log), under any live progress line."""
+        if self._bar is not None:
+            self._bar.clear()
+        print(text, file=self.console.out, flush=True)
 
     def _mode(self) -> str:
         if self.resume and self.overwrite:
@@ -203,10 +260,17 @@ class Runner:
             raise RunError(str(e)) from None
         self.folder = folder
         self.out = folder.path  # write exactly where the claim was checked
+        self.console = Console(self.out / "logs" / "engine.log", verbose=self.verbose)
         try:
-            return self._run()
+            with self.console:
+                shown = TerminalLogHandler.install(self._say)
+                try:
+                    return self._run()
+                finally:
+                    self.close()  # engines shut down while their output still goes to the log
+                    if shown is not None:
+                        shown.remove()
         finally:
-            self.close()
             folder.release()
 
     def _run(self) -> RunResult:
@@ -218,7 +282,7 @@ class Runner:
             "description": p.description,
             "license": p.license,
             "source": p.source,
-            "config": scrub(p.raw),
+            "config": scrub(_without_model_paths(p.raw)),
             "backend": p.backend,
             "seed": p.seed,
             "chunk_size": p.chunk_size,
@@ -309,14 +373,17 @@ class Runner:
                 f"{first['reason']}; fix the cause and continue with --resume (failed rows are retried)")
 
     def _summary(self, manifest: dict[str, Any]) -> None:
-        """Rows in / out / failed per stage, always printed (also with --quiet)."""
+        """The summary table (with progress) and the status line with rows in /
+        out / failed per stage (always, also with --quiet)."""
         parts = []
         for r in manifest.get("stages", []):
             failed = len({f["row_id"] for f in r.get("failures") or []})
             parts.append(f"{r['kind']} {r['rows_in']}->{r['rows_out']} (failed {failed})")
         status = manifest.get("status", "?")
-        print(f"synthfb: {status}: " + ("; ".join(parts) if parts else "no stage finished"), file=sys.stderr,
-              flush=True)
+        if self.progress and manifest.get("stages"):
+            for line in summary_table(manifest):
+                self._say(line)
+        self._say(f"synthfb: {status}: " + ("; ".join(parts) if parts else "no stage finished"))
 
     def _write_card(self) -> None:
         """README.md card + plots in the run folder. The data is already safe
@@ -332,8 +399,8 @@ class Runner:
             for w in caught:
                 self._log(f"card: {w.message}")
         except Exception as e:  # noqa: BLE001 - reported, the run's data is complete
-            print(f"synthfb: warning: could not write the data card: {redact_text(str(e))}; run `synthfb card {self.out}`",
-                  file=sys.stderr)
+            self._say(f"synthfb: warning: could not write the data card: {redact_text(str(e))}; run "
+                      f"`synthfb card {self.out}`")
 
     def _write_dataset(self, table: pa.Table) -> Path:
         import datasets
@@ -397,6 +464,7 @@ class Runner:
         t0 = time.time()
         if isinstance(stage, SourceStage):
             rows_in = self._write_source(stage, sdir, i)
+            self._stage_line(label, rows_in)
         elif isinstance(stage, IterativeStage):
             rows_in = table.num_rows if table is not None else 0
             self._process_steps(stage, sdir, i, table, label)
@@ -440,8 +508,11 @@ class Runner:
             "failures": failures,
             "usage": usage,
             "seconds": round(time.time() - t0, 3),
+            "generate_seconds": round(sum(json.loads(sf.read_text()).get("seconds", 0.0) for sf in stats_files), 3),
             "reused": False,
         }
+        if stage.uses_model:  # what the engine that ran reports (e.g. its resolved dtype)
+            record["model"] = self.model_identity(stage.model_name())
         atomic_write_json(meta_path, {"fingerprint": fp, "kind": stage.kind, "finished": True,
                                       "rows_out": rows_out, "record": record})
         return record, out, self._output_fp(fp, sdir)
@@ -515,9 +586,18 @@ class Runner:
                 total[k] = total.get(k, 0) + v
         return total
 
-    def _process_steps(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
-        from tqdm.auto import tqdm
+    def _stage_line(self, label: str, rows: int) -> None:
+        bar = StageProgress(label, rows, out=self.console.out, tty=self.console.isatty(), enabled=self.progress,
+                            initial=rows)
+        bar.close()
 
+    def _preload(self, stage: Stage) -> None:
+        """Start the stage's engine before its progress line and clock start,
+        so neither counts engine start-up as generation time."""
+        if stage.uses_model and self.executor is None:
+            self.generator(stage.model_name())
+
+    def _process_steps(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
         rows = table.to_pylist() if table is not None else []
         files = self._chunk_files(sdir)
         produced = read_tables(files)
@@ -525,14 +605,18 @@ class Runner:
         step = len(files)
         if step:
             self._log(f"{label}: resuming at step {step} with {len(produced_rows)} rows already on disk")
-        bar = tqdm(initial=len(produced_rows), desc=label, unit="row", disable=not self.progress, file=sys.stderr,
-                   dynamic_ncols=True)
+        if step < stage.max_steps:
+            self._preload(stage)
+        bar = self._bar = StageProgress(label, None, out=self.console.out, tty=self.console.isatty(),
+                                        enabled=self.progress, initial=len(produced_rows))
         try:
             while step < stage.max_steps:
                 ctx = StageContext(self, i, stage.kind, stage)
                 before = self._usage()
                 t0 = time.time()
-                new = stage.step(rows, produced_rows, step, ctx)
+                bar.start_chunk(0)
+                with live.report_to(bar.live):
+                    new = stage.step(rows, produced_rows, step, ctx)
                 if new is None:
                     break
                 after = self._usage()
@@ -541,16 +625,15 @@ class Runner:
                          "usage": usage, "seconds": round(time.time() - t0, 3)}
                 self._write_chunk(sdir, step, new, stats, f"{label} step {step}")
                 produced_rows.extend(new)
-                bar.update(len(new))
+                bar.chunk_done(len(new), usage.get("completion_tokens", 0), len(ctx.failures))
                 step += 1
             else:
                 raise RunError(f"{label}: no end after {stage.max_steps} steps")
         finally:
             bar.close()
+            self._bar = None
 
     def _process_chunks(self, stage: Stage, sdir: Path, i: int, table: pa.Table | None, label: str) -> None:
-        from tqdm.auto import tqdm
-
         n = table.num_rows if table is not None else 0
         size = self.pipeline.chunk_size
         n_chunks = -(-n // size)
@@ -558,9 +641,11 @@ class Runner:
         done_rows = sum(min(size, n - c * size) for c in done if c < n_chunks)
         if done:
             self._log(f"{label}: resuming; {len(done)}/{n_chunks} chunks already on disk")
-        bar = tqdm(total=n, initial=done_rows, desc=label, unit="row", disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True)
         todo = [c for c in range(n_chunks) if c not in done]
+        if todo:
+            self._preload(stage)
+        bar = self._bar = StageProgress(label, n, out=self.console.out, tty=self.console.isatty(),
+                                        enabled=self.progress, initial=done_rows)
         if isinstance(stage, MapStage) and type(stage).prepare is not MapStage.prepare:
             before = read_tables(self._chunk_files(sdir))
             stage.prepare(before.to_pylist() if before is not None else [])
@@ -568,17 +653,15 @@ class Runner:
             results = self.executor.map_chunks(self, stage, i, table, todo)
         else:
             results = self._local_chunks(stage, i, table, todo)
-        tokens, seconds, requests = 0, 0.0, 0
         try:
-            for c, n_in, out, stats in results:
-                self._write_chunk(sdir, c, out, stats, f"{label} chunk {c}")
-                tokens += stats["usage"].get("completion_tokens", 0)
-                requests += stats["usage"].get("requests", 0)
-                seconds += stats["seconds"]
-                bar.update(n_in)
-                bar.set_postfix(requests=requests, tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            with live.report_to(bar.live):
+                for c, n_in, out, stats in results:
+                    self._write_chunk(sdir, c, out, stats, f"{label} chunk {c}")
+                    bar.chunk_done(n_in, stats["usage"].get("completion_tokens", 0),
+                                   len({f["row_id"] for f in stats.get("failures") or []}))
         finally:
             bar.close()
+            self._bar = None
 
     def _local_chunks(self, stage: Stage, i: int, table: pa.Table, todo: list[int]):
         """The local executor: each chunk in this process, in order; the next
@@ -586,6 +669,8 @@ class Runner:
         size = self.pipeline.chunk_size
         for c in todo:
             rows = table.slice(c * size, size).to_pylist()
+            if self._bar is not None:
+                self._bar.start_chunk(len(rows))
             out, stats = self.process_chunk(stage, i, rows)
             yield c, len(rows), out, stats
 

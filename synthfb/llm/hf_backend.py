@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import live
 from .base import PromptTokenizer, make_completion
-from .models import model_revision
+from .models import model_revision, resolve_dtype
 from .types import (
     GenerationRequest,
     GenerationResult,
@@ -30,7 +31,7 @@ class TransformersGenerator:
         model: str,
         *,
         seed: int = 0,
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 16,
         device: str | None = None,
         trust_remote_code: bool = False,
@@ -38,7 +39,9 @@ class TransformersGenerator:
         name: str | None = None,
         max_model_len: int | None = None,
     ):
-        """``max_model_len`` caps prompt + completion tokens as vLLM's does
+        """``dtype`` ``auto`` is resolved by :func:`synthfb.llm.models.resolve_dtype`
+        for the device (bfloat16 on a GPU or a CPU with native bf16, else
+        float32) and kept in ``self.dtype``. ``max_model_len`` caps prompt + completion tokens as vLLM's does
         (default: the model's ``max_position_embeddings``): a longer prompt
         comes back as a failed result, and generation stops at the cap
         (finish reason ``length``)."""
@@ -50,9 +53,9 @@ class TransformersGenerator:
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+        self.dtype = resolve_dtype(dtype, device=self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         self.hf_tok = tok
@@ -97,7 +100,8 @@ class TransformersGenerator:
                 self.usage.failures += 1
                 continue
             groups.setdefault(r.params, []).append(i)
-        bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress)
+        hook = live.current()  # the runner's progress line, when one is shown
+        bar = tqdm(total=len(requests), desc=desc or "generate (transformers)", disable=not self.progress or hook is not None)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for params, idx in groups.items():
             idx.sort(key=lambda i: len(ctx[i]))
@@ -135,6 +139,8 @@ class TransformersGenerator:
                     self.usage.prompt_tokens += len(ctx[i])
                     self.usage.completion_tokens += sum(c.num_tokens for c in comps)
                 bar.update(len(batch))
+                if hook is not None:
+                    hook(len(batch), len(requests), None)
         bar.close()
         self.usage.requests += len(requests)
         return results  # type: ignore[return-value]

@@ -159,3 +159,82 @@ def model_license(path: str) -> str | None:
         if f.exists():
             return json.loads(f.read_text()).get("license")
     return None
+
+
+# -- dtype ------------------------------------------------------------------
+DTYPE_ALIASES = {"auto": "auto", "float32": "float32", "float": "float32", "fp32": "float32",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "half": "float16",
+                 "fp16": "float16"}
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; aarch64 lists `bf16` under Features
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes in bfloat16 natively (x86 ``avx512_bf16`` or
+    AMX ``amx_bf16``; aarch64 ``bf16``), read from the ``flags`` /
+    ``Features`` lines of ``/proc/cpuinfo`` (or the text given). Without
+    them bf16 is emulated and several times slower than float32."""
+    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "flags" and any(f in value.split() for f in NATIVE_BF16_CPU_FLAGS):
+            return True
+        if key == "features" and "bf16" in value.split():
+            return True
+    return False
+
+
+def resolve_dtype(dtype: str | None = "auto", *, device: str = "cpu", cpuinfo: str | None = None,
+                  gpu_bf16: bool | None = None) -> str:
+    """The dtype an engine loads weights in: ``auto`` is ``bfloat16`` on a CUDA
+    GPU (``float16`` on one without bf16, before Ampere) and on a CPU with
+    native bf16 (:func:`cpu_has_native_bf16`), ``float32`` on other CPUs;
+    an explicit dtype is kept (spelled ``float32``/``bfloat16``/``float16``).
+    ``device`` is ``cuda`` or ``cpu``; ``cpuinfo`` and ``gpu_bf16`` stand in
+    for the machine in tests."""
+    name = DTYPE_ALIASES.get(str(dtype or "auto").lower())
+    if name is None:
+        raise ValueError(f"dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        if gpu_bf16 is None:
+            import torch
+
+            gpu_bf16 = bool(torch.cuda.is_bf16_supported())
+        return "bfloat16" if gpu_bf16 else "float16"
+    return "bfloat16" if cpu_has_native_bf16(cpuinfo) else "float32"
+
+
+def cuda_available() -> bool:
+    """A CUDA GPU is usable (imports torch only when one may exist)."""
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/kfd")):  # NVIDIA or ROCm driver
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no usable torch means no GPU for us
+        return False
+
+
+def engine_device(backend: str) -> str:
+    """Where a local backend runs: ``vllm-cpu`` always on the CPU; ``vllm`` and
+    ``transformers`` on a CUDA GPU when one is usable."""
+    return "cuda" if backend != "vllm-cpu" and cuda_available() else "cpu"
+
+
+# -- identity ---------------------------------------------------------------
+def public_model_name(name: str) -> str:
+    """How records and cards name a model: an alias or hub id as given, a
+    local folder by its folder name (never its absolute path, which says
+    where it lay on one machine; the revision says what it was)."""
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
+    return Path(name).expanduser().name if looks_local else name
