@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -64,7 +64,7 @@ class LoadStage(SourceStage):
             self._cached = read_user_file(self._path())
         return self._cached
 
-    def read(self, ctx: StageContext) -> list[dict[str, Any]]:
+    def read(self, ctx: StageContext) -> Iterator[dict[str, Any]]:
         path = self._path()
         table = self._table()
         if self.config.limit is not None:
@@ -74,8 +74,13 @@ class LoadStage(SourceStage):
         missing = [c for c in self.config.require if c not in table.column_names]
         if missing:
             raise InputError(f"{path}: missing required column(s) {missing}; the file has {table.column_names}")
-        rows = table.to_pylist()
-        out, seen = [], set()
+        # a generator, a batch of rows at a time: the runner writes chunks as they come, so only the
+        # Arrow table and the ids seen (for dedupe) grow with the file, not a dict per row
+        return self._rows(table, path, ctx)
+
+    def _rows(self, table: pa.Table, path, ctx: StageContext):
+        seen: set[str] = set()
+        rows = (row for batch in table.to_batches(max_chunksize=4096) for row in batch.to_pylist())
         for i, row in enumerate(rows):
             for c in self.config.require:
                 v = row.get(c)
@@ -96,5 +101,4 @@ class LoadStage(SourceStage):
                 rid = f"{rid}-{i}"
             seen.add(rid)
             row.pop(ROW_ID, None)
-            out.append({ROW_ID: rid, **row})
-        return out
+            yield {ROW_ID: rid, **row}
