@@ -45,7 +45,9 @@ class LoadStage(SourceStage):
         h = hashlib.sha256()
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
-            h.update(f.read_bytes())
+            with open(f, "rb") as fh:  # in blocks: a large seed file is not held whole
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
         fp["content_sha256"] = h.hexdigest()
         fp["config"]["path"] = str(p.name)
         return fp
@@ -102,3 +104,4 @@ class LoadStage(SourceStage):
             seen.add(rid)
             row.pop(ROW_ID, None)
             yield {ROW_ID: rid, **row}
+        self.__dict__.pop("_cached", None)  # read: the file's table is not kept for the rest of the run
