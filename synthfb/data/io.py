@@ -62,15 +62,142 @@ def write_table_atomic(path: Path, table: pa.Table) -> None:
     _fsync_dir(path.parent)
 
 
-def read_tables(paths: list[Path]) -> pa.Table | None:
-    """Concatenate Parquet files (schemas unified; all-null columns promoted)."""
-    tables = [pq.read_table(p) for p in paths]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return None
-    if len(tables) == 1:
-        return tables[0]
-    return pa.concat_tables(tables, promote_options="permissive")
+class ChunkedTable:
+    """The rows of a stage's chunk files as one table, read a slice at a time.
+
+    What :func:`read_tables` returns: only the files' footers are read up
+    front (row counts, schemas), so holding a stage's output costs no memory
+    per row. It answers the part of ``pyarrow.Table`` the runner uses:
+    ``num_rows``, ``schema`` / ``column_names`` (the files' schemas unified,
+    all-null columns promoted), ``slice(offset, length)`` (reads only the files
+    it overlaps), ``column(name)``, ``to_pylist()``, ``to_batches()`` (file by
+    file) and ``read()`` (everything, as one ``pyarrow.Table``). Every piece
+    it returns has the unified schema: a column some file lacks is null there.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        counts = [pq.read_metadata(p).num_rows for p in self.paths]
+        self._starts = [0]
+        for n in counts:
+            self._starts.append(self._starts[-1] + n)
+        self.num_rows = self._starts[-1]
+        schemas = [pq.read_schema(p) for p, n in zip(self.paths, counts) if n]
+        self.schema = (pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+                       if schemas else pa.schema([]))
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _file(self, i: int, columns: list[str] | None = None) -> pa.Table:
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        have = pq.read_schema(self.paths[i]).names
+        t = pq.read_table(self.paths[i], columns=None if columns is None else [c for c in columns if c in have])
+        cols = []
+        for f in schema:
+            if f.name in t.column_names:
+                c = t.column(f.name)
+                cols.append(c if c.type == f.type else c.cast(f.type))
+            else:
+                cols.append(pa.nulls(t.num_rows, f.type))
+        return pa.Table.from_arrays(cols, schema=schema)
+
+    def slice(self, offset: int = 0, length: int | None = None) -> pa.Table:
+        """Rows ``offset`` .. ``offset + length`` as a ``pyarrow.Table``."""
+        end = self.num_rows if length is None else min(self.num_rows, offset + length)
+        parts = []
+        for i in range(len(self.paths)):
+            lo, hi = self._starts[i], self._starts[i + 1]
+            if hi <= offset or lo >= end or hi == lo:
+                continue
+            t = self._file(i)
+            parts.append(t.slice(max(0, offset - lo), min(hi, end) - max(lo, offset)))
+        if not parts:
+            return self.schema.empty_table()
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+    def to_batches(self):
+        """One ``pyarrow.Table`` per non-empty file, in order."""
+        for i in range(len(self.paths)):
+            if self._starts[i + 1] > self._starts[i]:
+                yield self._file(i)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every file (reads that column only)."""
+        parts = [self._file(i, [name]).column(0) for i in range(len(self.paths)) if self._starts[i + 1] > self._starts[i]]
+        return pa.chunked_array([c for p in parts for c in p.chunks], self.schema.field(name).type)
+
+    def read(self) -> pa.Table:
+        """Every row as one ``pyarrow.Table`` (memory grows with the rows)."""
+        return self.slice(0)
+
+    def to_pylist(self) -> list[dict[str, Any]]:
+        return self.read().to_pylist()
+
+
+def read_tables(paths: list[Path]) -> ChunkedTable | None:
+    """The Parquet files as one lazily read :class:`ChunkedTable` (schemas
+    unified; all-null columns promoted); None when they hold no row."""
+    t = ChunkedTable(paths)
+    return t if t.num_rows else None
+
+
+def write_dataset(table: pa.Table | ChunkedTable, path: Path, max_shard_bytes: int = 500 * 2**20) -> None:
+    """``table`` as a ``datasets`` folder at ``path`` (what ``save_to_disk``
+    writes, read back by ``datasets.load_from_disk``), written a chunk file at
+    a time: memory does not grow with the rows. Shards of at most about
+    ``max_shard_bytes`` (``save_to_disk``'s 500 MB default)."""
+    import hashlib
+
+    from datasets import DatasetInfo, Features
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.py_utils import asdict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    features = Features.from_arrow_schema(table.schema)
+    pieces = table.to_batches() if isinstance(table, ChunkedTable) else [table]
+    files: list[str] = []
+    writer = None
+    written = 0
+    fp = hashlib.sha256()
+
+    def close():
+        nonlocal writer
+        if writer is not None:
+            writer.finalize()
+            writer.close()
+            writer = None
+
+    for piece in pieces:
+        if writer is None or written >= max_shard_bytes:
+            close()
+            files.append(f"shard-{len(files):05d}.arrow")
+            writer = ArrowWriter(features=features, path=str(path / files[-1]))
+            written = 0
+        writer.write_table(piece)
+        written += piece.nbytes
+        fp.update(f"{piece.num_rows}:{piece.nbytes};".encode())
+    if writer is None:  # no row: one empty shard, as save_to_disk writes
+        files.append("shard-00000.arrow")
+        writer = ArrowWriter(features=features, path=str(path / files[-1]))
+        writer.write_table(table.schema.empty_table())
+    close()
+    names = []
+    for i, f in enumerate(files):
+        names.append(f"data-{i:05d}-of-{len(files):05d}.arrow")
+        os.replace(path / f, path / names[-1])
+    fp.update(str(table.schema).encode())
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fp.hexdigest()[:16],
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(DatasetInfo(features=features))
+    (path / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
 
 
 def rows_to_table(rows: list[dict[str, Any]], where: str) -> pa.Table:
@@ -92,6 +219,30 @@ def rows_to_table(rows: list[dict[str, Any]], where: str) -> pa.Table:
             at = f" (row {bad + 1} is {type(values[bad]).__name__}, earlier rows {first})" if bad is not None else ""
             raise InputError(f"{where}: column {c!r}: values of different types{at}: {e}") from e
     return pa.table(data) if data else pa.Table.from_pylist(rows)
+
+
+def _read_jsonl_blocks(p: Path, block: int = 8192) -> pa.Table:
+    """A JSON Lines file as a table, ``block`` lines at a time: only one
+    block's Python objects are alive at once (not the whole file's), and the
+    blocks' tables are joined with permissive type promotion. Any problem is
+    raised raw; :func:`read_user_file` then reads the file the slow way to
+    name the line."""
+    tables, rows = [], []
+    with open(p, "rb") as f:
+        for n, line in enumerate(f, 1):
+            text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            if not text.strip():
+                continue
+            r = json.loads(text)
+            if not isinstance(r, dict):
+                raise InputError("not an object")
+            rows.append(r)
+            if len(rows) == block:
+                tables.append(rows_to_table(rows, str(p)))
+                rows = []
+    if rows or not tables:
+        tables.append(rows_to_table(rows, str(p)))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_user_file(path: str | Path) -> pa.Table:
@@ -118,6 +269,11 @@ def read_user_file(path: str | Path) -> pa.Table:
         raise InputError(f"{p}: unsupported file type {suffix!r}; expected one of {', '.join(READABLE)}")
     if suffix == ".parquet":
         return pq.read_table(p)
+    if suffix == ".jsonl":
+        try:
+            return _read_jsonl_blocks(p)
+        except (InputError, pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, json.JSONDecodeError):
+            pass  # read again below, row by row, for the error that names the line and column
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

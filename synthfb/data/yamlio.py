@@ -8,8 +8,11 @@
   the result, e.g. a JSON schema check or a fingerprint).
 
 :class:`StrictSafeLoader` refuses both: a duplicate key names both lines,
-and a document whose alias-expanded size exceeds :data:`MAX_NODES` nodes
-(or that refers to itself) is refused before anything is constructed.
+and a document that aliases make more than :data:`MAX_NODES` nodes larger
+than written (or that refers to itself) is refused before anything is
+constructed. It uses libyaml's C parser when PyYAML has it: a 50 MB file
+loads in about the time ``yaml.CSafeLoader`` takes (the pure-Python parser
+took minutes and gigabytes).
 Errors are ``yaml.MarkedYAMLError``; :func:`describe` turns one into
 ``line L, column C: problem``.
 """
@@ -23,8 +26,9 @@ import re
 
 import yaml
 
-# Expanded node count above which a document is refused. A pipeline file is a
-# few hundred nodes; this leaves room for large inline JSON schemas.
+# Nodes that aliases may add to a document beyond the ones written (each alias
+# counts as a full copy of what it names). A pipeline file is a few hundred
+# nodes; this leaves room for generous use of anchors in large files.
 MAX_NODES = 100_000
 
 
@@ -37,28 +41,28 @@ class AliasExpansionError(yaml.MarkedYAMLError):
 
 
 def _expanded_size(root: yaml.Node, limit: int) -> None:
-    """Raise :class:`AliasExpansionError` if the tree that ``root``'s node graph
-    stands for (each alias counted as a full copy) has more than ``limit``
-    nodes. Linear in the graph: a shared node's size is computed once."""
+    """Raise :class:`AliasExpansionError` if aliases make the tree that
+    ``root``'s node graph stands for (each alias counted as a full copy) more
+    than ``limit`` nodes larger than the graph itself (the nodes as written),
+    or if an alias refers to a node that contains it. A document without
+    aliases is never refused, however large. Linear in the graph: a shared
+    node's size is computed once."""
     size: dict[int, int] = {}
     on_path: set[int] = set()
+    first_big: yaml.Node | None = None  # where the expansion first passes the limit (for the error's line)
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    mapping, sequence = yaml.MappingNode, yaml.SequenceNode
     while stack:
         node, done = stack.pop()
         key = id(node)
         if done:
             on_path.discard(key)
-            if isinstance(node, yaml.MappingNode):
-                kids = [n for kv in node.value for n in kv]
+            if isinstance(node, mapping):
+                total = 1 + sum(size[id(k)] + size[id(v)] for k, v in node.value)
             else:
-                kids = list(node.value)
-            total = 1 + sum(size[id(k)] for k in kids)
-            if total > limit:
-                raise AliasExpansionError(
-                    None, None,
-                    f"aliases expand this document to more than {limit} nodes (refused: a YAML alias bomb?); "
-                    "write the values out instead of repeating aliases",
-                    node.start_mark)
+                total = 1 + sum(size[id(k)] for k in node.value)
+            if total > limit and first_big is None:
+                first_big = node
             size[key] = total
             continue
         if key in size:
@@ -66,44 +70,73 @@ def _expanded_size(root: yaml.Node, limit: int) -> None:
         if key in on_path:
             raise AliasExpansionError(None, None, "an alias refers to a node that contains it (a recursive "
                                                   "structure); write the value out", node.start_mark)
-        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if not isinstance(node, (mapping, sequence)):
             size[key] = 1
             continue
         on_path.add(key)
         stack.append((node, True))
-        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else node.value
+        kids = [n for kv in node.value for n in kv] if isinstance(node, mapping) else node.value
         for k in kids:
             if id(k) not in size:
                 stack.append((k, False))
+    if size[id(root)] - len(size) > limit:
+        raise AliasExpansionError(
+            None, None,
+            f"aliases expand this document to more than {limit} nodes beyond those written (refused: a YAML "
+            "alias bomb?); write the values out instead of repeating aliases",
+            (first_big or root).start_mark)
 
 
-class StrictSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate mapping keys and alias bombs."""
+# libyaml's C parser when PyYAML was built with it (the pure-Python one is
+# ~3x slower and keeps far more per node); construction is Python either way.
+_BaseLoader = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+class StrictSafeLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """``yaml.SafeLoader`` (libyaml's parser when available) that refuses
+    duplicate mapping keys and alias bombs."""
 
     max_nodes = MAX_NODES
+    may_alias = True  # False when the text has no `*`: no alias, nothing to expand
+
+    def resolve(self, kind, value, implicit):
+        # a plain scalar's tag depends on its text alone (no path resolvers are registered), and
+        # large files repeat the same keys and values: resolve each distinct one once
+        if kind is not yaml.ScalarNode:
+            return super().resolve(kind, value, implicit)
+        cache = self.__dict__.setdefault("_tags", {})
+        key = (value, implicit)
+        tag = cache.get(key)
+        if tag is None:
+            tag = super().resolve(kind, value, implicit)
+            if len(cache) < 100_000:
+                cache[key] = tag
+        return tag
 
     def construct_document(self, node):
-        _expanded_size(node, self.max_nodes)
+        if self.may_alias:
+            _expanded_size(node, self.max_nodes)
         return super().construct_document(node)
 
-    def compose_mapping_node(self, anchor):
-        # checked as written (before `<<` merges are flattened into the mapping)
-        node = super().compose_mapping_node(anchor)
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base`: explicit keys may override merged ones
-            key = self.construct_object(key_node)
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first on line {first + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return node
+    def construct_mapping(self, node, deep=False):
+        # checked as written (before `<<` merges are flattened into the mapping); the keys
+        # built here are cached by the constructor and reused by the real construction
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: explicit keys may override merged ones
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first on line {first + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 # YAML 1.1 (PyYAML) reads `1e-5` as the string '1e-5' (its float pattern wants a dot); YAML 1.2 and
@@ -118,6 +151,7 @@ StrictSafeLoader.add_implicit_resolver(
 def safe_load(text: str) -> Any:
     """Parse YAML text with :class:`StrictSafeLoader` (raises ``yaml.YAMLError``)."""
     loader = StrictSafeLoader(text)
+    loader.may_alias = "*" in text
     try:
         return loader.get_single_data()
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -35,7 +36,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..data import ROW_ID
-from ..data.io import atomic_write_json, read_tables, replace_dir_atomic, rows_to_table, write_table_atomic
+from ..data.io import (ChunkedTable, atomic_write_json, read_tables, replace_dir_atomic, rows_to_table,
+                       write_dataset, write_table_atomic)
 from ..data.owned import FolderError, OwnedFolder
 from ..data.redact import redact_obj, redact_text
 from ..llm import live
@@ -402,22 +404,11 @@ class Runner:
             self._say(f"synthfb: warning: could not write the data card: {redact_text(str(e))}; run "
                       f"`synthfb card {self.out}`")
 
-    def _write_dataset(self, table: pa.Table) -> Path:
-        import datasets
-        from datasets.table import InMemoryTable
-
+    def _write_dataset(self, table: pa.Table | ChunkedTable) -> Path:
         dst = self.out / "dataset"
         tmp = self.out / f".dataset.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        quiet = not self.progress and datasets.is_progress_bar_enabled()
-        if quiet:
-            datasets.disable_progress_bars()
-        try:
-            # an empty table needs one explicit shard, or load_from_disk cannot read it back
-            datasets.Dataset(InMemoryTable(table)).save_to_disk(str(tmp), num_shards=1 if table.num_rows == 0 else None)
-        finally:
-            if quiet:
-                datasets.enable_progress_bars()
+        write_dataset(table, tmp)  # save_to_disk's layout, a chunk file at a time
         replace_dir_atomic(tmp, dst)
         return dst
 
@@ -552,14 +543,12 @@ class Runner:
             return
         if ROW_ID not in table.column_names:
             raise RunError(f"{sdir.name}: stage output has no {ROW_ID!r} column")
-        ids = table.column(ROW_ID).to_pylist()
-        if len(set(ids)) != len(ids):
-            seen, dup = set(), None
-            for x in ids:
-                if x in seen:
-                    dup = x
-                    break
-                seen.add(x)
+        import pyarrow.compute as pc
+
+        ids = table.column(ROW_ID)
+        if pc.count_distinct(ids, mode="all").as_py() != len(ids):
+            counts = pc.value_counts(ids)
+            dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))[0].as_py()
             raise RunError(f"{sdir.name}: row id {dup!r} appears more than once in the stage output")
 
     def _write_chunk(self, sdir: Path, c: int, rows: list[dict], stats: dict[str, Any], where: str) -> None:
@@ -569,15 +558,20 @@ class Runner:
 
     def _write_source(self, stage: Stage, sdir: Path, i: int) -> int:
         ctx = StageContext(self, i, stage.kind, stage)
-        rows = stage.read(ctx)
+        rows = iter(stage.read(ctx))  # a list or a generator: a chunk at a time, one chunk ahead
         size = self.pipeline.chunk_size
-        n_chunks = max(1, -(-len(rows) // size))
-        for c in range(n_chunks):
-            part = rows[c * size:(c + 1) * size]
-            stats = {"rows_in": len(part), "rows_out": len(part), "counts": ctx.stats.counts if c == 0 else {},
+        part, c, total = list(itertools.islice(rows, size)), 0, 0
+        while True:
+            after = list(itertools.islice(rows, size)) if part else []
+            total += len(part)
+            # the stage's counts (e.g. duplicates) are complete once it is read: on the last chunk
+            stats = {"rows_in": len(part), "rows_out": len(part), "counts": {} if after else ctx.stats.counts,
                      "failures": []}
             self._write_chunk(sdir, c, part, stats, f"{stage.kind} chunk {c}")
-        return len(rows) + sum(ctx.stats.counts.values())
+            if not after:
+                break
+            part, c = after, c + 1
+        return total + sum(ctx.stats.counts.values())
 
     def _usage(self) -> dict[str, int]:
         total: dict[str, int] = {}

@@ -69,7 +69,23 @@ class PromptTokenizer:
         return self.tok.apply_chat_template(messages_batch, tokenize=False, add_generation_prompt=True)
 
     def context_ids(self, items: list[Any]) -> list[list[int]]:
-        """Token ids of each item's context (``messages`` or ``prompt``)."""
+        """Token ids of each item's context (``messages`` or ``prompt``).
+
+        A context shared by several items (one per option or label when
+        scoring) is rendered and tokenized once."""
+        keys = [("p", r.prompt) if r.messages is None else
+                ("m", json.dumps(r.messages, sort_keys=True)) for r in items]
+        first: dict[Any, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        if len(first) < len(items):
+            uniq = list(first.values())
+            ids = self._context_ids([items[i] for i in uniq])
+            by_key = {keys[i]: x for i, x in zip(uniq, ids)}
+            return [list(by_key[k]) for k in keys]
+        return self._context_ids(items)
+
+    def _context_ids(self, items: list[Any]) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(items)
         chat_idx = [i for i, r in enumerate(items) if r.messages is not None]
         raw_idx = [i for i, r in enumerate(items) if r.messages is None]

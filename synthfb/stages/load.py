@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -45,7 +45,9 @@ class LoadStage(SourceStage):
         h = hashlib.sha256()
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
-            h.update(f.read_bytes())
+            with open(f, "rb") as fh:  # in blocks: a large seed file is not held whole
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
         fp["content_sha256"] = h.hexdigest()
         fp["config"]["path"] = str(p.name)
         return fp
@@ -64,7 +66,7 @@ class LoadStage(SourceStage):
             self._cached = read_user_file(self._path())
         return self._cached
 
-    def read(self, ctx: StageContext) -> list[dict[str, Any]]:
+    def read(self, ctx: StageContext) -> Iterator[dict[str, Any]]:
         path = self._path()
         table = self._table()
         if self.config.limit is not None:
@@ -74,8 +76,13 @@ class LoadStage(SourceStage):
         missing = [c for c in self.config.require if c not in table.column_names]
         if missing:
             raise InputError(f"{path}: missing required column(s) {missing}; the file has {table.column_names}")
-        rows = table.to_pylist()
-        out, seen = [], set()
+        # a generator, a batch of rows at a time: the runner writes chunks as they come, so only the
+        # Arrow table and the ids seen (for dedupe) grow with the file, not a dict per row
+        return self._rows(table, path, ctx)
+
+    def _rows(self, table: pa.Table, path, ctx: StageContext):
+        seen: set[str] = set()
+        rows = (row for batch in table.to_batches(max_chunksize=4096) for row in batch.to_pylist())
         for i, row in enumerate(rows):
             for c in self.config.require:
                 v = row.get(c)
@@ -96,5 +103,5 @@ class LoadStage(SourceStage):
                 rid = f"{rid}-{i}"
             seen.add(rid)
             row.pop(ROW_ID, None)
-            out.append({ROW_ID: rid, **row})
-        return out
+            yield {ROW_ID: rid, **row}
+        self.__dict__.pop("_cached", None)  # read: the file's table is not kept for the rest of the run
