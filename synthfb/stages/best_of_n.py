@@ -48,7 +48,6 @@ from ..data import PROVENANCE, ROW_ID
 from ..data.trl import sft_row
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext, config_field
 from ..llm.prompts import find_file
-from ..llm.types import ScoreResult
 from ..rank.aggregate import ranks_from_scores
 from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
 from .judge import JUDGE_LABELS, mean_scores
