@@ -48,7 +48,7 @@ from .sandbox import run_python
 
 # -- answers -----------------------------------------------------------------------------------------------
 
-_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*(.+)", re.IGNORECASE)
+_ANSWER = re.compile(r"answer\s*(?:is\s*[:=]?|[:=])\s*\**\s*(.+)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _CODE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
