@@ -201,3 +201,21 @@ def test_reward_model_scorer_keeps_the_rm_argmax(tmp_path, tiny_model):
         assert r["all_scores"] == pytest.approx(list(want), abs=1e-4)
         assert r["completion"][0]["content"] == r["all_responses"][int(want.argmax())]
         assert r["scorer"] == "reward_model:rm"
+
+
+@pytest.mark.timeout(900)
+def test_shipped_pipeline_on_the_tiny_model(tmp_path, vllm_tiny):
+    """The shipped file on real vLLM (tiny random model): the judge reads every score from label log-probs,
+    so each prompt keeps its argmax."""
+    d = scripted_runs.shipped("best_of_n")
+    stage_cfg(d, "load")["limit"] = 3
+    stage_cfg(d, "best_of_n").update(n=4, sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 12})
+    res = run(d, tmp_path / "run", vllm_tiny)
+    out = rows(tmp_path / "run")
+    counts = res.manifest["stages"][1]["counts"]
+    assert len(out) == 3 and counts["scored_from_logprobs"] == 12
+    for r in out:
+        s = r["all_scores"]
+        assert len(s) == 4 and all(0 <= x <= 5 for x in s)
+        assert r["completion"][0]["content"] == r["all_responses"][max(range(4), key=lambda i: (s[i], -i))]
+        assert [p["stage"] for p in r["provenance"]] == ["best_of_n"]

@@ -235,3 +235,21 @@ def test_fake_judge_prefers_higher_quality():
     """The scripted judge's sign convention the stage test relies on."""
     ctx = "Answer (A):\nAnswer 1: quality 5\n\nAnswer (B):\nAnswer 2: quality 1\n\n"
     assert better_quality_wins(ctx, " (A)") > better_quality_wins(ctx, " (B)")
+
+
+@pytest.mark.timeout(900)
+def test_shipped_pipeline_on_the_tiny_model(tmp_path, vllm_tiny):
+    """The shipped file on real vLLM (tiny random model), made small: 8 candidates + 1 baseline, 4 accepted."""
+    d = scripted_runs.shipped("rso_pairs")
+    stage_cfg(d, "load")["limit"] = 2
+    stage_cfg(d, "rso_pairs").update(n=8, num_samples=4,
+                                     sampling={"temperature": 0.7, "top_p": 1.0, "max_tokens": 12})
+    res = run(d, tmp_path / "run", vllm_tiny)
+    out = rows(tmp_path / "run")
+    counts = res.manifest["stages"][1]["counts"]
+    assert counts["scored_against_baseline"] == 16 and counts["accepted"] == 8
+    assert 1 <= len(out) <= 4  # 2 first-round pairs per prompt, ties dropped
+    for r in out:
+        assert all(math.isfinite(x) and abs(x) <= math.log(1 / 1e-6) for x in r["all_scores"])
+        w, lo = r["pair_index"]
+        assert r["score_margin"] == pytest.approx(r["all_scores"][w] - r["all_scores"][lo]) and r["score_margin"] > 0

@@ -25,7 +25,8 @@ route gives no answer (no ``Answer:`` line, no program, an execution error
 or a timeout) are dropped with a reason; ``agreement_checked`` counts the
 rows where both routes answered and ``agreed`` those that agreed; the card
 shows their ratio as the stage's agreement rate. Kept rows are SFT rows
-(``prompt`` = the question, ``completion`` = the ``target`` route's trace),
+(``prompt`` = the question, or with ``sft_prompt: rendered`` the route's
+prompt as asked; ``completion`` = the ``target`` route's trace),
 with both traces and answers as metadata.
 
 Deviations: TableLLM works on tables (pandas programs over a CSV); the shipped
@@ -153,6 +154,9 @@ class ConsistencyConfig(ModelConfig):
     target: Literal["first", "second"] = field(default="first", metadata={
         "help": "the SFT completion: first = the text solution; second = route 2's reply (the program, as the model "
                 "wrote it, in mode program; the second solver's solution in mode two_solvers)"})
+    sft_prompt: Literal["question", "rendered"] = field(default="question", metadata={
+        "help": "the SFT prompt: question = the question alone (the trained model answers plain questions); "
+                "rendered = the target route's prompt as the model was asked it (with its instructions)"})
     gold_column: str | None = field(default=None, metadata={
         "help": "optional column with a known answer: kept rows whose agreed answer matches it are counted as "
                 "`kept_matching_gold` (the filter's precision; the answer is never shown to the model)"})
@@ -177,6 +181,8 @@ class ConsistencyStage(ModelStage):
             raise ValueError(f"target: expected first or second, got {config.target!r}")
         if not config.timeout > 0 or config.memory_mb < 16:
             raise ValueError(f"timeout must be > 0 s and memory_mb >= 16, got {config.timeout}, {config.memory_mb}")
+        if config.sft_prompt not in ("question", "rendered"):
+            raise ValueError(f"sft_prompt: expected question or rendered, got {config.sft_prompt!r}")
         if not config.rel_tol >= 0:
             raise ValueError(f"rel_tol must be >= 0, got {config.rel_tol}")
         self.first = self.load_template("text_prompt")
@@ -230,7 +236,8 @@ class ConsistencyStage(ModelStage):
         if cfg.gold_column is not None and answers_agree(answer, str(row.get(cfg.gold_column)), cfg.rel_tol):
             ctx.stats.add("kept_matching_gold")
         completion = first if cfg.target == "first" else second
-        return {**sft_row(texts[0] if cfg.target == "first" else texts[1], completion, cfg.system, cfg.format),
+        user = q.strip() if cfg.sft_prompt == "question" else texts[0 if cfg.target == "first" else 1]
+        return {**sft_row(user, completion, cfg.system, cfg.format),
                 "answer": answer, "first_solution": first, "first_answer": a1, "second_solution": second,
                 "second_answer": a2, "program_status": status, "answers_agree": True,
                 PROVENANCE: {"finish_reason": ",".join(r.completions[0].finish_reason or "" for r in res)}}
