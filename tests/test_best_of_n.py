@@ -219,3 +219,16 @@ def test_shipped_pipeline_on_the_tiny_model(tmp_path, vllm_tiny):
         assert len(s) == 4 and all(0 <= x <= 5 for x in s)
         assert r["completion"][0]["content"] == r["all_responses"][max(range(4), key=lambda i: (s[i], -i))]
         assert [p["stage"] for p in r["provenance"]] == ["best_of_n"]
+
+
+@pytest.mark.engine
+def test_ranked_rows_train_the_ranked_reward_model(tmp_path, tiny_model):
+    """`emit: ranked` rows train `synthfb train rm` with `ranked: true` (Plackett-Luce over the K-way list) as
+    they are, one step on the tiny model."""
+    from test_every_pipeline_trains import train_synthfb
+
+    d, fake = scripted_runs.best_of_n()
+    stage_cfg(d, "best_of_n")["emit"] = "ranked"
+    run(d, tmp_path / "run", fake)
+    summary = train_synthfb("rm", tmp_path / "run" / "dataset", tiny_model, tmp_path / "rm", "ranked=true")
+    assert summary["steps"] == 1

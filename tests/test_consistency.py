@@ -81,6 +81,10 @@ def test_sandbox_stops_endless_output_and_runs_isolated_in_a_temp_dir():
 @pytest.mark.parametrize("a,b,same", [
     ("1,200", "1200.0", True),  # spec 5.4
     ("12%", "0.12", True),  # a percentage is its fraction (spec 5.4's percent rule)
+    ("12%", "12", True),  # ... or its bare number, printed by a program
+    ("12%", "13", False),
+    ("12%", "0.12%", False),
+    ("50%", "1/2", True),
     ("$54", "54.00", True),
     ("36.2", "36.199999999999996", True),
     ("7 cows", "7", True),

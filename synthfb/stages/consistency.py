@@ -89,8 +89,14 @@ def normalise_answer(text: str | None) -> tuple[float | None, str | None]:
     trailing ``%`` (-> value / 100), simple fractions ``a/b`` and ``\\boxed``
     removed or read), and the lower-cased string without surrounding
     punctuation and markup; ``(None, None)`` for an empty answer."""
+    num, string, _ = _read_answer(text)
+    return num, string
+
+
+def _read_answer(text: str | None) -> tuple[float | None, str | None, bool]:
+    """:func:`normalise_answer` and whether the answer was a percentage."""
     if text is None:
-        return None, None
+        return None, None, False
     s = str(text).strip()
     boxed = _BOXED.findall(s)
     if boxed:
@@ -98,33 +104,38 @@ def normalise_answer(text: str | None) -> tuple[float | None, str | None]:
     s = s.replace("$", "").replace("\\%", "%").replace("**", "").strip().rstrip(".").strip()
     string = re.sub(r"\s+", " ", s.lower()).strip(" .,:;\"'`")
     if not string:
-        return None, None
-    num = None
+        return None, None, False
+    num, percent = None, False
     head = re.match(r"^([-+]?[\d,]*\.?\d+(?:[eE][-+]?\d+)?)\s*(%|/\s*([-+]?\d+(?:\.\d+)?))?", string.replace("−", "-"))
     if head:
         raw = head.group(1).replace(",", "")
         if _NUMBER.match(raw):
             num = float(raw)
             if head.group(2) == "%":
-                num /= 100.0
+                num, percent = num / 100.0, True
             elif head.group(3) is not None:
                 den = float(head.group(3))
                 num = num / den if den else None
     if num is not None and not math.isfinite(num):
         num = None
-    return num, string
+    return num, string, percent and num is not None
 
 
 def answers_agree(a: str | None, b: str | None, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool | None:
     """Whether two final answers are the same: numerically (``rel_tol`` /
     ``abs_tol``) when both read as numbers, else as normalised strings.
-    ``12%`` and ``0.12`` agree (a percentage is its fraction); ``1,200`` and
-    ``1200.0`` agree. None when either answer is missing."""
-    (na, sa), (nb, sb) = normalise_answer(a), normalise_answer(b)
+    A percentage agrees with its fraction and, when the other answer is no
+    percentage, with its bare number (``12%`` = ``0.12`` = ``12``: a program
+    prints 12 for "what percent"); ``1,200`` and ``1200.0`` agree. None when
+    either answer is missing."""
+    (na, sa, pa), (nb, sb, pb) = _read_answer(a), _read_answer(b)
     if sa is None or sb is None:
         return None
     if na is not None and nb is not None:
-        return math.isclose(na, nb, rel_tol=rel_tol, abs_tol=abs_tol)
+        def close(x: float, y: float) -> bool:
+            return math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol)
+
+        return close(na, nb) or (pa != pb and (close(100 * na, nb) if pa else close(na, 100 * nb)))
     return sa == sb
 
 
