@@ -352,6 +352,91 @@ SCRIPTED_RUNS: dict[str, Callable[..., tuple[dict[str, Any], FakeGenerator]]] = 
 }
 
 
+# -- issue #14: best_of_n, consistency, rso_pairs -----------------------------------------------------------------
+
+BEST_OF_N_QUALITY = [3, 1, 4, 5, 2, 0, 2, 3]
+"""The quality of best-of-N sample k: the additive judge scores it so (sample 3 wins)."""
+
+
+def _sample_quality(req, k: int) -> str:
+    return f"Answer {k}: quality {BEST_OF_N_QUALITY[k % len(BEST_OF_N_QUALITY)]}"
+
+
+def best_of_n(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    """8 samples per prompt, judged (text scoring on the fake) by their quality; the judge writes no score
+    for the samples of the password prompt (all unscored: the prompt leaves as too_few_scored)."""
+    d = shipped("best_of_n")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 5
+
+    def judgement(req, k):
+        if "strong password" in last_user(req):
+            return "I cannot rate this."
+        return f"Reasons.\nScore: {quality(_judged(req))}"
+
+    fake = FakeGenerator(rules=[("<response>", judgement)], default=_sample_quality,
+                         logprobs=label_logprobs(lambda ctx: quality(_judged_in(ctx))), failures=failures)
+    return d, fake
+
+
+def _problem(req) -> str:
+    return re.findall(r"Problem: (.*)", last_user(req))[-1].strip()
+
+
+def consistency_answers() -> dict[str, str]:
+    """question -> answer of the shipped seed problems."""
+    import json
+
+    lines = (PIPELINES / "data" / "math_word_problems.jsonl").read_text().splitlines()
+    return {r["question"]: r["answer"] for r in map(json.loads, lines)}
+
+
+def consistency(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    """Text solutions end in the seed answer; programs compute it. Problem 2's text answer is off by one
+    (disagree), problem 4's program raises (program_error), problem 5's reply has no code block."""
+    d = shipped("consistency")
+    d["chunk_size"] = 3
+    stage_cfg(d, "load")["limit"] = 7
+    answers = consistency_answers()
+    order = list(answers)
+
+    def text(req, k):
+        q = _problem(req)
+        a = float(answers[q]) + (1 if order.index(q) == 1 else 0)
+        return f"We work it out step by step.\nSo the result is {a:g}.\nAnswer: {a:,g}"
+
+    def program(req, k):
+        q = _problem(req)
+        i = order.index(q)
+        if i == 4:
+            return "I would compute it by hand."
+        body = "raise ValueError('oops')" if i == 3 else f"parts = [{answers[q]}, 0]\nprint(sum(parts))"
+        return f"Here is the program:\n```python\n{body}\n```"
+
+    fake = FakeGenerator(rules=[("Write a short Python program", program), ("Reason step by step", text)],
+                         default=Reply("unexpected prompt", "stop"), failures=failures)
+    return d, fake
+
+
+RSO_QUALITY = [3, 1, 4, 5, 2, 0, 4, 1, 2]
+"""The quality of RSO sample k (the 9th, k = 8, is the baseline the pairwise judge compares against)."""
+
+
+def rso_pairs(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    """8 candidates (+ 1 baseline) per prompt, 4 accepted, 2 first-round pairs; the A/B judge prefers the
+    higher quality."""
+    d = shipped("rso_pairs")
+    d["chunk_size"] = 2
+    stage_cfg(d, "load")["limit"] = 4
+    stage_cfg(d, "rso_pairs").update(n=8, num_samples=4)
+    fake = FakeGenerator(lambda req, k: f"Answer {k}: quality {RSO_QUALITY[k]}", logprobs=better_quality_wins,
+                         failures=failures)
+    return d, fake
+
+
+SCRIPTED_RUNS.update(best_of_n=best_of_n, consistency=consistency, rso_pairs=rso_pairs)
+
+
 def shipped_pipeline_files() -> list[Path]:
     """Every pipeline file in ``pipelines/`` (top level; ``pipelines/train/`` holds trainer configs):
     the YAML files that are not loop files (``synthfb.loop.config.looks_like_loop``)."""

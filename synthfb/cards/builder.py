@@ -36,6 +36,13 @@ CITATIONS: dict[str, str] = {
     "judge": "Yuan et al. 2024, Self-Rewarding Language Models, arXiv:2401.10020",
     "onpolicy": "Jiang et al. 2023, LLM-Blender: Ensembling LLMs with Pairwise Ranking and Generative Fusion, arXiv:2306.02561; "
                 "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734",
+    # issue #14: best-of-N, consistency checks, RSO
+    "best_of_n": "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models (rejection sampling, section 3.2.3), "
+                 "arXiv:2307.09288; Dong et al. 2023, RAFT: Reward rAnked FineTuning for Generative Foundation Model "
+                 "Alignment, arXiv:2304.06767",
+    "consistency": "Zhang et al. 2024, TableLLM: Enabling Tabular Data Manipulation by LLMs in Real Office Usage "
+                   "Scenarios (cross-way validation), arXiv:2403.19318",
+    "rso": "Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization, arXiv:2309.06657",
 }
 VLLM_CITATION = "Kwon et al. 2023, Efficient Memory Management for Large Language Model Serving with PagedAttention, arXiv:2309.06180"
 TEXT_COLUMNS = ("instruction", "input", "output", "response", "prompt", "completion", "chosen", "rejected")
@@ -61,12 +68,30 @@ def _column_notes(stages: list[dict[str, Any]], cols: list[str]) -> list[dict[st
             notes["p_chosen"] = {"column": "p_chosen", "stage": where, "note": (
                 "probability that `chosen` is preferred (soft label from the feedback model's option log-probs, "
                 "both orders); trainers use it only with `soft_label_column: p_chosen`")}
+        elif kind == "rso_pairs":  # issue #14
+            unit = {"reward_model": "the reward model's logit gap (Bradley-Terry log-odds that chosen beats rejected)",
+                    "judge": "judge points on the additive 0-5 rubric"}.get(
+                cfg.get("scorer"), "log-odds units: the gap between logit P(beats a baseline sample) of chosen and of "
+                                   "rejected, from the pairwise judge in both orders (RSO's pointwise reward)")
         else:
             continue
         notes["score_margin"] = {"column": "score_margin", "stage": where, "note": (
             f"score_chosen - score_rejected; unit: {unit}; metadata, read by no trainer unless a config names it "
             f"(`margin_column`)")}
     return [notes[c] for c in ("score_margin", "p_chosen") if c in notes and c in cols]
+
+
+def _agreement_rates(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage that cross-checks answers (counters ``agreement_checked``
+    and ``agreed``, e.g. ``consistency``): how many checked rows agreed."""
+    out = []
+    for s in stages:
+        c = s.get("counts") or {}
+        if "agreement_checked" in c:
+            n, ok = int(c["agreement_checked"]), int(c.get("agreed", 0))
+            out.append({"index": s.get("index"), "kind": s.get("kind"), "checked": n, "agreed": ok,
+                        "rate": round(ok / n, 4) if n else None})
+    return out
 
 
 def _sampling(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -317,6 +342,7 @@ def build_card(run_dir: str | Path, *, license: str | None = None, pretty_name: 
                          "logprobs": bool((s.get("counts") or {}).get("scored_from_logprobs"))}
                         for s in stages if isinstance(s.get("parse"), dict)],
         "column_notes": _column_notes(stages, cols),
+        "agreement_rates": _agreement_rates(stages),
         "sampling": _sampling(stages),
         "models": model_list,
         "prompts": prompts,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from ..engine.stage import STAGES
 from . import backtranslation, constitutional, judge, onpolicy_pairs, realign, self_instruct  # noqa: F401 - register
+# best-of-N, consistency checks, RSO (issue #14)
+from . import best_of_n, consistency, rso  # noqa: F401,E402 - register
 from .generate import GenerateStage
 from .load import LoadStage
 
