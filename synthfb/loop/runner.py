@@ -44,6 +44,7 @@ from . import heldout
 from .config import LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
 from .pairs import pairs_metrics, run_pairs, write_prompts
+from .round_data import build_round_data
 from .card import loop_summary, write_card
 from .state import LoopFolder, now, read_json, round_dir
 from .train import TrainingSetup, headline, prepare_training, train_round
@@ -83,7 +84,7 @@ class _Loop:
             "training_rankers": cfg.training_rankers(),
             "eval_judge": scrub(heldout.judge_record(cfg, eval_judge)), "versions": package_versions(),
         })
-        prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts)
+        prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts, cfg.prompt_extras)
         start = cfg.policy
         initial_answers = None
         if cfg.sft is not None:
@@ -147,7 +148,7 @@ class _Loop:
         t0 = time.time()
         res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs", {policy_name: policy, judge_name: judge},
                         self.progress)
-        pm = pairs_metrics(res)
+        pm = build_round_data(cfg, k, pairs_metrics(res), rdir)  # the method's round data (spin, rft) or the pairs
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
         tm = train_round(cfg, self.training, policy.info.path, policy.info.revision, pm, earlier_pairs, rdir,
