@@ -13,5 +13,6 @@ from ..engine.stage import STAGES
 from . import backtranslation, constitutional, judge, onpolicy_pairs, realign, self_instruct  # noqa: F401 - register
 from .generate import GenerateStage
 from .load import LoadStage
+from . import kpdds  # noqa: F401,E402 - register (issue #14: KPDDS)
 
 __all__ = ["STAGES", "GenerateStage", "LoadStage"]
