@@ -145,7 +145,7 @@ def normalize_answer(ans: str) -> str:
     s = re.sub(r"\\(?:left|right|,|!|;|:)", "", s)
     s = s.replace("\\%", "%").replace("\\$", "").replace("dfrac", "frac").replace("tfrac", "frac")
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    s = re.sub(r"^(-?[\d.]+(?:/[\d.]+)?)\s*[a-zA-Z%°]+\.?$", r"\1", s)  # "12 cm" -> "12"
+    s = re.sub(r"^(-?[\d.]+(?:/[\d.]+)?)\s*[a-zA-Z°]+\.?$", r"\1", s)  # "12 cm" -> "12" (a percent sign stays)
     s = s.rstrip(".").replace(" ", "")
     return s
 
@@ -188,7 +188,7 @@ def answers_equal(a: str, b: str, rel_tol: float = 1e-6) -> bool:
 
 _OPS: dict[type, Callable[[float, float], float]] = {ast.Add: operator.add, ast.Sub: operator.sub,
                                                       ast.Mult: operator.mul, ast.Div: operator.truediv}
-_EQUATION = re.compile(r"([\d\s.,()+\-*/×÷]*\d[\d\s.,()+\-*/×÷]*)=\s*(-?\d[\d,]*(?:\.\d+)?)")
+_EQUATION = re.compile(r"([\d\s.,()+\-*/×÷]*\d[\d\s.,()+\-*/×÷]*)=\s*(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)")
 
 
 def _eval(node: ast.AST) -> float:
@@ -209,7 +209,12 @@ def arithmetic_errors(text: str, rel_tol: float = 1e-4) -> list[str]:
     a computational error are dropped). Only lines with at least one
     operator are checked; anything that does not parse is ignored."""
     bad = []
-    for lhs, rhs in _EQUATION.findall(text.replace("$", "").replace("\\times", "*").replace("\\cdot", "*")):
+    clean = text.replace("$", "").replace("\\times", "*").replace("\\cdot", "*")
+    for m in _EQUATION.finditer(clean):
+        lhs, rhs = m.groups()
+        k = m.start() + len(lhs) - len(lhs.lstrip())
+        if k > 0 and (clean[k - 1].isalnum() or clean[k - 1] in "^_{}\\"):
+            continue  # part of a longer expression (2^3 + 1, x + 1, \\frac{..}): not plain arithmetic
         expr = lhs.replace(",", "").replace("×", "*").replace("÷", "/").strip()
         if not re.search(r"[\d)]\s*[+\-*/]\s*[\d(]", expr):
             continue
