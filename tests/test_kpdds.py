@@ -130,3 +130,12 @@ def test_pipeline_on_the_scripted_teacher(tmp_path):
         for t, kps, prac in zip(r["topics"], r["key_points"], r["practice"]):
             w = next(w for w in seeds if w in prac["question"])
             assert seeds[w][t] == kps and all(kp in r["kp_prompt"] for kp in kps)
+    # the card cites the paper
+    import warnings
+
+    from synthfb.cards.builder import build_card
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # license unknown for the scripted model
+        card = build_card(tmp_path / "run")
+    assert "Key-Point-Driven Data Synthesis" in card.body

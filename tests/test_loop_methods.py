@@ -182,6 +182,16 @@ def test_rft_sections():
         _load("rft_tiny", best_of_n={"responses_column": "all_responses"})
 
 
+def test_loop_card_cites_the_method():
+    from synthfb.loop.card import render_card
+
+    for method, paper in (("spin", "Self-Play Fine-Tuning"), ("self_rewarding", "Self-Rewarding Language Models"),
+                          ("rft", "RAFT: Reward rAnked FineTuning")):
+        text = render_card({"name": "x", "status": "running", "config": {"method": method}, "rounds": []})
+        assert "## References" in text and paper in text
+    assert "## References" not in render_card({"name": "x", "config": {"method": "dpo"}, "rounds": []})
+
+
 # -- end to end on the tiny model -----------------------------------------------------------------------------------
 
 def _fewer_samples(name: str, n: int) -> dict:

@@ -36,6 +36,9 @@ CITATIONS: dict[str, str] = {
     "judge": "Yuan et al. 2024, Self-Rewarding Language Models, arXiv:2401.10020",
     "onpolicy": "Jiang et al. 2023, LLM-Blender: Ensembling LLMs with Pairwise Ranking and Generative Fusion, arXiv:2306.02561; "
                 "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734",
+    # issue #14 (helper F)
+    "kpdds": "Huang et al. 2024, Key-Point-Driven Data Synthesis with its Enhancement on Mathematical Reasoning, "
+             "arXiv:2403.02333 (AAAI 2025)",
 }
 VLLM_CITATION = "Kwon et al. 2023, Efficient Memory Management for Large Language Model Serving with PagedAttention, arXiv:2309.06180"
 TEXT_COLUMNS = ("instruction", "input", "output", "response", "prompt", "completion", "chosen", "rejected")

@@ -68,6 +68,7 @@ class Method:
     history: int = 0  # earlier rounds whose round data the policy step also trains on (SPIN: 1; -1: all)
     self_judge: bool = False  # the round's judge is the round's policy (the loop sets `judge: policy`)
     round_stages: tuple[str, ...] = ()  # stage kinds the pairs pipeline may end with (empty: any that fits)
+    cite: tuple[str, ...] = ()  # the papers a loop card cites for this method
 
     @property
     def is_trainer(self) -> bool:
@@ -170,17 +171,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 "(rejected), DPO with the previous iterate as reference, on this round's and the previous round's "
                 "pairs",
         steps=("dpo",), loop=True, round_data="spin_pairs", history=1,
+        cite=("Chen et al. 2024, Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models, "
+              "arXiv:2401.01335 (ICML 2024)",),
     ),
     Method(
         "self_rewarding", "Self-Rewarding (Yuan et al. 2024): the policy samples N answers and judges them itself "
                           "with the additive 5-point rubric (judge_pairs), best vs worst above a score gap, DPO; the "
                           "new model is the next round's policy and judge",
         steps=("dpo",), loop=True, self_judge=True, round_stages=("judge_pairs",),
+        cite=("Yuan et al. 2024, Self-Rewarding Language Models, arXiv:2401.10020",),
     ),
     Method(
         "rft", "rejection-sampling fine-tuning (RAFT, Dong et al. 2023; Llama 2): sample N per prompt, score them, "
                "SFT on each prompt's best (best_of_n), regenerate with the new policy",
         steps=("sft",), loop=True, round_data="best_of_n",
+        cite=("Dong et al. 2023, RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment, "
+              "arXiv:2304.06767",
+              "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models (section 3.2.3, rejection "
+              "sampling), arXiv:2307.09288"),
     ),
 )}
 
