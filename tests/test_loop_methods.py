@@ -182,6 +182,43 @@ def test_rft_sections():
         _load("rft_tiny", best_of_n={"responses_column": "all_responses"})
 
 
+def test_self_rewarding_prompts_regenerated_by_the_policy(tmp_path):
+    """The optional per-round prompts: a pairs pipeline that starts with
+    `self_instruct_bootstrap` on the loop's prompts (the seeds) has the
+    round's policy write new prompts few-shot, which the same policy answers
+    and judges. Round 0's pairs pipeline runs here on a scripted policy."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fakes import FakeGenerator, Reply, last_user
+    from scripted_runs import SelfInstructScript
+
+    from synthfb.engine import Runner
+    from synthfb.loop.pairs import pairs_pipeline, write_prompts
+
+    data = yaml.safe_load((PIPELINES / "self_rewarding_smol.yaml").read_text())
+    gen, judge = data["pairs"]["stages"]
+    boot = {"stage": "self_instruct_bootstrap", "instruction_column": "prompt", "num_instructions": 4,
+            "num_demos": 4, "max_machine_demos": 0, "prompts_per_step": 2}
+    data["pairs"]["stages"] = [boot, {**gen, "input_column": "instruction"}, {**judge, "prompt_column": "instruction"}]
+    cfg = load_loop("sr.yaml", data=data, base_dir=PIPELINES)
+    script = SelfInstructScript()
+    answers = ["off-topic", "a short answer", "a good answer", "the best answer"]  # judged 0, 1, 2, 3
+    policy = FakeGenerator(rules=[
+        ("Write a list of new and varied tasks:", script.bootstrap),
+        ("<response>", lambda req, k: f"Score: {answers.index(last_user(req).split('<response>')[1].split('<')[0])}"),
+    ], default=lambda req, k: answers[k], name="policy-0")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", cfg.prompts)
+    res = Runner(pairs_pipeline(cfg, 0, "policy-0", prompts), tmp_path / "pairs", generators={"policy-0": policy},
+                 progress=False).run()
+    rows = datasets.load_from_disk(str(res.dataset_dir)).to_list()
+    seeds = set(cfg.prompts)
+    assert len(rows) == 4 and all(r["prompt"][-1]["content"] not in seeds for r in rows)  # new prompts only
+    assert all(r["prompt"][-1]["content"].startswith("Describe ") for r in rows)  # the scripted new tasks
+    assert {(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows} == {(answers[3], answers[0])}
+    assert all({p["model"] for p in r["provenance"]} == {"policy-0"} for r in rows)
+
+
 def test_loop_card_cites_the_method():
     from synthfb.loop.card import render_card
 
