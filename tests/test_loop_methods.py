@@ -305,3 +305,19 @@ def test_rft_two_rounds(tmp_path, tiny_model, hf_tiny):
                 w["responses"][w["all_scores"].index(max(scores))]
         assert m["train"]["method"] == "rft" and m["train"]["steps"] == 2 and m["train"]["pairs"] == len(winners)
     assert res.policy == str(res.out / "round-01" / "checkpoint")
+
+
+def test_history_sets():
+    """Which earlier rounds' data the policy trains on: SPIN's previous round by default; the loop file's
+    `history` overrides it (-1: all earlier rounds, Llama 2's pool of winners; 0: none)."""
+    from synthfb.loop.train import history_sets
+
+    earlier = [{"fingerprint": f"r{k}"} for k in range(3)]
+    assert history_sets(_load("spin_tiny"), earlier) == earlier[-1:]
+    assert history_sets(_load("spin_tiny", history=0), earlier) == []
+    assert history_sets(_load("rft_tiny"), earlier) == []
+    assert history_sets(_load("rft_tiny", history=-1), earlier) == earlier
+    assert history_sets(_load("rft_tiny", history=2), earlier) == earlier[1:]
+    assert history_sets(_load("rft_tiny", history=2), []) == []
+    with pytest.raises(LoopError, match="history: must be >= -1"):
+        _load("rft_tiny", history=-2)

@@ -27,6 +27,7 @@ A loop file::
       stages:
         - {stage: onpolicy_pairs, n: 4, sampling: {max_tokens: 16}}
     train: {max_steps: 2, beta: 0.1} # DPOConfig fields (model, dataset, output_dir are the loop's)
+    # method: spin | self_rewarding | rft (issue #14): see pipelines/*_tiny.yaml and README
     # or, instead of `train:`, a reward model on the pairs and PPO against it:
     # method: rm_ppo
     # rm: {max_steps: 4}             # RMConfig fields; `model` = RM initial weights (default: round-0 policy)
@@ -187,6 +188,10 @@ class LoopFile:
     sft: SFTSection | None = option(None, "warm-up before round 0: run a data pipeline once (e.g. seeds -> "
                                           "Self-Instruct), SFT the `policy` on its rows; that checkpoint is the "
                                           "round-0 policy (and round 0's DPO reference)")
+    history: int | None = option(None, "earlier rounds whose round data the new policy also trains on: N (the "
+                                       "last N rounds), -1 (all: Llama 2's pool of earlier rejection-sampling "
+                                       "winners), 0 (none); default: the method's (spin: 1, the previous iteration; "
+                                       "others 0)", ge=-1)
     carry_columns: list[str] = option([], "columns of the prompts file carried to the pairs stages besides the "
                                           "prompt (e.g. the gold response of method spin); needs a prompts file",
                                       schema={"items": {"type": "string", "minLength": 1}})
@@ -289,6 +294,12 @@ class LoopConfig:
     ranker_templates: list[dict[str, Any]] = field(default_factory=list)
     # per training prompt: the prompts file's `carry_columns` values (empty dicts without carry_columns)
     prompt_extras: list[dict[str, Any]] = field(default_factory=list)
+    history_rounds: int | None = None  # the file's `history` (None: the method's)
+
+    @property
+    def history(self) -> int:
+        """Earlier rounds whose data the policy step also trains on (the file's, else the method's)."""
+        return self.training.history if self.history_rounds is None else self.history_rounds
     source: str = "<python>"
     base_dir: Path = field(default_factory=Path.cwd)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -386,6 +397,7 @@ class LoopConfig:
             "backend_options": self.backend_options, "models": self.models, "seed": self.seed,
             "chunk_size": self.chunk_size, "judge": self.judge,
             **({"carried": self.prompt_extras} if any(self.prompt_extras) else {}),
+            **({"history": self.history_rounds} if self.history_rounds is not None else {}),
         })
 
 
@@ -747,7 +759,7 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
         sections=sections, judge=judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
         license=lf.license, backend=lf.backend, backend_options=dict(lf.backend_options), models=dict(lf.models),
         seed=lf.seed, rounds=lf.rounds, chunk_size=lf.pairs.chunk_size, keep_checkpoints=lf.keep_checkpoints,
-        sft=warmup, source=source, base_dir=base_dir, raw=data, prompt_extras=extras,
+        sft=warmup, source=source, base_dir=base_dir, raw=data, prompt_extras=extras, history_rounds=lf.history,
     )
     cfg.ranker_templates = _ranker_templates(cfg.pairs_stages, built)
     _check_judges_distinct(cfg, tpl)

@@ -101,15 +101,16 @@ class TrainingSetup:
         parts: dict[str, Any] = {f"{section}_init": rev for section, (_, rev) in self.inits.items()}
         if uses_earlier_pairs(cfg):
             parts["earlier_pairs"] = [p["fingerprint"] for p in earlier_pairs]
-        if cfg.training.history:
+        if cfg.history:
             parts["history"] = [p["fingerprint"] for p in history_sets(cfg, earlier_pairs)]
         return parts
 
 
 def history_sets(cfg: LoopConfig, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The earlier rounds' data the policy step also trains on: the method's
-    ``history`` last rounds (SPIN: the previous iteration's pairs), all with -1."""
-    h = cfg.training.history
+    """The earlier rounds' data the policy step also trains on: the last
+    ``cfg.history`` rounds (the loop file's ``history``, else the method's;
+    SPIN: the previous iteration's pairs), all with -1."""
+    h = cfg.history
     return [] if not h else (list(earlier) if h < 0 else list(earlier[-h:]))
 
 
