@@ -190,7 +190,7 @@ def test_self_rewarding_prompts_regenerated_by_the_policy(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from fakes import FakeGenerator, Reply, last_user
+    from fakes import FakeGenerator, last_user
     from scripted_runs import SelfInstructScript
 
     from synthfb.engine import Runner
