@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import random
 import re
 import sys
@@ -337,6 +338,63 @@ def onpolicy_pairs(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerat
     return d, fake
 
 
+# -- kpdds: extract -> TCPM questions -> score -> solve + vote (issue #14) -----------------------------------------
+
+KPDDS_TOPICS = {  # seed keyword -> its topics and key points (what the scripted teacher extracts)
+    "pencils": {"Arithmetic - Unit rates": ["Divide the total price by the count for the unit price"],
+                "Arithmetic - Decimals": ["Multiply a decimal by a whole number"]},
+    "Solve for x": {"Algebra - Linear equations": ["Isolate the variable with inverse operations"]},
+    "circle": {"Geometry - Circles": ["The area of a circle is pi r^2"]},
+    "rectangle": {"Geometry - Perimeter and area": ["The perimeter of a rectangle is 2(l + w)",
+                                                     "The area of a rectangle is l w"],
+                  "Algebra - Linear equations": ["Isolate the variable with inverse operations"]},
+    "discounted": {"Arithmetic - Percentages": ["A percentage of a quantity is the quantity times p/100"]},
+    "consecutive": {"Algebra - Linear equations": ["Isolate the variable with inverse operations"],
+                    "Number theory - Integers": ["Consecutive integers differ by 1"]},
+    "car travels": {"Arithmetic - Unit rates": ["Speed is distance divided by time"]},
+    "right triangle": {"Geometry - Right triangles": ["The Pythagorean theorem a^2 + b^2 = c^2"]},
+    "recipe": {"Arithmetic - Ratios": ["Scale both parts of a ratio by the same factor"],
+               "Arithmetic - Unit rates": ["Divide the total price by the count for the unit price"]},
+    "garden": {"Geometry - Perimeter and area": ["The area of a square is its side squared"]},
+}
+KPDDS_UNPARSEABLE = "garden"
+"""The seed whose scripted extraction is not JSON (counted as dropped_unparseable_no_json)."""
+KPDDS_SOLUTIONS = ["3 + 4 = 7, so the answer is \\boxed{7}."] * 6 + ["2 * 4 = 8, so \\boxed{8}."] * 3 + \
+    ["3 + 4 = 9, so \\boxed{9}."]
+"""The 10 scripted solutions of every question: 6 say 7, 3 say 8, one has an arithmetic error."""
+
+
+def _kpdds_extract(req, k):
+    text = last_user(req)
+    key = next(w for w in KPDDS_TOPICS if w in text.split("Solution:")[0])
+    if key == KPDDS_UNPARSEABLE:
+        return "I am not sure."
+    return json.dumps({"topics": [{"topic": t, "key_points": kps} for t, kps in KPDDS_TOPICS[key].items()]})
+
+
+def kpdds(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    d = shipped("kpdds")
+    d["chunk_size"] = 4
+    q = stage_cfg(d, "kpdds_questions")
+    q["num_questions"], q["questions_per_step"] = 6, 4
+    made = itertools.count()
+
+    def question(req, k):
+        i = next(made)
+        return "No tags here." if i % 5 == 4 else f"Here it is. <Q>Practice problem number {i}: combine them.</Q>"
+
+    def score(req, k):
+        return "Fine.\nScore: 0.5" if "number 1:" in last_user(req) else "Good.\nScore: 0.9"
+
+    fake = FakeGenerator(rules=[
+        ("specialist in mathematics education", _kpdds_extract),
+        ("mathematics teacher helping students", question),
+        ("reviewing a new mathematics problem", score),
+        ("Solve the problem step by step", lambda req, k: KPDDS_SOLUTIONS[k]),
+    ], default=Reply("unexpected prompt", "stop"), failures=failures)
+    return d, fake
+
+
 # -- the registry -----------------------------------------------------------------------------------------------
 
 SCRIPTED_RUNS: dict[str, Callable[..., tuple[dict[str, Any], FakeGenerator]]] = {
@@ -349,6 +407,7 @@ SCRIPTED_RUNS: dict[str, Callable[..., tuple[dict[str, Any], FakeGenerator]]] = 
     "cai_preferences": cai_preferences,
     "judge_pairs": judge_pairs,
     "onpolicy_pairs": onpolicy_pairs,
+    "kpdds": kpdds,
 }
 
 

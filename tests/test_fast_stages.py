@@ -642,3 +642,32 @@ def test_segment_dedupe_across_chunks_survives_a_resume(tmp_path):
     (sdir / "stage.json").write_text(json.dumps({**meta, "finished": False}))
     res = go(out, resume=True)
     assert [r["row_id"] for r in rows(out)] == ["d0/0"] and res.num_rows == 1
+
+
+# -- kpdds: extract -> TCPM questions -> score -> solve + vote (issue #14; more in tests/test_kpdds.py) --------------
+
+def test_shipped_kpdds(tmp_path):
+    def pencils(req):
+        return "specialist in mathematics education" in request_text(req) and "pencils" in request_text(req)
+
+    d, fake = scripted_runs.kpdds(failures=[(pencils, "HTTP 500: engine crashed")])
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    st = res.manifest["stages"]
+    seeds = st[0]["rows_out"]
+    assert st[1]["counts"]["failed_requests"] == 1 and st[1]["rows_out"] == seeds - 2  # + the unparseable one
+    extract = [r for r in fake.requests if "specialist in mathematics education" in request_text(r)]
+    assert len(extract) == seeds
+    for r in extract:
+        check_params(r, n=1, temperature=0.0, max_tokens=512)
+    solve = [r for r in fake.requests if "Solve the problem step by step" in request_text(r)]
+    for r in solve:
+        check_params(r, n=10, temperature=0.75, top_p=0.95, max_tokens=512)
+    rs = rows(out)
+    check_columns(rs, {"prompt", "completion", "solution", "question", "answer", "agreement", "consensus_scores",
+                       "num_solutions", "num_sampled", "question_score", "topics", "key_points", "kp_prompt",
+                       "practice", "practice_ids", "step"})
+    check_provenance(rs, fake)
+    fake.failures = []
+    full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=1)
+    assert len(full) >= len(rs) and {r["answer"][0] for r in full} == {"7"}

@@ -43,6 +43,9 @@ CITATIONS: dict[str, str] = {
     "consistency": "Zhang et al. 2024, TableLLM: Enabling Tabular Data Manipulation by LLMs in Real Office Usage "
                    "Scenarios (cross-way validation), arXiv:2403.19318",
     "rso": "Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization, arXiv:2309.06657",
+    # issue #14 (helper F)
+    "kpdds": "Huang et al. 2024, Key-Point-Driven Data Synthesis with its Enhancement on Mathematical Reasoning, "
+             "arXiv:2403.02333 (AAAI 2025)",
 }
 VLLM_CITATION = "Kwon et al. 2023, Efficient Memory Management for Large Language Model Serving with PagedAttention, arXiv:2309.06180"
 TEXT_COLUMNS = ("instruction", "input", "output", "response", "prompt", "completion", "chosen", "rejected")

@@ -9,6 +9,8 @@ checkpoint is the round-0 policy).
 - :mod:`.engines` engines started on first use, one policy engine at a time;
 - :mod:`.warmup` the optional SFT warm-up before round 0;
 - :mod:`.pairs` the round's pairs through the pipeline runner;
+- :mod:`.round_data` what some methods build from those rows before
+  training (``spin``: gold vs own sample; ``rft``: best-of-N winners);
 - :mod:`.train` the round's DPO or RM + PPO, resumable from the last checkpoint;
 - :mod:`.heldout` held-out win rate vs the round-0 policy (frozen judge, both
   orders, 95% bootstrap interval);

@@ -88,7 +88,10 @@ def render_card(state: dict[str, Any]) -> str:
     for r in rounds:
         m = r["metrics"]
         trained = ", ".join(f"{k} {_fmt(v)}" for k, v in headline(m["train"]).items())
-        lines.append(f"- Round {m['round']}: {m['pairs']['pairs_built']} pairs from "
+        rd = m["pairs"].get("round_data")
+        what = (f"{rd['rows']} `{rd['builder']}` rows (from {m['pairs'].get('pipeline_rows')} pipeline rows)"
+                if rd else f"{m['pairs']['pairs_built']} pairs")
+        lines.append(f"- Round {m['round']}: {what} from "
                      f"{m['pairs']['prompts']} prompts sampled by `{m['policy'].get('name')}`; "
                      f"{m['train'].get('method')}: {trained}.")
     lines += ["", "## Held-out win rates", "",
@@ -120,10 +123,21 @@ def render_card(state: dict[str, Any]) -> str:
                      f"(sha256 `{str(r['template_sha256'])[:12]}`).")
     if not state.get("training_rankers"):
         lines.append("- Training ranker: no LLM judge (a reward model or PairRM ranks the pairs).")
+    cites = _method_citations(cfg.get("method") or "dpo")
+    if cites:
+        lines += ["", "## References", ""] + [f"- {c}" for c in cites]
     lines += ["", "Files: `loop.json` (state, per-round metrics), `round-NN/metrics.json`, `round-NN/eval.json` "
                   "(per-prompt judge log-odds)" + (", `sft/` (warm-up data run, SFT checkpoint, eval)"
                                                    if sft else "") + ".", ""]
     return redact_text("\n".join(lines))
+
+
+def _method_citations(name: str) -> tuple[str, ...]:
+    """The papers the method registry cites for a loop method (none for an unknown name)."""
+    from ..train.methods import METHODS
+
+    m = METHODS.get(name)
+    return m.cite if m is not None else ()
 
 
 def write_card(out: Path, state: dict[str, Any]) -> Path:

@@ -27,6 +27,7 @@ A loop file::
       stages:
         - {stage: onpolicy_pairs, n: 4, sampling: {max_tokens: 16}}
     train: {max_steps: 2, beta: 0.1} # DPOConfig fields (model, dataset, output_dir are the loop's)
+    # method: spin | self_rewarding | rft (issue #14): see pipelines/*_tiny.yaml and README
     # or, instead of `train:`, a reward model on the pairs and PPO against it:
     # method: rm_ppo
     # rm: {max_steps: 4}             # RMConfig fields; `model` = RM initial weights (default: round-0 policy)
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..data import yamlio
+from ..data import ROW_ID, yamlio
 from ..data.config import ConfigError, build, dataclass_schema, option, validate
 from ..engine.pipeline import NAME_SCHEMA, PIPELINE_SCHEMA, stage_error
 from ..train import methods as registry
@@ -187,6 +188,13 @@ class LoopFile:
     sft: SFTSection | None = option(None, "warm-up before round 0: run a data pipeline once (e.g. seeds -> "
                                           "Self-Instruct), SFT the `policy` on its rows; that checkpoint is the "
                                           "round-0 policy (and round 0's DPO reference)")
+    history: int | None = option(None, "earlier rounds whose round data the new policy also trains on: N (the "
+                                       "last N rounds), -1 (all: Llama 2's pool of earlier rejection-sampling "
+                                       "winners), 0 (none); default: the method's (spin: 1, the previous iteration; "
+                                       "others 0)", ge=-1)
+    carry_columns: list[str] = option([], "columns of the prompts file carried to the pairs stages besides the "
+                                          "prompt (e.g. the gold response of method spin); needs a prompts file",
+                                      schema={"items": {"type": "string", "minLength": 1}})
 
 
 def _section_help(m: registry.Method) -> str:
@@ -203,7 +211,18 @@ def loop_schema() -> dict[str, Any]:
     schema = dataclass_schema(LoopFile)
     for section, m in registry.loop_sections().items():
         schema["properties"][section] = {"type": "object", "description": _section_help(m)}
+    for name, users in _round_data_sections().items():
+        schema["properties"][name] = {"type": "object", "description": f"settings of the round-data step {name!r} "
+                                      f"(method {', '.join(users)}): synthfb/loop/round_data.py"}
     return schema
+
+
+def _round_data_sections() -> dict[str, list[str]]:
+    """Loop-file sections of the round-data builders -> the loop methods that use them."""
+    out: dict[str, list[str]] = {}
+    for k, m in registry.round_data_methods().items():
+        out.setdefault(m.round_data, []).append(k)
+    return out
 
 
 def looks_like_loop(data: Any) -> bool:
@@ -273,6 +292,14 @@ class LoopConfig:
     sft: WarmupConfig | None = None
     # the pairs stages that judge with an LLM: index, kind, template name and sha256 (see training_rankers)
     ranker_templates: list[dict[str, Any]] = field(default_factory=list)
+    # per training prompt: the prompts file's `carry_columns` values (empty dicts without carry_columns)
+    prompt_extras: list[dict[str, Any]] = field(default_factory=list)
+    history_rounds: int | None = None  # the file's `history` (None: the method's)
+
+    @property
+    def history(self) -> int:
+        """Earlier rounds whose data the policy step also trains on (the file's, else the method's)."""
+        return self.training.history if self.history_rounds is None else self.history_rounds
     source: str = "<python>"
     base_dir: Path = field(default_factory=Path.cwd)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -369,6 +396,8 @@ class LoopConfig:
             "rm_pairs": self.rm_pairs, "eval": dataclasses.asdict(self.eval), "backend": self.backend,
             "backend_options": self.backend_options, "models": self.models, "seed": self.seed,
             "chunk_size": self.chunk_size, "judge": self.judge,
+            **({"carried": self.prompt_extras} if any(self.prompt_extras) else {}),
+            **({"history": self.history_rounds} if self.history_rounds is not None else {}),
         })
 
 
@@ -415,16 +444,39 @@ def _read_prompts(value: Any, column: str, limit: int | None, base_dir: Path, so
     return texts
 
 
-def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[str]) -> list:
+def _carried(value: Any, carry: list[str], n: int, base_dir: Path, source: str) -> list[dict[str, Any]]:
+    """Per training prompt (the first ``n`` rows), the values of the
+    ``carry_columns`` of the prompts file (empty dicts without them)."""
+    if not carry:
+        return [{} for _ in range(n)]
+    if isinstance(value, list):
+        raise LoopError(f"{source}: carry_columns: needs a prompts file (inline prompts have no other columns)")
+    from ..data.io import read_user_file
+    from ..llm.prompts import find_file
+
+    table = read_user_file(find_file(value, base_dir, "prompts file"))
+    missing = [c for c in carry if c not in table.column_names]
+    if missing:
+        raise LoopError(f"{source}: carry_columns: the prompts file has no column(s) {missing} (columns "
+                        f"{table.column_names})")
+    if {"id", "prompt", ROW_ID} & set(carry):
+        raise LoopError(f"{source}: carry_columns: `id` and `prompt` are written by the loop; carry other columns")
+    cols = {c: table.column(c).to_pylist()[:n] for c in carry}
+    return [{c: cols[c][i] for c in carry} for i in range(n)]
+
+
+def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[str], carry: tuple[str, ...] = (),
+                  reader: str = "") -> list:
     """Each pairs stage against its config schema, then the column flow; the
     last stage's output must have the columns ``needs`` (what the method's
-    pair-reading trainers read). Returns the built stages."""
+    pair-reading trainers, or its round-data step ``reader``, read; an entry
+    may list '|' alternatives of '+'-joined columns). Returns the built stages."""
     from ..data import ROW_ID
     from ..engine.pipeline import PipelineError
     from ..engine.stage import SourceStage, stage_kinds
 
     kinds = stage_kinds()
-    cols = [ROW_ID, "id", "prompt"]  # what the loop's load stage emits
+    cols = [ROW_ID, "id", "prompt", *carry]  # what the loop's load stage emits
     built = []
     for i, sd in enumerate(stages):
         where = f"pairs.stages[{i}]"
@@ -451,7 +503,10 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[s
             raise LoopError(f"{source}: {where} ({kind}): needs column(s) {missing}, but its input has {cols}")
         cols = stage.output_columns(cols)
         built.append(stage)
-    lacking = [c for c in needs if c not in cols]
+    lacking = [spec for spec in needs if not any(set(alt.split("+")) <= set(cols) for alt in spec.split("|"))]
+    if lacking and reader:
+        raise LoopError(f"{source}: pairs.stages: the round-data step {reader!r} reads {lacking}, which the last "
+                        f"stage does not emit (columns {cols}); see its loop-file section `{reader}:`")
     if lacking:
         raise LoopError(f"{source}: pairs.stages: the last stage must emit preference pairs; its output lacks "
                         f"{lacking} (columns {cols}); end with `onpolicy_pairs` or `judge_pairs`")
@@ -517,6 +572,17 @@ def _check_method(data: dict, source: str) -> tuple[str, dict[str, dict]]:
     for s in steps:
         values = _check_step(s, data.get(s.section), source)
         sections[s.section] = {"seed": data.get("seed", 0), **dict(s.loop_defaults), **values}
+    own = registry.get(method).round_data
+    for name, users in _round_data_sections().items():
+        if name in data and name != own:
+            raise LoopError(f"{source}: {name}: not used by method {method!r}; remove it or set `method: "
+                            f"{users[0]}`")
+    if own:
+        from .round_data import BUILDERS
+
+        values = data.get(own) or {}
+        validate(values, dataclass_schema(BUILDERS[own].config), source, [own], error=LoopError)
+        sections[own] = dict(values)
     return method, sections
 
 
@@ -636,13 +702,31 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
         raise LoopError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     validate(data, loop_schema(), source, error=LoopError)
-    lf: LoopFile = build(LoopFile, {k: v for k, v in data.items() if k not in registry.loop_sections()})
-    steps = registry.get(lf.method).step_methods()
-    needs = list(dict.fromkeys(c for s in steps if s.data == "pairs" for c in s.columns))
-    built = _check_stages(lf.pairs.stages, base_dir, source, needs)
+    lf: LoopFile = build(LoopFile, {k: v for k, v in data.items()
+                                    if k not in registry.loop_sections() and k not in _round_data_sections()})
+    method_entry = registry.get(lf.method)
+    steps = method_entry.step_methods()
     method, sections = _check_method(data, source)
+    if method_entry.round_data:
+        from .round_data import needed_columns
+
+        needs = needed_columns(method_entry.round_data, sections[method_entry.round_data])
+    else:
+        needs = list(dict.fromkeys(c for s in steps if s.data in ("pairs", "sft") for c in s.columns))
+    built = _check_stages(lf.pairs.stages, base_dir, source, needs, tuple(lf.carry_columns),
+                          method_entry.round_data)
+    if method_entry.round_stages and lf.pairs.stages[-1]["stage"] not in method_entry.round_stages:
+        raise LoopError(f"{source}: pairs.stages[{len(lf.pairs.stages) - 1}]: method {method!r} builds its pairs "
+                        f"with {' or '.join(method_entry.round_stages)}; end pairs.stages with it")
+    judge = lf.judge
+    if method_entry.self_judge:
+        if judge not in (None, SELF_JUDGE):
+            raise LoopError(f"{source}: judge: method {method!r} judges each round with the round's policy; "
+                            f"remove `judge` (or write `judge: {SELF_JUDGE}`)")
+        judge = SELF_JUDGE
     warmup = _check_warmup(data["sft"], lf.seed, base_dir, source) if data.get("sft") is not None else None
     prompts = _read_prompts(lf.prompts, lf.prompt_column, lf.limit, base_dir, source, "prompts", "prompt_column")
+    extras = _carried(lf.prompts, lf.carry_columns, len(prompts), base_dir, source)
     ev = lf.eval
     held = _read_prompts(ev.prompts, ev.prompt_column, ev.limit, base_dir, source, "eval.prompts",
                          "eval.prompt_column")
@@ -672,10 +756,10 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
                      bootstrap_seed=ev.bootstrap_seed)
     cfg = LoopConfig(
         name=lf.name, policy=lf.policy, prompts=prompts, pairs_stages=lf.pairs.stages, eval=evc,
-        sections=sections, judge=lf.judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
+        sections=sections, judge=judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
         license=lf.license, backend=lf.backend, backend_options=dict(lf.backend_options), models=dict(lf.models),
         seed=lf.seed, rounds=lf.rounds, chunk_size=lf.pairs.chunk_size, keep_checkpoints=lf.keep_checkpoints,
-        sft=warmup, source=source, base_dir=base_dir, raw=data,
+        sft=warmup, source=source, base_dir=base_dir, raw=data, prompt_extras=extras, history_rounds=lf.history,
     )
     cfg.ranker_templates = _ranker_templates(cfg.pairs_stages, built)
     _check_judges_distinct(cfg, tpl)

@@ -22,12 +22,14 @@ from .config import LoopConfig
 TIE_REASONS = ("tie",)
 
 
-def write_prompts(path: Path, prompts: list[Any]) -> Path:
-    """The prompts (strings or chat turns) as ``{"id", "prompt"}`` JSON lines,
+def write_prompts(path: Path, prompts: list[Any], extras: list[dict[str, Any]] | None = None) -> Path:
+    """The prompts (strings or chat turns) as ``{"id", "prompt"}`` JSON lines
+    (plus each prompt's ``extras``: the loop's ``carry_columns``),
     rewritten only when they changed (same bytes every time, so a stage's or
     a training's fingerprint of the file does not change on resume)."""
-    text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": p}, ensure_ascii=False) + "\n"
-                   for i, p in enumerate(prompts))
+    extras = extras or [{} for _ in prompts]
+    text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": p, **e}, ensure_ascii=False) + "\n"
+                   for i, (p, e) in enumerate(zip(prompts, extras)))
     path = Path(path)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         atomic_write_bytes(path, text.encode("utf-8"))

@@ -8,7 +8,9 @@ policy ``P_k`` (``P_0`` = the loop's ``policy`` or the SFT checkpoint,
 
 1. samples on-policy responses to the training prompts with ``P_k`` and has
    the judge rank them into preference pairs (``synthfb/loop/pairs.py``: the
-   pipeline runner, chunked and resumable);
+   pipeline runner, chunked and resumable); a method with ``round_data``
+   (``spin``, ``rft``) turns those rows into its training rows
+   (``synthfb/loop/round_data.py``, into ``round-NN/round_data``);
 2. trains ``P_k`` into ``round-k/checkpoint`` (``synthfb/loop/train.py``,
    each training resumable from its last checkpoint) with the loop's
    ``method`` from the method registry shared with ``synthfb train``: DPO on
@@ -44,6 +46,7 @@ from . import heldout
 from .config import LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
 from .pairs import pairs_metrics, run_pairs, write_prompts
+from .round_data import build_round_data
 from .card import loop_summary, write_card
 from .state import LoopFolder, now, read_json, round_dir
 from .train import TrainingSetup, headline, prepare_training, train_round
@@ -83,7 +86,7 @@ class _Loop:
             "training_rankers": cfg.training_rankers(),
             "eval_judge": scrub(heldout.judge_record(cfg, eval_judge)), "versions": package_versions(),
         })
-        prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts)
+        prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts, cfg.prompt_extras)
         start = cfg.policy
         initial_answers = None
         if cfg.sft is not None:
@@ -147,7 +150,7 @@ class _Loop:
         t0 = time.time()
         res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs", {policy_name: policy, judge_name: judge},
                         self.progress)
-        pm = pairs_metrics(res)
+        pm = build_round_data(cfg, k, pairs_metrics(res), rdir)  # the method's round data (spin, rft) or the pairs
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
         tm = train_round(cfg, self.training, policy.info.path, policy.info.revision, pm, earlier_pairs, rdir,

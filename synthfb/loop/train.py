@@ -101,7 +101,21 @@ class TrainingSetup:
         parts: dict[str, Any] = {f"{section}_init": rev for section, (_, rev) in self.inits.items()}
         if uses_earlier_pairs(cfg):
             parts["earlier_pairs"] = [p["fingerprint"] for p in earlier_pairs]
+        if cfg.history:
+            parts["history"] = [p["fingerprint"] for p in history_sets(cfg, earlier_pairs)]
         return parts
+
+
+def history_sets(cfg: LoopConfig, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier rounds' data the policy step also trains on: the last
+    ``cfg.history`` rounds (the loop file's ``history``, else the method's;
+    SPIN: the previous iteration's pairs), all with -1."""
+    h = cfg.history
+    return [] if not h else (list(earlier) if h < 0 else list(earlier[-h:]))
+
+
+# what a step reads from the round: the pairs pipeline's rows (or the method's round data built from them)
+ROUND_DATA_KINDS = ("pairs", "sft")
 
 
 def uses_earlier_pairs(cfg: LoopConfig) -> bool:
@@ -151,7 +165,7 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
     start = policy if own else setup.inits[step.section]
     values: dict[str, Any] = {**settings, "model": start[0], "output_dir": str(out_dir), "resume": True}
     parts: dict[str, Any] = {step.section: settings, "start": start[1]}
-    if step.data == "pairs":
+    if step.data in ROUND_DATA_KINDS:
         values["dataset"] = pair_sets[-1]["dataset"]
         parts["pairs"] = [p["fingerprint"] for p in pair_sets]
     elif step.data == "prompts":
@@ -169,7 +183,7 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
     def run(resumed_from: int) -> dict[str, Any]:
         rows = None
         n = sum(p["pairs_built"] for p in pair_sets)
-        if step.data == "pairs":
+        if step.data in ROUND_DATA_KINDS:
             if n == 0:
                 raise _no_pairs(rdir, pair_sets[-1])
             if len(pair_sets) > 1:
@@ -177,7 +191,8 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
 
                 rows = [r for p in pair_sets if p["pairs_built"] for r in load_rows(p["dataset"])]
         tcfg = _load(step.config, values, f"{rdir.name} {step.section}")
-        what = (f"on {n} pairs from {len(pair_sets)} round(s)" if step.data == "pairs"
+        what = (f"on {n} {'pairs' if step.data == 'pairs' else 'rows'} from {len(pair_sets)} round(s)"
+                if step.data in ROUND_DATA_KINDS
                 else f"on {len(cfg.prompts)} prompts")
         extra = "".join(f", {f} {getattr(tcfg, f)}" for f in step.record)
         log(f"{rdir.name}: {step.title} {what} from {start[0]}"
@@ -187,7 +202,7 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
         metrics = _summary(step, out, tcfg, resumed_from)
         if not own:
             metrics["init"] = {"path": start[0], "revision": start[1]}
-        if step.data == "pairs":
+        if step.data in ROUND_DATA_KINDS:
             metrics.update(pairs=n, pair_datasets=[p["dataset"] for p in pair_sets])
         return metrics
 
@@ -205,7 +220,10 @@ def train_round(cfg: LoopConfig, setup: TrainingSetup, policy_path: str, policy_
     results: dict[str, Any] = {}
     reward: tuple[str, str] | None = None
     for step in steps:
-        sets = (earlier_pairs if step.produces != "policy" and uses_earlier_pairs(cfg) else []) + [pairs]
+        if step.produces == "policy":
+            sets = history_sets(cfg, earlier_pairs) + [pairs]
+        else:
+            sets = (earlier_pairs if uses_earlier_pairs(cfg) else []) + [pairs]
         metrics, fp, out_dir = _train_step(cfg, step, setup, (policy_path, policy_revision), sets, reward, rdir,
                                            log)
         results[step.section] = metrics

@@ -15,5 +15,6 @@ from . import backtranslation, constitutional, judge, onpolicy_pairs, realign, s
 from . import best_of_n, consistency, rso  # noqa: F401,E402 - register
 from .generate import GenerateStage
 from .load import LoadStage
+from . import kpdds  # noqa: F401,E402 - register (issue #14: KPDDS)
 
 __all__ = ["STAGES", "GenerateStage", "LoadStage"]

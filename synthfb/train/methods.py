@@ -61,6 +61,14 @@ class Method:
     loop_defaults: tuple[tuple[str, Any], ...] = ()  # config defaults inside the loop
     reward_from: str = ""  # field that receives the reward model an earlier step produced
     title: str = ""  # for log lines
+    # --- what a loop method needs of a round besides its trainers (issue #14; synthfb/loop/round_data.py) ---
+    # a loop-layer step that turns the pairs pipeline's output into the trainer's rows, by name, with its
+    # settings in the loop-file section of the same name (``spin_pairs``: gold vs own sample; ``best_of_n``)
+    round_data: str = ""
+    history: int = 0  # earlier rounds whose round data the policy step also trains on (SPIN: 1; -1: all)
+    self_judge: bool = False  # the round's judge is the round's policy (the loop sets `judge: policy`)
+    round_stages: tuple[str, ...] = ()  # stage kinds the pairs pipeline may end with (empty: any that fits)
+    cite: tuple[str, ...] = ()  # the papers a loop card cites for this method
 
     @property
     def is_trainer(self) -> bool:
@@ -123,6 +131,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         data="sft", columns=("prompt+completion|messages",), metrics=_LOSS,
         headline=(("final_loss", "final_loss"),), title="SFT",
         warmup=True, loop_sets=("model", "dataset", "output_dir", *_RESUME),
+        section="sft_round",  # its settings as a round's step (method rft); the warm-up's are `sft.train`
     ),
     Method(
         "rm", "reward model: Bradley-Terry on prompt/chosen/rejected (ranked lists: InstructGPT K-way or "
@@ -174,6 +183,31 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "rm_ppo", "a reward model on the pairs, then PPO against it",
         steps=("rm", "ppo"), loop=True,
     ),
+    # --- loop methods of issue #14 (helper F): each is a trainer plus what its rounds need ---
+    Method(
+        "spin", "SPIN (Chen et al. 2024): the gold SFT response (chosen) against the round's policy's own sample "
+                "(rejected), DPO with the previous iterate as reference, on this round's and the previous round's "
+                "pairs",
+        steps=("dpo",), loop=True, round_data="spin_pairs", history=1,
+        cite=("Chen et al. 2024, Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models, "
+              "arXiv:2401.01335 (ICML 2024)",),
+    ),
+    Method(
+        "self_rewarding", "Self-Rewarding (Yuan et al. 2024): the policy samples N answers and judges them itself "
+                          "with the additive 5-point rubric (judge_pairs), best vs worst above a score gap, DPO; the "
+                          "new model is the next round's policy and judge",
+        steps=("dpo",), loop=True, self_judge=True, round_stages=("judge_pairs",),
+        cite=("Yuan et al. 2024, Self-Rewarding Language Models, arXiv:2401.10020",),
+    ),
+    Method(
+        "rft", "rejection-sampling fine-tuning (RAFT, Dong et al. 2023; Llama 2): sample N per prompt, score them, "
+               "SFT on each prompt's best (best_of_n), regenerate with the new policy",
+        steps=("sft",), loop=True, round_data="best_of_n",
+        cite=("Dong et al. 2023, RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment, "
+              "arXiv:2304.06767",
+              "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models (section 3.2.3, rejection "
+              "sampling), arXiv:2307.09288"),
+    ),
 )}
 
 
@@ -196,6 +230,11 @@ def warmup_methods() -> dict[str, Method]:
 def loop_sections() -> dict[str, Method]:
     """Loop-file section -> the trainer whose settings it holds (``train`` -> dpo, ``rm``, ``ppo``)."""
     return {s.section: s for m in loop_methods().values() for s in m.step_methods()}
+
+
+def round_data_methods() -> dict[str, Method]:
+    """Loop methods whose rounds turn the pairs pipeline's output into training rows in the loop layer."""
+    return {k: m for k, m in loop_methods().items() if m.round_data}
 
 
 def get(name: str) -> Method:
