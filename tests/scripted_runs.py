@@ -134,6 +134,12 @@ class SelfInstructScript:
     def classify(self, req, k):
         return " Yes" if self.is_clf.get(self.task(req)) else " No"
 
+    def classify_logprob(self, context, continuation) -> float:
+        """``scoring: logprobs``: the answer :meth:`classify` gives gets nearly all the mass."""
+        task = re.findall(r"Task: (.*)", _text(context))[-1].strip()
+        said = "Yes" if self.is_clf.get(task) else "No"
+        return -0.01 if continuation.split()[-1] == said else -6.0
+
 
 def self_instruct(failures: Failures = (), script: SelfInstructScript | None = None
                   ) -> tuple[dict[str, Any], FakeGenerator]:
@@ -149,7 +155,7 @@ def self_instruct(failures: Failures = (), script: SelfInstructScript | None = N
                                             "Class label: Negative\nText: I did not like it at all.")),
         ("For each task, write one or more examples.", ("\nExample 1\nInput: two apples\nOutput: a pair of apples\n"
                                                         "Example 2\nInput: three pears\nOutput: a few pears")),
-    ], default=Reply("unexpected prompt", "stop"), failures=failures)
+    ], default=Reply("unexpected prompt", "stop"), logprobs=script.classify_logprob, failures=failures)
     return d, fake
 
 
@@ -215,7 +221,7 @@ def backtranslation(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenera
 # -- realign: classify -> rewrite ------------------------------------------------------------------------------
 
 def _query(req) -> str:
-    return re.findall(r"Query: (.*)\nCategory:", request_text(req))[-1]
+    return re.findall(r"Query: (.*)\nCategory:", req if isinstance(req, str) else request_text(req))[-1]
 
 
 def _category(req, k):
@@ -231,6 +237,15 @@ def _category(req, k):
     return " open_qa"
 
 
+def _category_logprob(context, continuation) -> float:
+    """``scoring: logprobs``: the category :func:`_category` names gets nearly all the mass (the query it
+    answers "no idea" to: the default category)."""
+    text = _text(context)
+    said = _category(text, 0).split("\n")[0].strip()
+    said = said if re.fullmatch(r"[a-z_]+", said) else "default"
+    return -0.01 if continuation.split()[-1] == said else -7.0 - 0.1 * len(continuation)
+
+
 def _original(req) -> str:
     return re.findall(r"\[Response start\]\n(.*?)\n\[Response end\]", request_text(req), re.DOTALL)[-1]
 
@@ -242,7 +257,7 @@ def realign(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
         ("\nCategory:", _category),
         ("[Response start]",
          lambda req, k: [" Too short.", f" 1. {_original(req)}\n2. One more step, to be clear."][k]),
-    ], failures=failures)
+    ], logprobs=_category_logprob, failures=failures)
     return d, fake
 
 
