@@ -119,8 +119,9 @@ class RealignClassifyStage(_FormatsStage):
             ctx.stats.add("scored_from_logprobs")
         else:
             name = None if res.error else parse_category(res.completions[0].text, list(self.cats))
-        ctx.stats.add("outputs")
-        ctx.stats.add("parsed", int(name is not None))
+        if not (getattr(res, "error", None)):  # a failed request is no output (counted as failed_requests)
+            ctx.stats.add("outputs")
+            ctx.stats.add("parsed", int(name is not None))
         if name is None:
             ctx.stats.add("unknown_category")
             name = self.default

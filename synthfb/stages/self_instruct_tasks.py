@@ -85,8 +85,9 @@ class SelfInstructClassifyStage(ModelStage):
             ctx.stats.add("scored_from_logprobs")
         else:
             label = None if res.error else parse_yes_no(res.completions[0].text)
-        ctx.stats.add("outputs")
-        ctx.stats.add("parsed", int(label is not None))
+        if not getattr(res, "error", None):  # a failed request is no output (counted as failed_requests)
+            ctx.stats.add("outputs")
+            ctx.stats.add("parsed", int(label is not None))
         if label is None:
             ctx.stats.add("unparseable_label")
             label = self.config.unparseable_as
@@ -144,6 +145,11 @@ class SelfInstructInstancesStage(ModelStage):
         comp = res.completions[0]
         parsed = (parse_output_first if clf else parse_input_first)(comp.text, comp.finish_reason == "length")
         ctx.stats.add("instances_parsed", len(parsed))
+        # the task's completion parsed when it gave at least one instance (the filters below are drops)
+        ctx.stats.add("outputs")
+        ctx.stats.add("parsed", int(bool(parsed)))
+        if not parsed:
+            ctx.stats.add("completions_without_instances")
         counts: dict[str, int] = {}
         kept = filter_instances(parsed, c.max_instances, ctx.rng(row[ROW_ID]), counts)
         for reason, n in counts.items():
