@@ -100,3 +100,27 @@ def test_text_path_stays_for_api_backends(tmp_path):
     """``auto`` on a backend without prompt log-probs (the fake's) samples and parses: no score call."""
     _, rec, fake = _run("realign", None, tmp_path / "auto", "realign_classify")
     assert fake.num_score_calls == 0 and "scored_from_logprobs" not in rec["counts"]
+
+
+# -- self_curate: rating mean (G-Eval) vs mode (the one rating the curator would write) ----------------------------
+
+FLAT = {"1": 0.19, "2": 0.11, "3": 0.18, "4": 0.24, "5": 0.28}
+"""Label probabilities like SmolLM2-135M's after the curation chat turn: the top one ~0.28."""
+
+
+@pytest.mark.parametrize("rating", ["mean", "mode"])
+def test_self_curate_rating_mean_or_mode(tmp_path, rating):
+    d, fake = sr.backtranslation()
+    sr.stage_cfg(d, "self_curate").update(scoring="logprobs", rating=rating)
+    fake.logprobs = lambda ctx, cont: math.log(FLAT[cont.split()[-1]])
+    res = sr.run(d, tmp_path / "run", fake)
+    [rec] = [s for s in res.manifest["stages"] if s["kind"] == "self_curate"]
+    mean = sum(int(k) * v for k, v in FLAT.items()) / sum(FLAT.values())  # 3.31, by hand
+    assert mean < 4.0  # min_score of the shipped file (A_4)
+    assert rec["parse"]["rate"] == 1.0 and rec["rows_in"] > 0
+    rows = sr.rows(tmp_path / "run")
+    if rating == "mean":  # the expected rating is below A_4: nothing kept, every row counted as below
+        assert rows == [] and rec["counts"]["dropped_below_min_score"] == rec["rows_in"]
+    else:  # the most probable rating is 5 >= 4: every row kept with score 5
+        assert len(rows) == rec["rows_in"] and all(r["curation_score"] == 5.0 for r in rows)
+        assert all(r["curation_probs"]["5"] == pytest.approx(0.28) for r in rows)
