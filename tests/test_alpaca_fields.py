@@ -50,7 +50,7 @@ def test_fields_requests_continue_the_document(tmp_path):
         assert c.prompt == b.prompt + "<noinput>" + "\n4. Output:\n"
         assert a.params.stop == ("\n",) and a.params.n == b.params.n == c.params.n == 1
         assert "###" in c.params.stop and "4. Output" in b.params.stop
-        assert c.params.max_tokens == 768 and a.params.max_tokens == b.params.max_tokens == 128
+        assert c.params.max_tokens == 256 and a.params.max_tokens == b.params.max_tokens == 128
 
 
 def test_fields_counts_empty_outputs_as_unparsed(tmp_path):
