@@ -13,9 +13,9 @@ keep their whole seed pool (it is only sampled for demos) and stop at
 ``num_instructions = --rows`` with ``prompts_per_step = --rows`` and at most
 3 steps. Nothing else changes: the shipped prompts, sampling, filters and
 thresholds are used as they are (paper filters are never loosened here;
-their drops are reported). ``--scoring text`` runs judge_pairs and
-self_curate on the parse-text path instead of log-probabilities, for
-comparison.
+their drops are reported). ``--scoring text`` runs the label-scoring stages
+(judge_pairs, self_curate, realign_classify, self_instruct_classify) on the
+parse-text path instead of log-probabilities, for comparison.
 
 Prints per pipeline and model stage: rows in, model outputs read, how many
 of them parsed (the rate), rows kept (rows out) and the drop reasons; then
@@ -23,8 +23,9 @@ the time per pipeline and in all. The last line is the worst parse rate over
 all model stages.
 
 Where the figures come from: a stage that reports ``outputs`` / ``parsed``
-counts has them in its run record (``stages[i].parse``; judge_pairs and
-self_curate do). For the others they are derived here from the counts the
+counts has them in its run record (``stages[i].parse``; judge_pairs,
+self_curate, realign_classify, self_instruct_classify,
+self_instruct_instances and alpaca_bootstrap do). For the others they are derived here from the counts the
 stage records (column "src" says which; the formulas are in ``DERIVED``):
 an output is a completion (or a log-prob read) the stage asked for, and it
 "parsed" when the stage could read what it needed from it (a filter that
@@ -52,6 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = REPO / "pipelines"
 BOOTSTRAP = ("self_instruct_bootstrap", "alpaca_bootstrap")
+SCORED = ("judge_pairs", "self_curate", "realign_classify", "self_instruct_classify")
+"""Stages with a ``scoring: auto|logprobs|text`` option."""
 
 
 def _c(rec: dict[str, Any], key: str) -> int:
@@ -129,7 +132,7 @@ def small(path: Path, rows: int, scoring: str = ""):
     for st in d["stages"]:
         if st["stage"] in BOOTSTRAP:
             st.update(num_instructions=rows, prompts_per_step=rows, max_steps=3)
-        if scoring and st["stage"] in ("judge_pairs", "self_curate"):
+        if scoring and st["stage"] in SCORED:
             st["scoring"] = scoring
     return Pipeline.from_dict(d, PIPELINES, str(path))
 
@@ -150,7 +153,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="input rows per pipeline (bootstrap: instructions)")
     ap.add_argument("--pipelines", default="", help="comma-separated names (default: every shipped pipeline)")
     ap.add_argument("--scoring", default="", choices=["", "logprobs", "text"],
-                    help="override `scoring` of judge_pairs / self_curate (default: as shipped, auto)")
+                    help="override `scoring` of the label-scoring stages (default: as shipped, auto)")
     ap.add_argument("--out", default="", help="folder for the run folders (default: a temporary one)")
     args = ap.parse_args()
 

@@ -135,6 +135,12 @@ class SelfInstructScript:
     def classify(self, req, k):
         return " Yes" if self.is_clf.get(self.task(req)) else " No"
 
+    def classify_logprob(self, context, continuation) -> float:
+        """``scoring: logprobs``: the answer :meth:`classify` gives gets nearly all the mass."""
+        task = re.findall(r"Task: (.*)", _text(context))[-1].strip()
+        said = "Yes" if self.is_clf.get(task) else "No"
+        return -0.01 if continuation.split()[-1] == said else -6.0
+
 
 def self_instruct(failures: Failures = (), script: SelfInstructScript | None = None
                   ) -> tuple[dict[str, Any], FakeGenerator]:
@@ -150,7 +156,7 @@ def self_instruct(failures: Failures = (), script: SelfInstructScript | None = N
                                             "Class label: Negative\nText: I did not like it at all.")),
         ("For each task, write one or more examples.", ("\nExample 1\nInput: two apples\nOutput: a pair of apples\n"
                                                         "Example 2\nInput: three pears\nOutput: a few pears")),
-    ], default=Reply("unexpected prompt", "stop"), failures=failures)
+    ], default=Reply("unexpected prompt", "stop"), logprobs=script.classify_logprob, failures=failures)
     return d, fake
 
 
@@ -158,12 +164,19 @@ def self_instruct(failures: Failures = (), script: SelfInstructScript | None = N
 
 def alpaca(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
     d = shipped("alpaca")
-    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=5, prompts_per_step=2, max_steps=5)
+    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=5, prompts_per_step=2, max_steps=8)
     count = itertools.count()
 
     def reply(req, k):
+        # `fill: response`: the prompt ends with "4. Instruction:", the reply has 2 tasks and a malformed block 6
+        # (no Input/Output). `fill: fields` asks for the instruction (stop "\n"), then continues after
+        # "4. Input:\n" and "4. Output:\n" (stop "###"): every other task gets an empty output (malformed)
+        if req.prompt.endswith("4. Input:\n"):
+            return "<noinput>\n4. Output:\nnot reached: the stop string cuts here"
+        if req.prompt.endswith("4. Output:\n"):
+            task = re.findall(r"4\. Instruction: Describe (\w+)", req.prompt)[-1]
+            return "\n###\n5. Instruction:" if WORDS.index(task) % 2 else "A short answer.\n###\n5. Instruction:"
         a, b = (novel_instruction(100 + next(count)) for _ in range(2))
-        # the prompt ends with "4. Instruction:"; block 6 has no Input/Output (malformed)
         return (f" {a}\n4. Input:\n<noinput>\n4. Output:\nA short answer.\n###\n"
                 f"5. Instruction: {b}\n5. Input:\nsome input text\n5. Output:\nAnother answer.\n###\n"
                 f"6. Instruction: Broken block without the other fields\n###")
@@ -182,7 +195,8 @@ def _answer(req) -> str:
 
 
 def _answer_in(text: str) -> str:
-    return re.findall(r"Answer: (.*?)\n\nRate the answer", text, re.DOTALL)[-1]
+    """The rated answer: the end of the curation prompt (chat), or before "Rate the answer" (completion mode)."""
+    return re.findall(r"Answer: (.*?)(?:\n\nRate the answer|\Z)", text, re.DOTALL)[-1].strip()
 
 
 def _backward(req, k):
@@ -194,10 +208,10 @@ def _backward(req, k):
 def _ratings(req, k):
     ans = _answer(req)
     if "Deeper is better" in ans:
-        return [" 2", " 3", " 2"][k]  # mean 2.33 < min_score 4
+        return ["Vague.\nScore: 2", "Score: 3", "Off-topic.\nScore: 2"][k]  # mean 2.33 < min_score 4
     if "balcony garden needs" in ans:
-        return ["banana", " 5", " 4"][k]  # one unparseable rating, mean 4.5
-    return [" 5", " 4", " 5"][k]
+        return ["banana", "Good.\nScore: 5", "Score: 4"][k]  # one unparseable rating, mean 4.5
+    return ["Clear and complete.\nScore: 5", "Score: 4", "Score: 5"][k]
 
 
 def _rating_target(context: str) -> int:
@@ -208,7 +222,7 @@ def _rating_target(context: str) -> int:
 def backtranslation(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
     d = shipped("backtranslation")
     d["chunk_size"] = 4
-    fake = FakeGenerator(rules=[("Request:", _backward), ("Rate the answer with a whole number", _ratings)],
+    fake = FakeGenerator(rules=[("Request:", _backward), ("Judge whether the answer is a good example", _ratings)],
                          logprobs=label_logprobs(_rating_target), failures=failures)
     return d, fake
 
@@ -216,7 +230,7 @@ def backtranslation(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenera
 # -- realign: classify -> rewrite ------------------------------------------------------------------------------
 
 def _query(req) -> str:
-    return re.findall(r"Query: (.*)\nCategory:", request_text(req))[-1]
+    return re.findall(r"Query: (.*)\nCategory:", req if isinstance(req, str) else request_text(req))[-1]
 
 
 def _category(req, k):
@@ -232,6 +246,15 @@ def _category(req, k):
     return " open_qa"
 
 
+def _category_logprob(context, continuation) -> float:
+    """``scoring: logprobs``: the category :func:`_category` names gets nearly all the mass (the query it
+    answers "no idea" to: the default category)."""
+    text = _text(context)
+    said = _category(text, 0).split("\n")[0].strip()
+    said = said if re.fullmatch(r"[a-z_]+", said) else "default"
+    return -0.01 if continuation.split()[-1] == said else -7.0 - 0.1 * len(continuation)
+
+
 def _original(req) -> str:
     return re.findall(r"\[Response start\]\n(.*?)\n\[Response end\]", request_text(req), re.DOTALL)[-1]
 
@@ -243,7 +266,7 @@ def realign(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
         ("\nCategory:", _category),
         ("[Response start]",
          lambda req, k: [" Too short.", f" 1. {_original(req)}\n2. One more step, to be clear."][k]),
-    ], failures=failures)
+    ], logprobs=_category_logprob, failures=failures)
     return d, fake
 
 

@@ -29,6 +29,10 @@ The ``synthfb`` commands go through the CLI's entry point
 process; ``tests/test_no_data_loss.py`` and ``tests/test_pipeline_validation.py``
 run the CLI in subprocesses.
 
+Unpaired rows (``emit: unpaired``: ``prompt``/``completion``/``label``)
+train in TRL's ``KTOTrainer`` as they are, on judge_pairs' scripted run with
+that option (``test_unpaired_output_trains_in_kto``).
+
 A pipeline file without an entry in ``scripted_runs.SCRIPTED_RUNS`` fails
 here, naming the file. Marked ``engine``: it trains models (5-8 s per SFT
 pipeline, 20-30 s per preference pipeline on a busy 2-core machine).
@@ -70,6 +74,8 @@ def test_every_pipeline_file_has_a_scripted_run():
 
 def row_kind(ds: datasets.Dataset) -> str:
     cols = set(ds.column_names)
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired"
     if {"prompt", "chosen", "rejected"} <= cols:
         return "preference"
     if {"prompt", "completion"} <= cols:
@@ -94,6 +100,8 @@ def train_trl(kind: str, ds: datasets.Dataset, model: Path, out: Path) -> dict[s
     tok = AutoTokenizer.from_pretrained(str(model))
     if kind == "sft":
         trainers = {"SFTTrainer": (trl.SFTTrainer, trl.SFTConfig)}
+    elif kind == "unpaired":
+        trainers = {"KTOTrainer": (trl.KTOTrainer, trl.KTOConfig)}
     else:
         trainers = {"DPOTrainer": (trl.DPOTrainer, trl.DPOConfig),
                     "RewardTrainer": (trl.RewardTrainer, trl.RewardConfig),
@@ -186,3 +194,26 @@ def test_pipeline_output_trains_and_publishes(path: Path, tmp_path: Path, tiny_m
     times["card_publish"] = time.perf_counter() - t0
     print(f"\n{path.stem}: {len(ds)} {kind} rows; losses {losses}; seconds "
           + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+
+
+@pytest.mark.engine
+def test_unpaired_output_trains_in_kto(tmp_path: Path, tiny_model: Path):
+    """judge_pairs with ``emit: unpaired``: TRL's KTOTrainer takes the rows as they are (1 step), with
+    desirable and undesirable rows in equal numbers; card and publish work on the folder."""
+    from scripted_runs import stage_cfg
+
+    d, fake = SCRIPTED_RUNS["judge_pairs"]()
+    stage_cfg(d, "judge_pairs")["emit"] = "unpaired"
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    assert res.manifest["status"] == "finished" and res.num_rows >= BATCH
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert row_kind(ds) == "unpaired" and ds.features["label"].dtype == "bool"
+    assert sum(ds["label"]) == len(ds) - sum(ds["label"]) > 0
+    losses = train_trl("unpaired", ds, tiny_model, tmp_path / "trl")
+    assert set(losses) == {"KTOTrainer"}
+    synthfb("card", out)
+    pub = tmp_path / "published"
+    synthfb("publish", out, "--to", pub)
+    loaded = datasets.load_dataset(str(pub), cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded["train"].to_list() == ds.to_list()

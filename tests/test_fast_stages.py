@@ -275,7 +275,9 @@ def test_shipped_self_instruct(tmp_path):
 # -- alpaca: one iterative stage ---------------------------------------------------------------------------------
 
 def test_shipped_alpaca(tmp_path):
-    # bootstrap num_instructions=5, prompts_per_step=2, max_steps=5; each reply: 2 tasks and a malformed block
+    # bootstrap num_instructions=5, prompts_per_step=2, max_steps=8; `fill: fields`: per step three calls
+    # (instruction, input, output) continuing each prompt; the scripted output is empty (a malformed block)
+    # for tasks whose first word has an odd index in WORDS
     calls = itertools.count()
     d, fake = scripted_runs.alpaca(failures=[(lambda req: next(calls) == 1, "HTTP 429: rate limited")])
     out = tmp_path / "run"
@@ -285,25 +287,30 @@ def test_shipped_alpaca(tmp_path):
     check_columns(rs, {"instruction", "input", "output", "source", "step", "demo_ids", "rouge_l_max",
                        "most_similar", "prompt", "completion"})
     assert res.num_rows == len(rs) == 5
+    firsts = [r for r in fake.requests if r.prompt.endswith("4. Instruction:")]
     for r in fake.requests:
-        assert r.messages is None and r.prompt.endswith("4. Instruction:") and r.prompt.count("###") == 4
-        check_params(r, n=1, temperature=1.0, top_p=1.0, max_tokens=768)
+        assert r.messages is None and r.prompt.count("###") == 4
+        assert any(r.prompt.startswith(f.prompt) for f in firsts)
+    for r in firsts:
+        check_params(r, n=1, temperature=1.0, top_p=1.0, max_tokens=128, stop=["\n"])
     rec = m["stages"][1]
-    # step 0: prompt 1 failed, prompt 0 gave 2 tasks; step 1: 2 x 2 more, one over the target
-    assert len(fake.requests) == 4 and fake.num_generate_calls == 2
+    c = rec["counts"]
+    # 5 steps x 2 prompts; the second instruction request failed (its prompt asks nothing more)
+    assert len(firsts) == c["prompts"] == 10 and fake.num_generate_calls == 15 and len(fake.requests) == 28
     [f] = rec["failures"]
-    assert "rate limited" in f["reason"] and rec["counts"]["failed_requests"] == 1
-    assert rec["counts"]["dropped_malformed_block"] == 3
-    assert sorted((r["input"], r["output"]) for r in rs) == sorted(
-        [("", "A short answer."), ("some input text", "Another answer.")] * 2 + [("", "A short answer.")])
+    assert "rate limited" in f["reason"] and c["failed_requests"] == 1
+    assert c["outputs"] == 9 and c["parsed"] == 5 == c["accepted"] and c["dropped_malformed_block"] == 4
+    assert rec["parse"] == {"outputs": 9, "parsed": 5, "rate": round(5 / 9, 4)}
+    assert all((r["input"], r["output"]) == ("", "A short answer.") for r in rs)
     assert all(len(r["demo_ids"]) == 3 and r["source"] == "machine" for r in rs)
     check_provenance(rs, fake)
 
     # an iterative stage is retried from its first step with a failed request
     fake.failures = []
     full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=1)
-    assert len(full) == 5 and len(retried) == 4  # steps 0 and 1 again, without the failure
-    assert all(r.prompt.endswith("4. Instruction:") for r in retried)
+    firsts = [r for r in retried if r.prompt.endswith("4. Instruction:")]
+    assert len(full) == 5 and len(firsts) % 2 == 0 and len(firsts) >= 6  # from step 0 again (2 prompts a step)
+    assert len(retried) == 3 * len(firsts)  # without the failure: 3 calls for every prompt
 
 
 # -- backtranslation: segments -> backtranslate -> self_curate ---------------------------------------------------
@@ -319,15 +326,15 @@ def test_shipped_backtranslation(tmp_path):
     m = res.manifest
     segs, bt, cur = m["stages"][1], m["stages"][2], m["stages"][3]
     assert segs["rows_out"] >= 4 and segs["counts"]["dropped_segment_too_short"] >= 1  # no model in this stage
-    back = [r for r in fake.requests if r.prompt.rstrip().endswith("Request:")]
-    rate = [r for r in fake.requests if r.prompt.endswith("\nScore:")]
+    back = [r for r in fake.requests if r.prompt and r.prompt.rstrip().endswith("Request:")]
+    rate = [r for r in fake.requests if r.messages and "Judge whether the answer" in last_user(r)]
     assert len(back) == segs["rows_out"] and len(back) + len(rate) == len(fake.requests)
     for r in back:
         assert r.messages is None
         check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=96, stop=["\n"])
-    for r in rate:  # completion mode with the "Score:" prefill, 3 ratings per row
-        assert r.messages is None
-        check_params(r, n=3, temperature=0.7, top_p=0.9, max_tokens=4)
+    for r in rate:  # text scoring (the fake has no log-probs): a chat turn, 3 sampled ratings per row
+        assert r.prompt is None and 'write the rating on the last line as "Score: <rating>"' in last_user(r)
+        check_params(r, n=3, temperature=0.7, top_p=0.9, max_tokens=256)
     [f] = bt["failures"]
     assert "backward model crashed" in f["reason"] and bt["counts"]["failed_requests"] == 1
     assert bt["rows_out"] == segs["rows_out"] - 1 == len(rate)
@@ -589,7 +596,8 @@ def test_resume_retries_an_iterative_stage_that_failed_the_run(tmp_path):
     """The run ends when too many of an iterative stage's requests fail; --resume (as the message says)
     sends them again instead of failing on the stored record."""
     d = shipped("alpaca")
-    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=2, prompts_per_step=2, max_steps=2)
+    stage_cfg(d, "alpaca_bootstrap").update(num_instructions=2, prompts_per_step=2, max_steps=2,
+                                            fill="response")  # the reply below is a whole response
     count = itertools.count()
 
     def reply(req, k):

@@ -66,7 +66,7 @@ def test_backtranslation_smollm2(tmp_path, vllm_smol):
     res, st = _run(_pipeline("backtranslation", tweak), tmp_path / "out", vllm_smol)
     assert res.num_rows > 0
     cc = st["self_curate"]["counts"]
-    # the prefilled "Score:" prompt gets real 1-5 ratings out of SmolLM2
+    # the curation chat turn gets a 1-5 rating out of SmolLM2 for every row (log-prob scoring)
     assert cc["ratings"] - cc.get("unparseable_ratings", 0) >= 1
     ds = datasets.load_from_disk(str(res.dataset_dir))
     for r in ds:

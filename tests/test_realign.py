@@ -165,7 +165,7 @@ def test_realign_stages_on_a_fake_model(tmp_path):
     res = run_pipeline(p, tmp_path / "out", generators={p.model: fake}, progress=False)
     cl, rw = res.manifest["stages"][1:]
     assert cl["counts"] == {"already_classified": 2, "failed_requests": 1, "unknown_category": 1,
-                            "category_default": 1, "category_how_to_generation": 1}
+                            "category_default": 1, "category_how_to_generation": 1, "outputs": 1, "parsed": 1}
     [f] = cl["failures"]
     assert "classifier down" in f["reason"]
     assert rw["counts"] == {"category_not_rewritten": 2, "input_too_long": 1, "rewritten": 1,

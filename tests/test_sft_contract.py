@@ -184,7 +184,7 @@ def alpaca_fake() -> FakeGenerator:
 def alpaca_pipeline(fmt: str | None = None) -> dict[str, Any]:
     d = shipped("alpaca")
     cfg = stage_cfg(d, "alpaca_bootstrap")
-    cfg.update(num_instructions=4, prompts_per_step=2, max_steps=4)
+    cfg.update(num_instructions=4, prompts_per_step=2, max_steps=4, fill="response")  # alpaca_fake: whole responses
     if fmt:
         cfg["format"] = fmt
     return d
@@ -204,7 +204,7 @@ def test_alpaca_rows(tmp_path, tok, tiny_model):
 def backtranslation_fake() -> FakeGenerator:
     return FakeGenerator(rules=[
         ("Request:", lambda req, k: f" How do I {' '.join(_segment(req).split()[:4]).lower()}?"),
-        ("Rate the answer with a whole number", " 5"),
+        ("Judge whether the answer is a good example", "Good.\nScore: 5"),  # the curation chat turn
     ])
 
 

@@ -125,9 +125,13 @@ class LabelScorer:
         return [f" {x}" if self.prefix else x for x in self.labels]
 
     def context(self, text: str) -> str | list[dict[str, str]]:
-        """The scored context for a rendered prompt ``text``."""
+        """The scored context for a rendered prompt ``text``. Raw prompts get
+        ``"\n" + prefix`` appended, unless ``text`` already ends with the
+        prefix (a few-shot template whose last line is ``"Category:"``)."""
         if self.chat:
             return [{"role": "user", "content": text}]
+        if self.prefix and text.rstrip().endswith(self.prefix):
+            return text.rstrip()
         return f"{text}\n{self.prefix}" if self.prefix else text
 
     def requests(self, text: str) -> list[ScoreRequest]:

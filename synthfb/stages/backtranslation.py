@@ -165,6 +165,10 @@ class CurateConfig(ModelConfig):
         "help": "logprobs: the score is the probability-weighted mean over the ratings 1-5 read from log-probs after "
                 "'Score:' (G-Eval; num_ratings/sampling unused); text: sample num_ratings ratings and parse them (API "
                 "models); auto: logprobs on vllm/transformers, text otherwise"})
+    rating: Literal["mean", "mode"] = field(default="mean", metadata={
+        "help": "logprobs scoring only: mean: the score is the expected rating sum_r p(r) * r (G-Eval); mode: the most "
+                "probable rating, the one integer the model would write greedily if it could only write 1-5 (the "
+                "paper's single rating); min_score applies to either"})
 
 
 CURATION_LABELS = ("1", "2", "3", "4", "5")
@@ -186,8 +190,11 @@ class SelfCurateStage(ModelStage):
     ``rating_<r>``) and ``curation_probs`` the five probabilities. The
     threshold is unchanged: keep ``curation_score >= min_score`` (default
     4.5, the paper's A_5 "score >= 4.5", which for one integer rating is
-    "== 5"; the shipped pipeline keeps A_4, >= 4). Every rating read counts
-    under ``outputs``, each usable one under ``parsed``."""
+    "== 5"; the shipped pipeline keeps A_4, >= 4). ``rating: mode`` makes
+    the score the most probable rating instead (greedy decoding restricted to
+    the five labels: the one integer rating the paper's curator writes).
+    Every rating read counts under ``outputs``, each usable one under
+    ``parsed``."""
 
     kind = "self_curate"
     Config = CurateConfig
@@ -197,6 +204,8 @@ class SelfCurateStage(ModelStage):
         super().__init__(config, base_dir)
         if config.num_ratings < 1:
             raise ValueError("num_ratings must be >= 1")
+        if config.rating not in ("mean", "mode"):
+            raise ValueError(f"rating: expected 'mean' or 'mode', got {config.rating!r}")
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = self.sampling(n="num_ratings")
@@ -242,7 +251,7 @@ class SelfCurateStage(ModelStage):
             read = self.scorer.read(res)
             ratings = [int(read.top) if read.ok else None]
             good = [x for x in ratings if x is not None]
-            score = read.score if read.ok else None
+            score = (read.score if c.rating == "mean" else read.top) if read.ok else None
             probs = read.rounded() if read.ok else None
             ctx.stats.add("scored_from_logprobs")
         else:

@@ -13,7 +13,10 @@ probability of the option strings read from the backend's log-probs (not
 parsed text), evaluated in BOTH orders and averaged; the position-bias gap
 is recorded. One sampled principle per label by default, an average over
 ``principles_per_label`` as an option; a chain-of-thought variant whose
-probabilities are clamped (default [0.4, 0.6]).
+probabilities are clamped (default [0.4, 0.6]). ``emit: unpaired`` writes
+two KTO rows ``prompt``/``completion``/``label`` per labelled pair instead of
+one ``prompt``/``chosen``/``rejected`` row (:func:`synthfb.data.trl.trl_unpaired`;
+``score`` is the probability the feedback model gives that completion).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..data.trl import FORMATS, trl_completion, trl_pair
+from ..data.trl import FORMATS, UNPAIRED_COLUMNS, check_emit, trl_completion, trl_pair, trl_unpaired
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext, config_field
 from ..llm.prompts import PromptTemplate
 from ..llm.types import GenerationRequest
@@ -143,6 +146,7 @@ class CAILabelConfig(ModelConfig):
     clamp: list[float] = field(default_factory=lambda: [0.4, 0.6], metadata={"help": "CoT only: clamp p to [lo, hi] (non-CoT labels are not clamped)"})
     drop_ties: bool = field(default=True, metadata={"help": "drop labels with p exactly 0.5 (no preferred response)"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={"help": "TRL preference format of prompt/chosen/rejected"})
+    emit: Literal["pairs", "unpaired"] = field(default="pairs", metadata={"help": "pairs: prompt/chosen/rejected with the soft label p_chosen; unpaired: two rows prompt/completion/label (chosen true, rejected false; TRL KTO), each with its probability as `score`"})
 
 
 class CAILabelStage(ModelStage):
@@ -159,6 +163,7 @@ class CAILabelStage(ModelStage):
             raise ValueError("principles_per_label and cot_samples must be >= 1")
         if len(config.clamp) != 2 or not 0 <= config.clamp[0] <= config.clamp[1] <= 1:
             raise ValueError(f"clamp must be [lo, hi] with 0 <= lo <= hi <= 1, got {config.clamp}")
+        check_emit(config.emit, ("pairs", "unpaired"))
         path = self.data_file("constitution", "constitution file", shipped=_shipped(config.constitution))
         with config_field("constitution"):
             self.constitution = Constitution.load(path, need=("comparison",))
@@ -177,9 +182,10 @@ class CAILabelStage(ModelStage):
         return {self.config.prompt_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
-        return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "p_chosen",
+        head = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "p_chosen"] \
+            if self.config.emit == "pairs" else [*UNPAIRED_COLUMNS, "score"]
+        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected", *head}
+        return [c for c in input_columns if c not in drop] + head + [
             "p_response_1", "p_order_ab", "p_order_ba", "position_gap", "principle_ids", "label_logprobs",
             "cot_rationales", PROVENANCE]
 
@@ -227,11 +233,14 @@ class CAILabelStage(ModelStage):
         first = p >= 0.5
         chosen, rejected = (r1, r2) if first else (r2, r1)
         pc = p if first else 1.0 - p
-        return {**trl_pair(prompt, chosen, rejected, cfg.format),
-                "score_chosen": pc, "score_rejected": 1.0 - pc, "score_margin": 2.0 * pc - 1.0, "p_chosen": pc,
-                "p_response_1": p, "p_order_ab": _mean(pa[0::2]), "p_order_ba": _mean([1.0 - x for x in pa[1::2]]),
+        meta = {"p_response_1": p, "p_order_ab": _mean(pa[0::2]), "p_order_ba": _mean([1.0 - x for x in pa[1::2]]),
                 "position_gap": _mean([m[1] for m in merged]), "principle_ids": [pr.id for pr in principles],
                 "label_logprobs": logs, "cot_rationales": [t for r in rationales for t in r]}
+        if cfg.emit == "unpaired":
+            return [{**kto, "score": v, **meta}
+                    for kto, v in zip(trl_unpaired(prompt, chosen, rejected, cfg.format), (pc, 1.0 - pc))]
+        return {**trl_pair(prompt, chosen, rejected, cfg.format),
+                "score_chosen": pc, "score_rejected": 1.0 - pc, "score_margin": 2.0 * pc - 1.0, "p_chosen": pc, **meta}
 
 
 __all__ = ["CAILabelStage", "CAIReviseStage", "Constitution", "Principle", "clean_revision", "FORMATS"]

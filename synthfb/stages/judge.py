@@ -27,6 +27,14 @@ drops ties.
 
 Every judgement read is counted under ``outputs`` and each one that gave a
 score under ``parsed`` (the run record's parse rate).
+
+``emit`` says what a kept prompt becomes (:data:`synthfb.data.trl.EMITS`):
+``pairs`` (default) one ``prompt``/``chosen``/``rejected`` row; ``unpaired``
+two KTO rows ``prompt``/``completion``/``label`` (best: true, worst: false),
+each with its ``score``; ``ranked`` one row with every scored candidate,
+``prompt``/``completions``/``scores``/``ranks`` (unscored candidates left
+out). A prompt without a pair (too few scored, a tie) is dropped in every
+mode, so the three modes keep the same prompts.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
-from ..data.trl import trl_pair
+from ..data.trl import RANKED_COLUMNS, UNPAIRED_COLUMNS, check_emit, trl_pair, trl_ranked, trl_unpaired
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext
 from ..llm.types import ScoreResult
 from ..rank.aggregate import pick_pair
@@ -105,6 +113,7 @@ class JudgePairsConfig(ModelConfig):
     chat: bool = field(default=True, metadata={"help": "send the judge prompt as a chat user turn (false: raw prompt)"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={"help": "TRL preference format of prompt/chosen/rejected"})
     scoring: Literal["auto", "logprobs", "text"] = field(default="auto", metadata={"help": "logprobs: probability-weighted mean over the scores 0-5 read from log-probs (G-Eval; samples/sampling unused); text: sample `samples` judgements and parse 'Score: N' (the paper; API models); auto: logprobs on vllm/transformers, text otherwise"})
+    emit: Literal["pairs", "unpaired", "ranked"] = field(default="pairs", metadata={"help": "pairs: prompt/chosen/rejected (DPO, reward model); unpaired: two rows prompt/completion/label, best true and worst false (TRL KTO); ranked: prompt/completions/scores/ranks over every scored candidate (K-way reward model; ranks 1 = best, ties share)"})
 
 
 class JudgePairsStage(ModelStage):
@@ -126,6 +135,7 @@ class JudgePairsStage(ModelStage):
         if config.scoring not in SCORING_MODES:
             raise ValueError(f"scoring: expected one of {list(SCORING_MODES)}, got {config.scoring!r}")
         self.scorer = LabelScorer(JUDGE_LABELS, "Score:", chat=config.chat)
+        check_emit(config.emit)
 
     def scoring(self, ctx: StageContext) -> str:
         """``logprobs`` or ``text``: the ``scoring`` option on this stage's backend."""
@@ -138,10 +148,12 @@ class JudgePairsStage(ModelStage):
         return {self.config.prompt_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
-        return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "all_scores",
-            "judgements_parsed"] + (["score_probs"] if self.config.scoring != "text" else []) + [PROVENANCE]
+        emit = self.config.emit
+        head = {"pairs": ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin"],
+                "unpaired": [*UNPAIRED_COLUMNS, "score"], "ranked": list(RANKED_COLUMNS)}[emit]
+        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected", *head}
+        return [c for c in input_columns if c not in drop] + head + ["all_scores", "judgements_parsed"] + (
+            ["score_probs"] if self.config.scoring != "text" else []) + [PROVENANCE]
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         cfg = self.config
@@ -182,8 +194,15 @@ class JudgePairsStage(ModelStage):
         pick = pick_pair(scores, cands, cfg.min_margin)
         if pick.reason:
             return Drop(pick.reason)
-        return {**trl_pair(row[cfg.prompt_column], cands[pick.best], cands[pick.worst], cfg.format),
+        meta = {"all_scores": [None if math.isnan(s) else s for s in scores], "judgements_parsed": parsed,
+                **({"score_probs": probs} if probs is not None else {}), PROVENANCE: {"finish_reason": "judged"}}
+        prompt = row[cfg.prompt_column]
+        if cfg.emit == "unpaired":
+            return [{**r, "score": scores[i], **meta} for r, i in
+                    zip(trl_unpaired(prompt, cands[pick.best], cands[pick.worst], cfg.format), (pick.best, pick.worst))]
+        if cfg.emit == "ranked":
+            keep = [i for i, s in enumerate(scores) if not math.isnan(s)]
+            return {**trl_ranked(prompt, [cands[i] for i in keep], [scores[i] for i in keep], cfg.format), **meta}
+        return {**trl_pair(prompt, cands[pick.best], cands[pick.worst], cfg.format),
                 "score_chosen": scores[pick.best], "score_rejected": scores[pick.worst], "score_margin": pick.margin,
-                "all_scores": [None if math.isnan(s) else s for s in scores], "judgements_parsed": parsed,
-                **({"score_probs": probs} if probs is not None else {}),
-                PROVENANCE: {"finish_reason": "judged"}}
+                **meta}

@@ -10,6 +10,14 @@ worst; exact ties are dropped. Everything is joined on the prompt's
 
 With ``candidates_column`` set, the stage ranks candidates already in the
 data (e.g. SimPO's ``all_generated_responses``) instead of sampling.
+
+``emit`` (:data:`synthfb.data.trl.EMITS`): ``pairs`` (default) one
+``prompt``/``chosen``/``rejected`` row per prompt; ``unpaired`` two KTO rows
+``prompt``/``completion``/``label`` (best: true, worst: false) with their
+``score``; ``ranked`` one row ``prompt``/``completions``/``scores``/``ranks``
+over all N candidates (the aggregated scores; ranks 1 = best, ties share),
+which replaces ``all_responses``/``all_scores``/``all_ranks``. Prompts
+without a pair (identical responses, an exact tie) are dropped in every mode.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
+from ..data.trl import RANKED_COLUMNS, UNPAIRED_COLUMNS, check_emit, trl_ranked, trl_unpaired
 from ..engine.stage import SCORING, Ask, ModelConfig, ModelStage, StageContext, config_field
 from ..llm.prompts import find_file
 from ..rank import load_ranker
@@ -41,6 +50,7 @@ class OnPolicyPairsConfig(ModelConfig):
     aggregate: Literal["max_logits", "max_wins"] = field(default="max_logits", metadata={"help": "max_logits: mean logit margin; max_wins: number of wins"})
     min_margin: float = field(default=0.0, metadata={"help": "drop pairs whose aggregated score gap is <= this (0: exact ties)"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={"help": "TRL preference format of prompt/chosen/rejected"})
+    emit: Literal["pairs", "unpaired", "ranked"] = field(default="pairs", metadata={"help": "pairs: prompt/chosen/rejected (DPO, reward model); unpaired: two rows prompt/completion/label, best true and worst false (TRL KTO); ranked: prompt/completions/scores/ranks over all n candidates (K-way reward model; ranks 1 = best, ties share)"})
 
 
 class OnPolicyPairsStage(ModelStage):
@@ -63,6 +73,7 @@ class OnPolicyPairsStage(ModelStage):
         elif not config.ranker_path:
             raise ValueError(f"ranker {config.ranker} needs `ranker_path` (a local checkpoint folder)")
         self._ranker = None
+        check_emit(config.emit)
 
     def check(self) -> None:
         if self.config.ranker_path:
@@ -73,10 +84,13 @@ class OnPolicyPairsStage(ModelStage):
         return {self.config.prompt_column, self.config.candidates_column} - {None}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected"}
-        return [c for c in input_columns if c not in drop] + [
-            "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin", "all_responses",
-            "all_scores", "all_ranks", "comparison_matrix", "position_bias", "ranker", PROVENANCE]
+        head = {"pairs": ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin",
+                          "all_responses", "all_scores", "all_ranks"],
+                "unpaired": [*UNPAIRED_COLUMNS, "score", "all_responses", "all_scores", "all_ranks"],
+                "ranked": list(RANKED_COLUMNS)}[self.config.emit]
+        drop = {self.config.prompt_column, PROVENANCE, "prompt", "chosen", "rejected", "all_responses", *head}
+        return [c for c in input_columns if c not in drop] + head + [
+            "comparison_matrix", "position_bias", "ranker", PROVENANCE]
 
     def fingerprint(self) -> dict[str, Any]:
         # templates are hashed by load_template; this only adds the ranker checkpoint, by its
@@ -137,16 +151,21 @@ class OnPolicyPairsStage(ModelStage):
             base = {c: v for c, v in r.items() if c not in (cfg.prompt_column, PROVENANCE, "all_responses")}
             # the ranker is not a per-row model call: its scoring record is appended here
             judged = [ctx.provenance(ranker.gen, SCORING, None, "scored")] if cfg.ranker == "llm_judge" else []
-            out.append({
-                **base, **trl_pair(r[cfg.prompt_column], cands[pick.best], cands[pick.worst], cfg.format, cfg.system),
-                "score_chosen": float(scores[pick.best]), "score_rejected": float(scores[pick.worst]),
-                "score_margin": float(pick.margin),
-                "all_responses": cands,
-                "all_scores": [float(x) for x in scores],
-                "all_ranks": [int(x) for x in ranks_from_scores(scores)],
-                "comparison_matrix": [[float(x) for x in row] for row in m],
-                "position_bias": None if math.isnan(bias) else bias,
-                "ranker": ranker.name,
-                PROVENANCE: list(r[PROVENANCE]) + judged,
-            })
+            prompt, fmt, sys_ = r[cfg.prompt_column], cfg.format, cfg.system
+            meta = {"comparison_matrix": [[float(x) for x in row] for row in m],
+                    "position_bias": None if math.isnan(bias) else bias, "ranker": ranker.name,
+                    PROVENANCE: list(r[PROVENANCE]) + judged}
+            every = {"all_responses": cands, "all_scores": [float(x) for x in scores],
+                     "all_ranks": [int(x) for x in ranks_from_scores(scores)]}
+            if cfg.emit == "ranked":
+                out.append({**base, **trl_ranked(prompt, cands, [float(x) for x in scores], fmt, sys_), **meta})
+            elif cfg.emit == "unpaired":
+                for k, (kto, i) in enumerate(zip(trl_unpaired(prompt, cands[pick.best], cands[pick.worst], fmt, sys_),
+                                                 (pick.best, pick.worst))):
+                    out.append({**base, ROW_ID: f"{r[ROW_ID]}/{k}", **kto, "score": float(scores[i]), **every, **meta})
+            else:
+                out.append({
+                    **base, **trl_pair(prompt, cands[pick.best], cands[pick.worst], fmt, sys_),
+                    "score_chosen": float(scores[pick.best]), "score_rejected": float(scores[pick.worst]),
+                    "score_margin": float(pick.margin), **every, **meta})
         return out

@@ -1,7 +1,13 @@
 """ReAlign (Fan et al., 2024): reformat responses to a per-category format.
 
-* ``realign_classify``: an LLM classifier picks one task category per query
-  (an answer that names no known category -> the default category, counted).
+* ``realign_classify``: an LLM classifier picks one task category per query.
+  ``scoring: logprobs`` (default on local engines) scores every category
+  name as the continuation after the prompt's ``Category:`` line and takes
+  the most probable one (:class:`synthfb.rank.label_scores.LabelScorer`; the
+  name's full log-probability, renormalised over the categories, is kept in
+  ``category_prob``); ``scoring: text`` samples an answer and parses it (API
+  models; an answer that names no known category -> the default category,
+  counted as ``unknown_category``).
 * ``realign_rewrite``: for categories marked ``rewrite`` in the formats file,
   asks for an adaptive rewrite (keep the response if the format does not
   fit), optionally with evidence from a column, picks the longest of ``n``
@@ -23,6 +29,8 @@ from ..data import PROVENANCE, ROW_ID
 from ..data.trl import SFT_COLUMNS, sft_row
 from ..data.shipped import shipped_dir
 from ..engine.stage import Ask, ModelConfig, ModelStage, StageContext, config_field
+from ..llm.types import ScoreResult
+from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
 from .realign_formats import (CODE_GROUP, Category, clean_evidence, edit_rate, has_code,  # noqa: F401
                               load_formats, parse_category, parse_revised, rewrite_reject_reason, word_count)
 
@@ -51,6 +59,10 @@ class ClassifyConfig(ModelConfig):
     prompt: str = field(default="realign_classify.jinja", metadata={"help": "classifier prompt (variables: query, categories)"})
     chat: bool = field(default=True, metadata={"help": "send as a chat message (false: raw completion)"})
     keep_existing: bool = field(default=True, metadata={"help": "rows that already hold a known category are not re-classified"})
+    scoring: Literal["auto", "logprobs", "text"] = field(default="auto", metadata={
+        "help": "logprobs: score each category name as the continuation after 'Category:' and take the most probable "
+                "(nothing parsed; sampling unused); text: sample an answer and parse the name (API models); auto: "
+                "logprobs on vllm/transformers, text otherwise"})
 
 
 class RealignClassifyStage(_FormatsStage):
@@ -68,13 +80,22 @@ class RealignClassifyStage(_FormatsStage):
         self.template = self.load_template("prompt")
         self.params = self.sampling()
         self.cat_list = [{"name": k, "description": v.description} for k, v in self.cats.items()]
+        if config.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring: expected one of {list(SCORING_MODES)}, got {config.scoring!r}")
+        names = list(self.cats)
+        self.scorer = LabelScorer(names, "Category:", chat=config.chat, values=range(len(names)))
+
+    def scoring(self, ctx: StageContext) -> str:
+        """``logprobs`` or ``text``: the ``scoring`` option on this stage's backend."""
+        return resolve_scoring(self.config.scoring, ctx.generator(self.model_name()).info.backend)
 
     def required_columns(self) -> set[str]:
         return {self.config.query_column}
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        cols = [c for c in input_columns if c not in (PROVENANCE, self.config.output_column)]
-        return cols + [self.config.output_column, PROVENANCE]
+        new = [self.config.output_column] + (["category_prob"] if self.config.scoring != "text" else [])
+        cols = [c for c in input_columns if c not in (PROVENANCE, *new)]
+        return cols + new + [PROVENANCE]
 
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
@@ -85,15 +106,27 @@ class RealignClassifyStage(_FormatsStage):
         if not isinstance(q, str):
             raise ValueError(f"row {row.get(ROW_ID)!r}: column {c.query_column!r} must be text")
         text = self.template.render({"query": q, "categories": self.cat_list}, row.get(ROW_ID))
+        if self.scoring(ctx) == "logprobs":  # every category name, batched with the chunk's other rows
+            return Ask(self.scorer.requests(text))
         return Ask(self.chat(text, self.params, chat=c.chat), partial=True)  # a failed request: the default
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> dict[str, Any]:
-        name = None if res.error else parse_category(res.completions[0].text, list(self.cats))
+        prob: dict[str, Any] = {}
+        if isinstance(res, list) and res and isinstance(res[0], ScoreResult):
+            read = self.scorer.read(res)
+            name = self.scorer.labels[int(read.top)] if read.ok else None
+            prob = {"category_prob": read.probs[name] if name else None}
+            ctx.stats.add("scored_from_logprobs")
+        else:
+            name = None if res.error else parse_category(res.completions[0].text, list(self.cats))
+        if not (getattr(res, "error", None)):  # a failed request is no output (counted as failed_requests)
+            ctx.stats.add("outputs")
+            ctx.stats.add("parsed", int(name is not None))
         if name is None:
             ctx.stats.add("unknown_category")
             name = self.default
         ctx.stats.add(f"category_{name}")
-        return {self.config.output_column: name}
+        return {self.config.output_column: name, **prob}
 
 
 @dataclass

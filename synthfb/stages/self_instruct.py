@@ -30,6 +30,7 @@ from ..data import PROVENANCE, ROW_ID
 from ..data.trl import SFT_COLUMNS, sft_row
 from ..engine.stage import IterativeStage, ModelConfig, StageContext
 from ..llm.prompts import text_request
+from ..llm.types import GenerationRequest
 from .self_instruct_filters import (
     ALPACA_EXTRA_BLACKLIST,
     SELF_INSTRUCT_BLACKLIST,
@@ -191,9 +192,8 @@ class SelfInstructBootstrapStage(IterativeStage):
         pool = self._novelty_pool(seeds, produced)
         rng = ctx.rng(step)
         demo_sets = [self._demos(seeds, produced, rng) for _ in range(c.prompts_per_step)]
-        reqs = [text_request(self._prompt(d), self.params, c.chat, c.system) for d in demo_sets]
-        results = ctx.call(reqs, owners=[f"step{step}/prompt{k}" for k in range(len(reqs))])
-        ctx.stats.add("prompts", len(reqs))
+        results = self._generate([self._prompt(d) for d in demo_sets], step, ctx)
+        ctx.stats.add("prompts", len(demo_sets))
         gen, new, need = ctx.generator(), [], c.num_instructions - len(produced)
         for demos, res in zip(demo_sets, results):
             for comp in [] if res.error else res.completions:  # failures: counted and recorded by ctx.call
@@ -218,6 +218,12 @@ class SelfInstructBootstrapStage(IterativeStage):
                                 "most_similar": similar, **self._sft(cand), PROVENANCE: [prov]})
         return new
 
+    def _generate(self, prompts: list[str], step: int, ctx: StageContext) -> list[Any]:
+        """One result per prompt, all in one engine call."""
+        c = self.config
+        return ctx.call([text_request(p, self.params, c.chat, c.system) for p in prompts],
+                        owners=[f"step{step}/prompt{k}" for k in range(len(prompts))])
+
     def _sft(self, cand: dict[str, str]) -> dict[str, Any]:
         """The SFT columns of an accepted candidate (none: a bare instruction is no SFT row)."""
         return {}
@@ -239,6 +245,12 @@ class AlpacaConfig(ModelConfig):
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={
         "help": "TRL format of the SFT columns prompt/completion: conversational (user turn: instruction, blank "
                 "line, input) or standard (Alpaca's '### Instruction:' prompt as a string)"})
+    fill: Literal["response", "fields"] = field(default="response", metadata={
+        "help": "response (Alpaca): one call per prompt writes up to tasks_per_response task blocks, parsed "
+                "afterwards; fields: one new task per prompt, written in three calls that each continue the "
+                "document after a prefilled header ('N. Instruction:' to the end of the line, 'N. Input:' up to "
+                "'N. Output:', 'N. Output:' up to the next '###'), so every block has the three fields in order "
+                "(for small models that break the block format; chat must be false)"})
     extra_blacklist: list[str] = field(default_factory=list, metadata={"help": "words added to the keyword blacklist"})
     rouge_threshold: float = field(default=0.7, metadata={"help": "reject when ROUGE-L F1 > this"})
     max_steps: int = field(default=200, metadata={"help": "give up (counted) after this many steps"})
@@ -292,10 +304,65 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
         return self.template.render({"demos": items, "chat": c.chat, "num_tasks": c.tasks_per_response},
                                     "alpaca prompt")
 
+    def __init__(self, config, base_dir):
+        super().__init__(config, base_dir)
+        if self.config.fill not in ("response", "fields"):
+            raise ValueError(f"fill: expected 'response' or 'fields', got {self.config.fill!r}")
+        if self.config.fill == "fields" and self.config.chat:
+            raise ValueError("fill: fields continues a raw document; it needs chat: false")
+
+    def _generate(self, prompts: list[str], step: int, ctx: StageContext) -> list[Any]:
+        if self.config.fill == "response":
+            return super()._generate(prompts, step, ctx)
+        return self._fill_fields(prompts, step, ctx)
+
+    def _fill_fields(self, prompts: list[str], step: int, ctx: StageContext) -> list[Any]:
+        """``fill: fields``: per prompt (which ends with ``"N. Instruction:"``)
+        the instruction (to the end of its line), then the input after
+        ``"\nN. Input:\n"`` (up to ``N. Output:``), then the output after
+        ``"\nN. Output:\n"`` (up to the next ``###`` or block), each call
+        continuing the document so far; the three fields become one block
+        text, parsed like a response. A failed call fails the prompt."""
+        import dataclasses
+
+        from ..llm.types import Completion, GenerationResult
+
+        n = self.config.num_demos + 1
+        p = self.params
+        owners = [f"step{step}/prompt{k}" for k in range(len(prompts))]
+        short = min(p.max_tokens, 128)
+        fields = [("instruction", "", dataclasses.replace(p, n=1, max_tokens=short, stop=("\n",))),
+                  ("input", f"\n{n}. Input:\n", dataclasses.replace(
+                      p, n=1, max_tokens=short, stop=(f"\n{n}. Output", f"{n}. Output", "\n###", "###"))),
+                  ("output", f"\n{n}. Output:\n", dataclasses.replace(
+                      p, n=1, stop=("\n###", "###", f"\n{n}. Instruction", f"\n{n + 1}. Instruction")))]
+        system = self.config.system
+        docs = [f"{system}\n\n{x}" if system else x for x in prompts]  # as text_request sends it
+        texts, finish, errors = [""] * len(prompts), ["stop"] * len(prompts), [None] * len(prompts)
+        for name, header, params in fields:
+            live = [i for i in range(len(prompts)) if errors[i] is None]
+            res = ctx.call([GenerationRequest(prompt=docs[i] + header, params=params) for i in live],
+                           owners=[owners[i] for i in live], call=f"{name}s")
+            for i, r in zip(live, res):
+                if r.error:
+                    errors[i] = r.error
+                    continue
+                comp = r.completions[0]
+                body = comp.text.rstrip() if name != "instruction" else comp.text.split("\n")[0].rstrip()
+                docs[i] += header + body
+                texts[i] += header + body
+                if comp.finish_reason == "length":
+                    finish[i] = "length"
+        return [GenerationResult(completions=[], error=errors[i]) if errors[i] else
+                GenerationResult(completions=[Completion(text=texts[i], finish_reason=finish[i], num_tokens=0)])
+                for i in range(len(prompts))]
+
     def _candidates(self, completion, ctx):
         items, bad = parse_alpaca_blocks(completion.text, self.config.num_demos + 1,
                                          truncated=completion.finish_reason == "length")
         ctx.stats.add("dropped_malformed_block", bad)
+        ctx.stats.add("outputs", len(items) + bad)
+        ctx.stats.add("parsed", len(items))
         for it in items:
             it["instruction"] = clean_instruction(it["instruction"], self.config.faithful_capitalize)
         return items

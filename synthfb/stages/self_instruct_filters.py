@@ -233,7 +233,7 @@ def filter_instances(instances: list[tuple[str, str]], max_instances: int, rng: 
 
 # -- Alpaca -----------------------------------------------------------------------
 
-_ALPACA_FIELD = re.compile(r"\d+\s?\.\s?(Instruction|Input|Output):")
+_ALPACA_FIELD = re.compile(r"\d+\s?\.\s?(Instruction|Input|Output)s?:")  # "7. Instructions:" too
 
 
 def parse_alpaca_blocks(text: str, first_number: int, truncated: bool) -> tuple[list[dict[str, str]], int]:
@@ -242,7 +242,8 @@ def parse_alpaca_blocks(text: str, first_number: int, truncated: bool) -> tuple[
     The prompt ends with ``"{first_number}. Instruction:"``, so that prefix is
     put back when the text does not start with a numbered field. Blocks are
     separated by ``###``; a block must split into exactly the three fields
-    (7 parts, as in the reference) or it is counted as malformed. The last
+    (7 parts, as in the reference) with a non-empty instruction and output,
+    or it is counted as malformed. The last
     block is dropped when the response was truncated. Returns the parsed
     items and the number of malformed blocks.
     """
@@ -255,7 +256,8 @@ def parse_alpaca_blocks(text: str, first_number: int, truncated: bool) -> tuple[
     items, bad = [], 0
     for block in blocks:
         parts = _ALPACA_FIELD.split(block)
-        if len(parts) != 7 or [parts[1], parts[3], parts[5]] != ["Instruction", "Input", "Output"]:
+        if len(parts) != 7 or [parts[1], parts[3], parts[5]] != ["Instruction", "Input", "Output"] \
+                or not parts[2].strip() or not parts[6].strip():  # an empty instruction or output: unusable
             bad += 1
             continue
         inp = parts[4].strip()

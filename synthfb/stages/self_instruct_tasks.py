@@ -1,6 +1,9 @@
 """Self-Instruct's per-task stages (Wang et al., 2022; specs/methods.md
 section 1): ``self_instruct_classify`` (is the instruction a classification
-task?) and ``self_instruct_instances`` (output-first for classification,
+task? ``scoring: logprobs``, the default on local engines, compares the
+log-probabilities of " Yes" and " No" after the prompt's last line "Is it
+classification?" instead of parsing a sampled answer; ``text`` parses it, for
+API models) and ``self_instruct_instances`` (output-first for classification,
 input-first otherwise, with the reference post-filters; one SFT row per
 instance: ``prompt``/``completion`` from instruction + input -> output, see
 :func:`.self_instruct.instance_sft`)."""
@@ -13,6 +16,8 @@ from typing import Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import SFT_COLUMNS
 from ..engine.stage import Ask, ModelConfig, ModelStage
+from ..llm.types import ScoreResult
+from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
 from .self_instruct_filters import (
     filter_instances,
     parse_input_first,
@@ -31,6 +36,10 @@ class ClassifyConfig(ModelConfig):
     prompt: str = field(default="self_instruct_is_classification.jinja", metadata={"help": "few-shot prompt (variables: instruction, chat)"})
     chat: bool = field(default=False, metadata={"help": "send as a chat message (false: raw completion)"})
     unparseable_as: bool = field(default=False, metadata={"help": "label given when the answer is neither yes nor no (counted)"})
+    scoring: Literal["auto", "logprobs", "text"] = field(default="auto", metadata={
+        "help": "logprobs: compare the log-probabilities of 'Yes' and 'No' after 'Is it classification?' (nothing "
+                "parsed; sampling unused); text: sample an answer and parse yes/no (API models); auto: logprobs on "
+                "vllm/transformers, text otherwise"})
 
 
 class SelfInstructClassifyStage(ModelStage):
@@ -47,6 +56,9 @@ class SelfInstructClassifyStage(ModelStage):
         super().__init__(config, base_dir)
         self.params = self.sampling()
         self.template = self.load_template("prompt")
+        if config.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring: expected one of {list(SCORING_MODES)}, got {config.scoring!r}")
+        self.scorer = LabelScorer(("Yes", "No"), "Is it classification?", chat=config.chat, values=(1.0, 0.0))
 
     def required_columns(self) -> set[str]:
         return {self.config.instruction_column}
@@ -62,10 +74,20 @@ class SelfInstructClassifyStage(ModelStage):
             return None
         text = self.template.render({"instruction": _seed_text(row, c.instruction_column), "chat": c.chat},
                                     row.get(ROW_ID))
+        if resolve_scoring(c.scoring, ctx.generator(self.model_name()).info.backend) == "logprobs":
+            return Ask(self.scorer.requests(text))  # " Yes" / " No", batched with the chunk's other rows
         return Ask(self.chat(text, self.params, chat=c.chat), partial=True)  # a failed request: unparseable_as
 
     def parse(self, row, res, ctx):
-        label = None if res.error else parse_yes_no(res.completions[0].text)
+        if isinstance(res, list) and res and isinstance(res[0], ScoreResult):
+            read = self.scorer.read(res)
+            label = bool(read.top) if read.ok else None
+            ctx.stats.add("scored_from_logprobs")
+        else:
+            label = None if res.error else parse_yes_no(res.completions[0].text)
+        if not getattr(res, "error", None):  # a failed request is no output (counted as failed_requests)
+            ctx.stats.add("outputs")
+            ctx.stats.add("parsed", int(label is not None))
         if label is None:
             ctx.stats.add("unparseable_label")
             label = self.config.unparseable_as
@@ -123,6 +145,11 @@ class SelfInstructInstancesStage(ModelStage):
         comp = res.completions[0]
         parsed = (parse_output_first if clf else parse_input_first)(comp.text, comp.finish_reason == "length")
         ctx.stats.add("instances_parsed", len(parsed))
+        # the task's completion parsed when it gave at least one instance (the filters below are drops)
+        ctx.stats.add("outputs")
+        ctx.stats.add("parsed", int(bool(parsed)))
+        if not parsed:
+            ctx.stats.add("completions_without_instances")
         counts: dict[str, int] = {}
         kept = filter_instances(parsed, c.max_instances, ctx.rng(row[ROW_ID]), counts)
         for reason, n in counts.items():
