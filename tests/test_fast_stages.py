@@ -679,3 +679,78 @@ def test_shipped_kpdds(tmp_path):
     fake.failures = []
     full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=1)
     assert len(full) >= len(rs) and {r["answer"][0] for r in full} == {"7"}
+
+
+def test_shipped_best_of_n(tmp_path):
+    """The scripted judge scores every sample but those of the password prompt, which leaves as
+    too_few_scored; each kept row's completion is its own argmax of `all_scores`. One failed
+    generate request is retried on --resume."""
+    seen: list[str] = []
+
+    def first(req):  # the first sampling request only (one prompt's samples)
+        text = request_text(req)
+        if "password" in text or "Rate" in text or (seen and seen[0] != text):
+            return False
+        seen[:1] = [text]
+        return True
+
+    d, fake = scripted_runs.best_of_n()
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    st = res.manifest["stages"]
+    assert st[1]["counts"]["dropped_too_few_scored"] == 1 and st[1]["rows_out"] == st[0]["rows_out"] - 1
+    rs = rows(out)
+    check_columns(rs, {"id", "prompt", "completion", "score", "score_gap", "selected_rank", "all_responses",
+                       "all_scores", "scorer"})
+    for r in rs:
+        scores = [s for s in r["all_scores"] if s is not None]
+        assert r["score"] == max(scores) and r["score_gap"] >= 0
+        assert r["completion"][0]["content"] == r["all_responses"][r["all_scores"].index(r["score"])]
+    check_provenance(rs, fake)
+    d2, fake2 = scripted_runs.best_of_n(failures=[(first, "HTTP 500: engine crashed")])
+    out2 = tmp_path / "run2"
+    assert run(d2, out2, fake2).manifest["stages"][1]["counts"]["failed_requests"] >= 1
+    fake2.failures = []
+    full, _ = resume_retries_then_reuses(d2, out2, fake2, retried_stage=1)
+    assert full == rs
+
+
+def test_shipped_consistency(tmp_path):
+    """Of the seven scripted problems: one text answer disagrees with its program, one program raises,
+    one reply has no program; every kept row's two routes agree and match the gold answer."""
+    d, fake = scripted_runs.consistency()
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    c = res.manifest["stages"][1]["counts"]
+    assert (c["dropped_answers_disagree"], c["dropped_program_error"], c["dropped_no_program"]) == (1, 1, 1)
+    rs = rows(out)
+    assert len(rs) == res.manifest["stages"][0]["rows_out"] - 3 == c["agreed"] == c["kept_matching_gold"]
+    gold = scripted_runs.consistency_answers()
+    for r in rs:
+        assert r["answers_agree"] and r["program_status"] == "ok"
+        assert float(r["first_answer"]) == float(r["second_answer"]) == float(gold[r["question"]])
+    check_columns(rs, {"id", "prompt", "completion", "question", "answer", "answers_agree", "first_answer",
+                       "first_solution", "program_status", "second_answer", "second_solution"})
+    check_provenance(rs, fake)
+
+
+def test_shipped_rso_pairs(tmp_path):
+    """8 candidates + 1 baseline per prompt, 4 accepted, first-round pairs; chosen always scores higher,
+    and a second run gives the same pairs (seeded acceptance)."""
+    d, fake = scripted_runs.rso_pairs()
+    out = tmp_path / "run"
+    res = run(d, out, fake)
+    c = res.manifest["stages"][1]["counts"]
+    prompts = res.manifest["stages"][0]["rows_out"]
+    assert c["candidates"] == 8 * prompts and c["accepted"] == 4 * prompts
+    rs = rows(out)
+    assert len(rs) == 2 * prompts - c.get("dropped_tied_pairs", 0)
+    for r in rs:
+        assert r["score_chosen"] > r["score_rejected"]
+        assert math.isclose(r["score_margin"], r["score_chosen"] - r["score_rejected"], rel_tol=1e-9)
+    check_columns(rs, {"id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_margin",
+                       "accepted", "all_scores", "pair_index", "scorer"})
+    check_provenance(rs, fake)
+    d2, fake2 = scripted_runs.rso_pairs()
+    run(d2, tmp_path / "again", fake2)
+    assert [(r["chosen"], r["rejected"]) for r in rows(tmp_path / "again")] == [(r["chosen"], r["rejected"]) for r in rs]

@@ -21,7 +21,7 @@ import datasets
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
-from fakes import FakeGenerator, Reply, request_text
+from fakes import FakeGenerator, Reply
 
 from synthfb.llm.models import model_revision
 from synthfb.loop import load_loop, run_loop
