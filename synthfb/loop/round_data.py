@@ -16,10 +16,9 @@ of the same name.
   argmax by default; ``selection: global_top_frac`` is LMFlow's variant (the
   top fraction of all candidates of the round, one row each).
 
-  TODO(merge): the ``best_of_n`` stage (synthfb/stages/best_of_n.py, written
-  in parallel) does the same selection as a pipeline stage; once merged, an
-  ``rft`` round can end its pairs pipeline with that stage and this
-  selection can call it (or be removed).
+  The per-prompt ordering is the ``best_of_n`` stage's own
+  (:func:`synthfb.stages.best_of_n.select_best`), so a pipeline stage and an
+  ``rft`` round pick the same winners.
 
 Each builder is a pure function of the pipeline's rows and the round number:
 ``(rows, counts)``; :func:`build_round_data` writes the rows next to the
@@ -38,6 +37,7 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.config import option
 from ..data.trl import sft_row, trl_pair
+from ..stages.best_of_n import select_best
 from .config import LoopConfig, stable_hash
 
 # -- what a prompt column holds ---------------------------------------------------------------------------------
@@ -122,9 +122,10 @@ class BestOfNConfig:
 
 def best_indices(scores: list[float | None], top_k: int = 1) -> list[int]:
     """Indices of the ``top_k`` highest scores, best first (None/NaN never
-    win; ties go to the earlier candidate)."""
-    ok = [i for i, s in enumerate(scores) if s is not None and not math.isnan(float(s))]
-    return sorted(ok, key=lambda i: (-float(scores[i]), i))[:top_k]
+    win; ties go to the earlier candidate): the ``best_of_n`` stage's
+    :func:`~synthfb.stages.best_of_n.select_best`."""
+    picked, _ = select_best([math.nan if s is None else float(s) for s in scores], top_k)
+    return picked
 
 
 def best_of_n(rows: list[dict[str, Any]], cfg: BestOfNConfig, k: int) -> tuple[list[dict[str, Any]], dict]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 AGGREGATIONS = ("max_logits", "max_wins")
-from ..data.trl import FORMATS, trl_completion, trl_pair  # noqa: F401 - re-exported
+from ..data.trl import FORMATS, ranks_of, trl_completion, trl_pair  # noqa: F401 - re-exported
 
 
 def _square(m: Any) -> np.ndarray:
@@ -48,9 +48,8 @@ def scores_from_matrix(m: Any, method: str = "max_logits") -> np.ndarray:
 
 def ranks_from_scores(scores: Any) -> np.ndarray:
     """Rank 1 = best; equal scores share a rank ("min" method: 1 + number of
-    strictly better candidates)."""
-    s = np.asarray(scores, dtype=np.float64)
-    return 1 + (s[None, :] > s[:, None]).sum(axis=-1)
+    strictly better candidates): :func:`synthfb.data.trl.ranks_of` as an array."""
+    return np.asarray(ranks_of(np.asarray(scores, dtype=np.float64).tolist()), dtype=np.int64)
 
 
 def position_bias(m: Any) -> float:

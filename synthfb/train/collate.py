@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..data.io import InputError, read_user_file
+from ..data.trl import ranks_of as trl_ranks_of
 
 
 def load_rows(path: str) -> list[dict[str, Any]]:
@@ -217,7 +218,7 @@ def ranks_of(row: dict, k: int, i: int = 0) -> list[int]:
             or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in scores)):
         raise _row_err(i, f"`scores` must be a list of {k} finite numbers (higher = better), one per completion; "
                           f"got {scores!r}")
-    return [1 + sum(t > s for t in scores) for s in scores]
+    return trl_ranks_of(scores)
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
