@@ -10,7 +10,9 @@
   counted as ``unknown_category``).
 * ``realign_rewrite``: for categories marked ``rewrite`` in the formats file,
   asks for an adaptive rewrite (keep the response if the format does not
-  fit), optionally with evidence from a column, picks the longest of ``n``
+  fit), optionally with evidence from a column and/or the top-k BM25
+  snippets for the query from a local corpus (``retrieval_corpus``; the
+  paper's Google top-5 for its knowledge-intensive categories), picks the longest of ``n``
   candidates and applies the post-filters; a rejected rewrite falls back to
   the original. Other categories pass through untouched (tag ``original``).
   Its rows are SFT rows: ``prompt`` the query (user turn), ``completion`` the
@@ -31,6 +33,7 @@ from ..data.shipped import shipped_dir
 from ..engine.stage import Ask, ModelConfig, ModelStage, StageContext, config_field
 from ..llm.types import ScoreResult
 from ..rank.label_scores import SCORING_MODES, LabelScorer, resolve_scoring
+from .retrieval import SnippetCorpus
 from .realign_formats import (CODE_GROUP, Category, clean_evidence, edit_rate, has_code,  # noqa: F401
                               load_formats, parse_category, parse_revised, rewrite_reject_reason, word_count)
 
@@ -136,6 +139,14 @@ class RewriteConfig(ModelConfig):
     category_column: str = field(default="category", metadata={"help": "column with the task category"})
     evidence_column: str | None = field(default=None, metadata={"help": "optional column of evidence text(s), used for rag categories"})
     formats: str = field(default=DEFAULT_FORMATS, metadata={"help": "categories/formats data file"})
+    retrieval_corpus: str | None = field(default=None, metadata={
+        "help": "data file of evidence snippets (.jsonl/.json/.csv/.parquet with a `text` column and an optional "
+                "`id` column): the retrieval_k best BM25 matches for the query are added to the evidence of "
+                "retrieval categories (needs the bm25s package: synthfb[retrieval])"})
+    retrieval_categories: list[str] | None = field(default=None, metadata={
+        "help": "categories that get retrieved evidence (default: those marked `rag` in the formats file, the "
+                "paper's knowledge-intensive ones)"})
+    retrieval_k: int = field(default=5, metadata={"help": "snippets retrieved per query (the paper's top-5)"})
     system_prompt: str = field(default="realign_system.jinja", metadata={"help": "system prompt (variables: adaptive, with_evidence)"})
     prompt: str = field(default="realign_rewrite.jinja", metadata={"help": "user prompt (variables: query, response, format, evidence)"})
     adaptive: bool = field(default=True, metadata={"help": "let the model keep the response when the format does not fit"})
@@ -167,6 +178,21 @@ class RealignRewriteStage(_FormatsStage):
         if config.prefill and config.chat:
             raise ValueError("prefill needs chat: false (a chat request cannot start the assistant's reply)")
         self.params = self.sampling(n="n")
+        self.corpus: SnippetCorpus | None = None
+        if config.retrieval_corpus is not None:
+            path = self.data_file("retrieval_corpus", "retrieval corpus")
+            with config_field("retrieval_corpus"):
+                self.corpus = SnippetCorpus(path)
+        cats = config.retrieval_categories
+        if cats is not None:
+            if config.retrieval_corpus is None:
+                raise ValueError("retrieval_categories: needs retrieval_corpus")
+            unknown = [x for x in cats if x not in self.cats]
+            if unknown:
+                raise ValueError(f"retrieval_categories: {unknown} not in the formats file {self.path}")
+        self.retrieval_cats = set(cats) if cats is not None else {k for k, v in self.cats.items() if v.rag}
+        if config.retrieval_k < 1:
+            raise ValueError(f"retrieval_k: must be >= 1, got {config.retrieval_k}")
 
     def required_columns(self) -> set[str]:
         c = self.config
@@ -174,7 +200,8 @@ class RealignRewriteStage(_FormatsStage):
         return cols | ({c.evidence_column} if c.evidence_column else set())
 
     def output_columns(self, input_columns: list[str]) -> list[str]:
-        new = ["original_response", "realign_tag", "realign_reason", "edit_rate", *SFT_COLUMNS]
+        new = ["original_response", "realign_tag", "realign_reason", "edit_rate",
+               *(["retrieved_ids"] if self.corpus is not None else []), *SFT_COLUMNS]
         return [c for c in input_columns if c not in (*new, PROVENANCE)] + new + [PROVENANCE]
 
     def run(self, row: dict[str, Any], ctx: StageContext):
@@ -195,6 +222,8 @@ class RealignRewriteStage(_FormatsStage):
             name = self.default
         cat = self.cats[name]
         original = {"original_response": orig, "realign_tag": "original", "edit_rate": 0.0}
+        if self.corpus is not None:
+            original["retrieved_ids"] = []
         # `rewrite` is checked before the format is looked up (reference KeyError)
         skip = "category_not_rewritten" if not cat.rewrite else \
             "input_too_long" if len(q) + len(orig) > c.max_input_chars else None
@@ -202,6 +231,11 @@ class RealignRewriteStage(_FormatsStage):
             ctx.stats.add(skip)
             return {**original, "realign_reason": skip}
         evidence = clean_evidence(row.get(c.evidence_column)) if (c.evidence_column and cat.rag) else []
+        if self.corpus is not None and name in self.retrieval_cats:
+            hits = self.corpus.search(q, c.retrieval_k)
+            original["retrieved_ids"] = [self.corpus.ids[i] for i, _ in hits]
+            evidence += [self.corpus.texts[i] for i, _ in hits]
+            ctx.stats.add("retrieved" if hits else "retrieved_nothing")
         if evidence:
             ctx.stats.add("with_evidence")
         system = self.system.render({"adaptive": c.adaptive, "with_evidence": bool(evidence)}, row.get(ROW_ID))
