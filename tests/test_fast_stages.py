@@ -44,6 +44,7 @@ from scripted_runs import (PIPELINES, SelfInstructScript, _category, _judged, _o
 
 from synthfb.engine import Pipeline, Runner, StageFailed
 from synthfb.llm.types import GenerationRequest, Generator, SamplingParams, ScoreRequest
+from synthfb.stages.realign_formats import load_formats
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def test_shipped_realign(tmp_path):
     assert [s["counts"].get("unknown_category", 0) for s in m["stages"][1:]] == [1, 0]
     rs = rows(out)
     check_columns(rs, {"instruction", "output", "evidence", "category", "original_response", "realign_tag",
-                       "realign_reason", "edit_rate", "prompt", "completion"})
+                       "realign_reason", "edit_rate", "retrieved_ids", "prompt", "completion"})
     assert len(rs) == 12  # realign keeps every row
     rewritable = {"how_to_generation", "code_generation", "open_qa"}
     by_q = {r["instruction"]: r for r in rs}
@@ -397,9 +398,23 @@ def test_shipped_realign(tmp_path):
             assert r["output"] == f"1. {r['original_response']}\n2. One more step, to be clear."
         else:
             assert r["realign_tag"] == "original" and r["output"] == r["original_response"]
-    # evidence: only for rag categories, junk snippets removed
-    [au] = [t.prompt for t in rewrite if "capital of Australia" in t.prompt]
-    assert "Canberra is the capital city" in au and "Missing:" not in au and "No good Google" not in au
+    # evidence: the top-5 BM25 snippets of the shipped corpus, only for rag categories (the `evidence` column is
+    # not used by the shipped file); the snippet ids are recorded per row
+    corpus = {x["id"]: x["text"] for x in map(json.loads, (PIPELINES / "data/realign_corpus.jsonl").read_text().splitlines())}
+    rag = {k for k, v in load_formats(PIPELINES / "data/realign_formats.yaml")[0].items() if v.rag}
+    for r in rs:
+        if r["category"] not in rag or r["category"] not in rewritable:
+            assert r["retrieved_ids"] == []
+        else:
+            assert 1 <= len(r["retrieved_ids"]) <= 5 and set(r["retrieved_ids"]) <= set(corpus)
+    au = by_q["What is the capital of Australia?"]
+    assert au["retrieved_ids"][0] == "canberra"
+    [au_prompt] = [t.prompt for t in rewrite if "capital of Australia" in t.prompt]
+    ev = au_prompt.split("[Evidence start]\n", 1)[1].split("[Evidence end]", 1)[0]
+    assert ev.rstrip("\n") == "\n\n".join(f"{i}. {corpus[k]}" for i, k in enumerate(au["retrieved_ids"], 1))
+    assert "Missing:" not in au_prompt and "No good Google" not in au_prompt  # the row's own evidence column
+    [py] = [t.prompt for t in rewrite if "Python function" in t.prompt]  # code_generation: no retrieval
+    assert "[Evidence start]" not in py
     [f] = failures_of(m, 2)
     assert "rewriter crashed" in f["reason"] and m["stages"][2]["counts"]["failed_requests"] == 1
     egg = next(r for r in rs if "egg" in r["instruction"])

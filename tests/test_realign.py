@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -259,3 +260,142 @@ def test_realign_pipeline_tiny(tmp_path, tiny_model, vllm_tiny):
     assert sent == c.get("rewritten", 0) + sum(v for k, v in c.items() if k.startswith("kept_original_")) + \
         c.get("failed_requests", 0)
     assert c.get("with_evidence", 0) >= 2  # open_qa and explain_answer rows carry usable evidence
+
+
+# -- retrieval augmentation (BM25 over a local corpus) ----------------------------------------------
+
+CORPUS = PIPELINES / "data" / "realign_corpus.jsonl"
+
+
+def _write_corpus(path: Path, texts: list[str], ids: list | None = None) -> Path:
+    rows = [{"text": t} if ids is None else {"id": i, "text": t} for i, t in zip(ids or texts, texts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bm25_scores_match_the_formula(tmp_path):
+    """Lucene BM25 (k1=1.5, b=0.75) computed by hand on a corpus with no
+    stopwords: score(d, q) = sum over query terms t in d of
+    ln(1 + (N - df + 0.5) / (df + 0.5)) * tf / (tf + k1 (1 - b + b |d| / avgdl))."""
+    from synthfb.stages.retrieval import SnippetCorpus
+
+    docs = [["apple", "banana", "apple", "cherry"], ["banana", "durian"],
+            ["cherry", "cherry", "cherry", "elderberry", "fig"], ["grape"]]
+    c = SnippetCorpus(_write_corpus(tmp_path / "c.jsonl", [" ".join(d).capitalize() + "." for d in docs]))
+    n, avgdl, k1, b = len(docs), sum(map(len, docs)) / len(docs), 1.5, 0.75
+
+    def score(d, q):
+        s = 0.0
+        for t in q:
+            tf, df = d.count(t), sum(t in x for x in docs)
+            if tf:
+                s += math.log(1 + (n - df + 0.5) / (df + 0.5)) * tf / (tf + k1 * (1 - b + b * len(d) / avgdl))
+        return s
+
+    q = ["apple", "cherry"]
+    want = sorted(((i, score(d, q)) for i, d in enumerate(docs) if score(d, q) > 0), key=lambda x: -x[1])
+    got = c.search("Apple, cherry and zebra?", 5)  # "and" is a stopword, "zebra" is not in the corpus
+    assert [i for i, _ in got] == [i for i, _ in want] == [0, 2]  # banana/durian and grape share no term: left out
+    assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-5)
+    assert c.search("Apple cherry", 1) == got[:1]
+    assert c.search("zebra", 5) == [] and c.search("Hi! How are you?", 5) == []
+    assert c.ids == [0, 1, 2, 3]  # no id column: row positions
+
+
+def test_retrieval_on_the_shipped_corpus():
+    """Hand-checked: the paragraph that answers the question comes first."""
+    from synthfb.stages.retrieval import SnippetCorpus
+
+    c = SnippetCorpus(CORPUS)
+    top = {q: [c.ids[i] for i, _ in c.search(q, 5)] for q in (
+        "What is the capital of Australia?", "Why is the sky blue?", "How do I boil an egg so the yolk stays soft?",
+        "Who discovered penicillin?", "What causes the seasons on Earth?", "How high is Mount Everest?")}
+    assert [t[0] for t in top.values()] == ["canberra", "rayleigh", "soft-egg", "penicillin", "seasons", "everest"]
+    assert all(1 <= len(t) <= 5 for t in top.values())
+    assert "sunset" in top["Why is the sky blue?"] and "hard-egg" in top["How do I boil an egg so the yolk stays soft?"]
+
+
+def test_corpus_errors_name_the_file_and_row(tmp_path):
+    kinds = stage_kinds()
+    rw = kinds["realign_rewrite"]
+    with pytest.raises(ValueError, match="^retrieval_corpus: retrieval corpus 'nope.jsonl' not found"):
+        rw.from_dict({"retrieval_corpus": "nope.jsonl"}, tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match=r"^retrieval_corpus: .*a.jsonl: no column 'text'"):
+        rw.from_dict({"retrieval_corpus": "a.jsonl"}, tmp_path)
+    _write_corpus(tmp_path / "b.jsonl", ["one", "two", "three"], ["x", "y", "x"])
+    with pytest.raises(ValueError, match=r"^retrieval_corpus: .*b.jsonl: row 2: id 'x' repeats row 0"):
+        rw.from_dict({"retrieval_corpus": "b.jsonl"}, tmp_path)
+    _write_corpus(tmp_path / "c.jsonl", ["one", "  "])
+    with pytest.raises(ValueError, match=r"^retrieval_corpus: .*c.jsonl: row 1: column 'text' must be non-empty"):
+        rw.from_dict({"retrieval_corpus": "c.jsonl"}, tmp_path)
+    _write_corpus(tmp_path / "d.jsonl", ["one"])
+    with pytest.raises(ValueError, match=r"^retrieval_categories: \['nonsense'\] not in the formats file"):
+        rw.from_dict({"retrieval_corpus": "d.jsonl", "retrieval_categories": ["nonsense"]}, tmp_path)
+    with pytest.raises(ValueError, match="^retrieval_categories: needs retrieval_corpus"):
+        rw.from_dict({"retrieval_categories": ["open_qa"]}, tmp_path)
+    with pytest.raises(ValueError, match="^retrieval_k: must be >= 1"):
+        rw.from_dict({"retrieval_corpus": "d.jsonl", "retrieval_k": 0}, tmp_path)
+
+
+def test_retrieval_corpus_is_part_of_the_fingerprint(tmp_path):
+    rw = stage_kinds()["realign_rewrite"]
+    _write_corpus(tmp_path / "c.jsonl", ["Canberra is the capital of Australia."])
+    fp = rw.from_dict({"retrieval_corpus": "c.jsonl"}, tmp_path).fingerprint()["files_sha256"]
+    assert fp["retrieval_corpus"] == hashlib.sha256((tmp_path / "c.jsonl").read_bytes()).hexdigest()
+    assert "retrieval_corpus" not in rw.from_dict({}, tmp_path).fingerprint()["files_sha256"]
+    _write_corpus(tmp_path / "c.jsonl", ["Canberra is the capital of Australia.", "Ottawa is the capital of Canada."])
+    assert rw.from_dict({"retrieval_corpus": "c.jsonl"}, tmp_path).fingerprint()["files_sha256"] != fp
+
+
+def _evidence(prompt: str) -> list[str]:
+    if "[Evidence start]" not in prompt:
+        return []
+    block = prompt.split("[Evidence start]\n", 1)[1].split("[Evidence end]", 1)[0].strip()
+    items = block.split("\n\n")
+    assert [x.split(". ", 1)[0] for x in items] == [str(i) for i in range(1, len(items) + 1)]
+    return [x.split(". ", 1)[1] for x in items]
+
+
+@pytest.mark.parametrize("categories", [None, ["code_generation"]])
+def test_rewrite_prompt_holds_the_top5_snippets_for_retrieval_categories_only(tmp_path, categories):
+    """Every rewritable category is asked once: the prompt carries the
+    top-5 BM25 snippets (best first) exactly for the retrieval categories
+    (default: the formats file's `rag` ones, the paper's RAG_TASKS), and the
+    row records their ids; the `evidence` column's items come first."""
+    from synthfb.stages.retrieval import SnippetCorpus
+
+    corpus = SnippetCorpus(CORPUS)
+    query = "Why is the daytime sky blue while sunlight is white?"
+    rewritable = [k for k, v in CATS.items() if v.rewrite]
+    rows = [{"instruction": query, "output": "Because of scattering.", "category": k, "evidence": ["Own fact."]}
+            for k in rewritable]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake = FakeGenerator(rules=[("[Response start]", "Revised response: Because of scattering of light.")])
+    rewrite = {"stage": "realign_rewrite", "retrieval_corpus": "data/realign_corpus.jsonl", "evidence_column": "evidence"}
+    if categories is not None:
+        rewrite["retrieval_categories"] = categories
+    p = Pipeline.from_dict({"name": "t", "model": "default", "stages": [{"stage": "load", "path": str(data)}, rewrite]},
+                           PIPELINES, "t (test)")
+    res = run_pipeline(p, tmp_path / "out", generators={p.model: fake}, progress=False)
+    import datasets
+
+    out = {r["category"]: r for r in datasets.load_from_disk(str(res.dataset_dir)).to_list()}
+    by_format = {CATS[k].format: k for k in rewritable}
+    asked = {by_format[request_text(r).split("[Format start]\n", 1)[1].split("\n[Format end]", 1)[0]]: request_text(r)
+             for r in fake.requests}
+    assert sorted(asked) == sorted(rewritable) and len(fake.requests) == len(rewritable)
+    retrieval = set(categories) if categories is not None else {k for k, v in CATS.items() if v.rag}
+    want_ids = ["rayleigh", "sunset", "visible-light"]  # hand-checked: the paragraphs on the sky and on light lead
+    for k in rewritable:
+        ev = _evidence(asked[k])
+        if k in retrieval:
+            ids = out[k]["retrieved_ids"]
+            assert len(ids) == 5 and ids[:3] == want_ids
+            assert ev == (["Own fact."] if CATS[k].rag else []) + [corpus.texts[corpus.ids.index(i)] for i in ids]
+        else:
+            assert out[k]["retrieved_ids"] == []
+            assert ev == (["Own fact."] if CATS[k].rag else [])
+    st = res.manifest["stages"][1]["counts"]
+    assert st["retrieved"] == len(retrieval & set(rewritable))
