@@ -100,11 +100,12 @@ def test_backward_rows_train_one_step_in_synthfb_train_sft(tmp_path, tiny_model)
 
 
 def test_shipped_train_configs_name_the_sequence():
-    """The train configs chain: backward rows -> M_yx; seed rows -> M_0; M_0 + iteration 1's A_5 -> M_1; and the
+    """The train configs chain: backward rows -> M_yx; seed rows -> M_0; M_0 + iteration 1's A_5 -> M_1;
+    M_1 + iteration 2's A_5 -> M_2; and the
     iteration pipeline asks M_yx (bare segment, chat) for candidates."""
     from synthfb.train.sft import SFTConfig
 
-    cfg = {n: yaml.safe_load((PIPELINES / "train" / f"humpback_{n}_tiny.yaml").read_text()) for n in ("myx", "m0", "m1")}
+    cfg = {n: yaml.safe_load((PIPELINES / "train" / f"humpback_{n}_tiny.yaml").read_text()) for n in ("myx", "m0", "m1", "m2")}
     for c in cfg.values():
         SFTConfig(**c)  # every field is an SFTConfig field
     it = yaml.safe_load((PIPELINES / "humpback_iterate.yaml").read_text())
@@ -115,6 +116,7 @@ def test_shipped_train_configs_name_the_sequence():
     assert cfg["myx"]["dataset"] == "runs/humpback/backward/dataset"
     assert cfg["m0"]["dataset"] == "runs/humpback/seed/dataset"
     assert cfg["m1"]["dataset"] == "runs/humpback/iter1/dataset"
+    assert cfg["m2"]["model"] == cfg["m1"]["output_dir"] and cfg["m2"]["dataset"] == "runs/humpback/iter2/dataset"
     assert sr.stage_cfg(it, "self_curate")["min_score"] == 4.5  # A_5
 
 
