@@ -61,6 +61,8 @@ def test_backward_pipeline_rows_are_reversed_seed_pairs(tmp_path):
         r = got[s["instruction"]]
         assert r["prompt"] == [{"role": "user", "content": s["output"]}]  # no system message: M_yx sees y only
         assert r["completion"] == [{"role": "assistant", "content": s["instruction"]}]
+    synthfb("card", tmp_path / "run")
+    assert "arXiv:2308.06259" in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_seed_pipeline_rows_carry_the_seed_tag(tmp_path):
