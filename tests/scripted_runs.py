@@ -62,7 +62,8 @@ def stage_cfg(d: dict[str, Any], kind: str) -> dict[str, Any]:
 def run(d: dict[str, Any], out: Path, fake: FakeGenerator, **kw):
     """Run pipeline dict ``d`` (paths relative to pipelines/) into ``out`` with ``fake`` as every model."""
     p = Pipeline.from_dict(copy.deepcopy(d), PIPELINES, source=f"pipelines/{d['name']}.yaml")
-    return Runner(p, out, generators={p.model: fake}, progress=False, **kw).run()
+    stage_models = {s["model"] for s in d["stages"] if s.get("model")}  # e.g. humpback_iterate's M_yx
+    return Runner(p, out, generators={m: fake for m in {p.model, *stage_models}}, progress=False, **kw).run()
 
 
 def rows(out: Path) -> list[dict[str, Any]]:
@@ -223,6 +224,31 @@ def backtranslation(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenera
     d = shipped("backtranslation")
     d["chunk_size"] = 4
     fake = FakeGenerator(rules=[("Request:", _backward), ("Judge whether the answer is a good example", _ratings)],
+                         logprobs=label_logprobs(_rating_target), failures=failures)
+    return d, fake
+
+
+# -- humpback_*: reversed seed pairs (no model), tagged seed pairs (no model), M_yx + M_t curation ----------------
+
+def humpback_backward(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    return shipped("humpback_backward"), FakeGenerator(default=Reply("no model is called", "stop"), failures=failures)
+
+
+def humpback_seed(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    return shipped("humpback_seed"), FakeGenerator(default=Reply("no model is called", "stop"), failures=failures)
+
+
+def trained_backward(req, k) -> str:
+    """M_yx's answer to the bare segment (the user turn): a request naming its first words."""
+    return f"How do I {' '.join(last_user(req).split()[:4]).lower()}?"
+
+
+def humpback_iterate(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    """One fake as M_yx (the bare segment -> a request) and as the curator (backtranslation's ratings; one
+    rating per row: "Deeper is better" rated 2, "balcony garden needs" unparseable, the rest 5)."""
+    d = shipped("humpback_iterate")
+    d["chunk_size"] = 4
+    fake = FakeGenerator(rules=[("Judge whether the answer is a good example", _ratings)], default=trained_backward,
                          logprobs=label_logprobs(_rating_target), failures=failures)
     return d, fake
 
@@ -431,6 +457,9 @@ SCRIPTED_RUNS: dict[str, Callable[..., tuple[dict[str, Any], FakeGenerator]]] = 
     "judge_pairs": judge_pairs,
     "onpolicy_pairs": onpolicy_pairs,
     "kpdds": kpdds,
+    "humpback_backward": humpback_backward,
+    "humpback_seed": humpback_seed,
+    "humpback_iterate": humpback_iterate,
 }
 
 

@@ -769,3 +769,61 @@ def test_shipped_rso_pairs(tmp_path):
     d2, fake2 = scripted_runs.rso_pairs()
     run(d2, tmp_path / "again", fake2)
     assert [(r["chosen"], r["rejected"]) for r in rows(tmp_path / "again")] == [(r["chosen"], r["rejected"]) for r in rs]
+
+
+# -- humpback_backward / humpback_seed (no model) and humpback_iterate (M_yx + curator) ------------------------------
+
+def test_shipped_humpback_backward(tmp_path):
+    """Reversed seed pairs: prompt = the seed output (user turn), completion = the instruction; no model call."""
+    d, fake = scripted_runs.humpback_backward()
+    run(d, tmp_path / "run", fake)
+    rs = rows(tmp_path / "run")
+    assert rs and all(set(r) == {"row_id", "instruction", "output", "evidence", "prompt", "completion"} for r in rs)
+    assert fake.num_generate_calls == 0 and fake.num_score_calls == 0
+    for r in rs:
+        assert (r["prompt"], r["completion"]) == ([{"role": "user", "content": r["output"]}],
+                                                  [{"role": "assistant", "content": r["instruction"]}])
+
+
+def test_shipped_humpback_seed(tmp_path):
+    """Seed pairs tagged S_a: the tag as the system message, instruction -> output; no model call."""
+    from synthfb.stages.backtranslation import SEED_TAG
+
+    d, fake = scripted_runs.humpback_seed()
+    run(d, tmp_path / "run", fake)
+    rs = rows(tmp_path / "run")
+    assert rs and all(set(r) == {"row_id", "instruction", "output", "evidence", "source", "system_tag", "prompt",
+                                 "completion"} for r in rs)
+    assert fake.num_generate_calls == 0
+    assert all(r["prompt"][0] == {"role": "system", "content": SEED_TAG} and r["source"] == "seed" for r in rs)
+
+
+def test_shipped_humpback_iterate(tmp_path):
+    """M_yx is asked with the bare segment (one user turn, no few-shot prompt); one rating per row; a failed
+    backward request is retried on --resume and the curation of that chunk redone."""
+    d, fake = scripted_runs.humpback_iterate(
+        failures=[(lambda req: req.messages and "budget is a plan" in last_user(req)
+                   and "Judge whether" not in last_user(req), "HTTP 500: backward model crashed")])
+    out = tmp_path / "run"
+    m = run(d, out, fake).manifest
+    segs, bt, cur = m["stages"][1], m["stages"][2], m["stages"][3]
+    back = [r for r in fake.requests if "Judge whether the answer" not in last_user(r)]
+    rate = [r for r in fake.requests if "Judge whether the answer" in last_user(r)]
+    assert len(back) == segs["rows_out"] and bt["counts"]["failed_requests"] == 1
+    for r in back:
+        assert r.prompt is None and len(r.messages) == 1 and r.messages[0]["role"] == "user"
+        assert "Request:" not in r.messages[0]["content"]
+        check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=96)
+    for r in rate:
+        check_params(r, n=1, temperature=0.7, top_p=0.9, max_tokens=256)
+    assert len(rate) == bt["rows_out"] == segs["rows_out"] - 1
+    # one rating per row: "Deeper is better" 2 (below A_5), "balcony garden needs" unparseable (unrated)
+    assert cur["counts"]["dropped_below_min_score"] == 1 and cur["counts"]["dropped_unrated"] == 1
+    rs = rows(out)
+    check_columns(rs, {"document_id", "header", "output", "instruction", "source", "system_tag", "curation_score",
+                       "curation_ratings", "prompt", "completion"})
+    assert len(rs) == bt["rows_out"] - 2 and all(r["curation_score"] == 5.0 for r in rs)
+    check_provenance(rs, fake)
+    fake.failures = []
+    full, _ = resume_retries_then_reuses(d, out, fake, retried_stage=2)
+    assert len(full) == len(rs) + 1

@@ -30,6 +30,8 @@ CITATIONS: dict[str, str] = {
     "self_instruct": "Wang et al. 2022, Self-Instruct: Aligning Language Models with Self-Generated Instructions, arXiv:2212.10560",
     "alpaca": "Taori et al. 2023, Stanford Alpaca: An Instruction-following LLaMA model, github.com/tatsu-lab/stanford_alpaca",
     "backtranslation": "Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
+    "backward_pairs": "Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
+    "source_tag": "Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259",
     "realign": "Fan et al. 2024, Reformatted Alignment, arXiv:2402.12219",
     "constitutional": "Bai et al. 2022, Constitutional AI: Harmlessness from AI Feedback, arXiv:2212.08073",
     "cai": "Bai et al. 2022, Constitutional AI: Harmlessness from AI Feedback, arXiv:2212.08073",

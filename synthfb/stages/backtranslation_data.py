@@ -174,3 +174,52 @@ class SourceTagStage(MapStage):
                 new.update(sft_pair(inst, outp, new["system_tag"], c.format))
             out.append(new)
         return out
+
+
+# -- the backward model's training rows ---------------------------------------------
+
+def backward_sft_row(instruction: str, output: str,
+                     fmt: Literal["conversational", "standard"] = "conversational") -> dict[str, Any]:
+    """One training row of the backward model M_yx = p(x|y) (Humpback step 3,
+    "fine-tune the base model on reversed seed pairs"): ``prompt`` is the
+    output (the user turn, no system message), ``completion`` the
+    instruction."""
+    return sft_row(output, instruction, None, fmt)
+
+
+@dataclass
+class BackwardPairsConfig:
+    instruction_column: str = field(default="instruction", metadata={"help": "column with the seed instruction (x)"})
+    output_column: str = field(default="output", metadata={"help": "column with the seed answer (y)"})
+    format: Literal["conversational", "standard"] = field(default="conversational", metadata={
+        "help": "TRL format of prompt/completion (output -> instruction): conversational (message lists; the "
+                "backward model is then asked with `backtranslate` `chat: true`) or standard (strings; "
+                "`chat: false`)"})
+
+
+class BackwardPairsStage(MapStage):
+    """Seed (instruction, output) rows -> the backward model's SFT rows
+    (no model): ``prompt`` = the output, ``completion`` = the instruction
+    (:func:`backward_sft_row`); ``synthfb train sft`` on them gives M_yx,
+    which ``backtranslate`` then asks with the bare segment
+    (``prompt: backtranslation_backward_trained.jinja``)."""
+
+    kind = "backward_pairs"
+    Config = BackwardPairsConfig
+
+    def required_columns(self) -> set[str]:
+        return {self.config.instruction_column, self.config.output_column}
+
+    def output_columns(self, input_columns: list[str]) -> list[str]:
+        return [c for c in input_columns if c not in SFT_COLUMNS] + list(SFT_COLUMNS)
+
+    def process(self, rows, ctx):
+        c = self.config
+        out = []
+        for r in rows:
+            inst, outp = r.get(c.instruction_column), r.get(c.output_column)
+            if not isinstance(inst, str) or not isinstance(outp, str) or not inst.strip() or not outp.strip():
+                raise ValueError(f"row {r.get(ROW_ID)!r}: columns {c.instruction_column!r} and {c.output_column!r} "
+                                 f"must be non-empty text")
+            out.append({**r, **backward_sft_row(inst, outp, c.format)})
+        return out
