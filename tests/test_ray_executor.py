@@ -77,7 +77,7 @@ def records(out: Path) -> list[dict]:
     """Stage records without the timing and reuse fields."""
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "finished"
-    return [{k: v for k, v in st.items() if k not in ("seconds", "reused")} for st in m["stages"]]
+    return [{k: v for k, v in st.items() if k not in ("seconds", "generate_seconds", "reused")} for st in m["stages"]]
 
 
 def chunk_stats(out: Path) -> dict[str, dict]:
