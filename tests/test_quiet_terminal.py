@@ -113,7 +113,11 @@ def test_scripted_run_prints_progress_and_a_table_only(tmp_path, capfd):
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # vLLM at its default log level whatever the calling environment says (CI may quiet it): the test is
+    # that a talking engine talks into engine.log, not onto the terminal
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_LOGGING_LEVEL")}
+    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", VLLM_CONFIGURE_LOGGING="1",
+               VLLM_LOGGING_LEVEL="INFO")
     return subprocess.run([sys.executable, "-m", "synthfb.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
 
