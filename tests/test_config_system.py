@@ -179,6 +179,29 @@ def test_train_cli_errors_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_cli_sets_are_checked_together(tmp_path, capsys):
+    """`--set ranked=true --set center_rewards_coef=0` is valid in either order (the config is checked once,
+    after every override); a conflict left in place is still a one-line error naming the overrides."""
+    from synthfb.train.config import load_config
+    from synthfb.train.rm import RMConfig
+
+    (tmp_path / "model").mkdir()
+    f = tmp_path / "rm.yaml"
+    f.write_text(f"model: {tmp_path / 'model'}\ndataset: d.jsonl\noutput_dir: {tmp_path / 'out'}\n"
+                 "center_rewards_coef: 0.01\n")
+    assert main(["train", "rm", "--config", str(f), "--set", "ranked=true"]) == 2
+    assert capsys.readouterr().err.strip() == ("synthfb: error: --set ranked=true: field `center_rewards_coef` is for "
+                                               "pairs; ranked lists (ranked: true) do not use it")
+    # the later override lifts the conflict; the error left is the one in the whole set (max_steps)
+    assert main(["train", "rm", "--config", str(f), "--set", "ranked=true", "--set", "center_rewards_coef=0",
+                 "--set", "max_steps=0"]) == 2
+    assert capsys.readouterr().err.strip() == ("synthfb: error: --set ranked=true center_rewards_coef=0 max_steps=0: "
+                                               "max_steps: must be >= 1, got 0")
+    base = {"model": str(tmp_path / "model"), "dataset": "d.jsonl", "output_dir": str(tmp_path / "out")}
+    assert load_config(RMConfig, {**base, "ranked": True, "center_rewards_coef": 0}).ranked
+    assert not (tmp_path / "out").exists()
+
+
 @dataclasses.dataclass
 class Inner:
     k: int = dconfig.option(1, "a count", ge=1)

@@ -25,15 +25,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cls = method.config
     try:
         cfg = load_config(cls, args.config)
+        overrides: dict = {}
         for item in args.set or []:
             key, eq, raw = item.partition("=")
             if not eq or not key:
                 raise ConfigError(f"--set {item}: expected FIELD=VALUE, e.g. --set max_steps=10")
             try:
-                value = yamlio.safe_load(raw)  # the one YAML reader: `1e-5` is a number, as in the file
+                overrides[key] = yamlio.safe_load(raw)  # the one YAML reader: `1e-5` is a number, as in the file
             except yaml.YAMLError as e:
                 raise ConfigError(f"--set {item}: {yamlio.describe(e)}") from None
-            cfg = load_config(cls, {**_asdict(cfg), key: value}, where=f"--set {item}")
+        if overrides:  # checked together: `--set ranked=true --set center_rewards_coef=0` is valid in any order
+            cfg = load_config(cls, {**_asdict(cfg), **overrides}, where="--set " + " ".join(args.set))
     except ConfigError as e:
         print(f"synthfb: error: {e}", file=sys.stderr)
         return 2
