@@ -162,16 +162,7 @@ def test_config_defaults_follow_the_papers():
 
 # -- learning: each new objective, and KTO, on the tiny model ----------------------------------------------------
 
-WORDS = "write explain list give describe summarize translate classify".split()
-GOOD = ["good", "helpful", "clear", "honest"]
-BAD = ["bad", "short", "long", "art"]
-
-
-def pairs(n, seed):
-    rng = random.Random(seed)
-    return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
-             "chosen": " ".join(rng.choice(GOOD) for _ in range(rng.randint(2, 4))),
-             "rejected": " ".join(rng.choice(BAD) for _ in range(rng.randint(2, 4)))} for _ in range(n)]
+from test_train_rm import pairs  # noqa: E402 - the toy preference task the trainer tests share
 
 
 @pytest.fixture(scope="module")
