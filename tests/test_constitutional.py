@@ -275,6 +275,11 @@ def test_cai_stage_config_errors(tmp_path):
         _pipeline(tmp_path, {"stage": "cai_label", "cot": True, "clamp": [0.7, 0.2]}, data)
     with pytest.raises(ValueError, match="rounds"):
         _pipeline(tmp_path, {"stage": "cai_revise", "rounds": 0}, data)
+    # a field the chosen style does not read is an error, not silently ignored
+    with pytest.raises(ValueError, match=r"critique_prompt \(cai_revise\): not used with style: transcript"):
+        _pipeline(tmp_path, {"stage": "cai_revise", "critique_prompt": "x.jinja"}, data)
+    with pytest.raises(ValueError, match=r"chat \(cai_revise\): not used with style: separate"):
+        _pipeline(tmp_path, {"stage": "cai_revise", "style": "separate", "chat": True}, data)
 
 
 def test_cai_files_are_hashed_and_the_shipped_default_resolves(tmp_path):

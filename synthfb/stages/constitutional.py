@@ -74,6 +74,12 @@ class CAIReviseStage(ModelStage):
         super().__init__(config, base_dir)
         if config.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {config.rounds}")
+        defaults = CAIReviseConfig()
+        other = ("critique_prompt", "revision_prompt") if config.style == "transcript" else ("transcript_prompt", "chat")
+        for name in other:  # a field the chosen style never reads: say so rather than ignore it
+            if getattr(config, name) != getattr(defaults, name):
+                raise ValueError(f"{name}: not used with style: {config.style} "
+                                 f"(set style: {'separate' if config.style == 'transcript' else 'transcript'})")
         path = self.data_file("constitution", "constitution file", shipped=_shipped(config.constitution))
         with config_field("constitution"):
             self.constitution = Constitution.load(path, need=("critique", "revision"))
