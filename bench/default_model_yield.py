@@ -92,9 +92,10 @@ DERIVED: dict[str, Callable[[dict[str, Any]], tuple[int, int]]] = {
     "realign_rewrite": lambda r: (_asked(r, "category_not_rewritten", "input_too_long") * int(r["config"].get("n") or 1),
                                   _asked(r, "category_not_rewritten", "input_too_long") * int(r["config"].get("n") or 1)
                                   - _c(r, "unparseable_candidates")),
-    # a critique and a revision per round; an empty revision did not parse
-    "cai_revise": lambda r: (2 * int(r["config"].get("rounds") or 4) * _asked(r),
-                             2 * int(r["config"].get("rounds") or 4) * _asked(r) - _c(r, "empty_revisions_kept_previous")),
+    # a critique and a revision per round (helpfulness samples ask nothing); an empty revision did not parse
+    "cai_revise": lambda r: (2 * int(r["config"].get("rounds") or 4) * _asked(r, "helpful_samples"),
+                             2 * int(r["config"].get("rounds") or 4) * _asked(r, "helpful_samples")
+                             - _c(r, "empty_revisions_kept_previous")),
     # records of runs whose stages did not report outputs/parsed yet (and stages that got no rows)
     "judge_pairs": lambda r: (_c(r, "judgements"), _c(r, "judgements") - sum(
         v for k, v in r["counts"].items() if k.startswith("unparseable_judgements_"))),

@@ -299,16 +299,28 @@ def realign(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
 # -- cai_sft: generate -> cai_revise ---------------------------------------------------------------------------
 
 def _current(req) -> str:
-    return re.findall(r"Assistant: (.*?)\n\nCritique request:", last_user(req), re.DOTALL)[-1]
+    """The response a critique/revision request is about: in the separate style the one shown before
+    "Critique request:"; in the transcript style the sample's last revision (or its first response)."""
+    text = last_user(req)
+    if req.prompt is None:  # separate style: one chat request per critique / revision
+        return re.findall(r"Assistant: (.*?)\n\nCritique request:", text, re.DOTALL)[-1]
+    own = text.split("=== Conversation ===")[-1]  # the sample's own transcript, after the few-shot examples
+    return re.findall(r"\n\n(?:Assistant|Revision): (.*?)\n\nCritique request:", own, re.DOTALL)[-1]
 
 
 def cai_sft(failures: Failures = ()) -> tuple[dict[str, Any], FakeGenerator]:
+    """Both styles: transcript (the shipped one, raw prompts ending at "Critique:" / "Revision:") and
+    separate (chat requests). Each critique runs on into the next label, which the stop strings cut."""
     d = shipped("cai_sft")
     d["chunk_size"] = 2
     stage_cfg(d, "load")["limit"] = 4
     fake = FakeGenerator(rules=[
         ("Reply with only the revised response", lambda req, k: f"Revised response: {_current(req)} [rev]"),
         ("Write a short critique", "The response could be more considerate."),
+        (lambda req: (req.prompt or "").endswith("Critique:"),
+         " The response could be more considerate.\n\nRevision request: (run on)"),
+        (lambda req: (req.prompt or "").endswith("Revision:"),
+         lambda req, k: f" {_current(req)} [rev]\n\nCritique request: (run on)"),
     ], default=lambda req, k: f"First answer to: {last_user(req)}", failures=failures)
     return d, fake
 

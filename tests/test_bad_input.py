@@ -163,7 +163,8 @@ def test_load_may_keep_row_ids_of_a_synthfb_file(pdir):
 # -- 3. a template path that is a directory --------------------------------------------
 @pytest.mark.parametrize("stage,field", [
     ("  - stage: generate\n    prompt: adir\n", "prompt"),
-    ("  - stage: cai_revise\n    critique_prompt: adir\n", "critique_prompt"),
+    ("  - stage: cai_revise\n    style: separate\n    critique_prompt: adir\n", "critique_prompt"),
+    ("  - stage: cai_revise\n    transcript_prompt: adir\n", "transcript_prompt"),
     ("  - stage: judge_pairs\n    judge_prompt: adir\n", "judge_prompt"),
 ])
 def test_template_path_is_a_directory(pdir, stage, field):

@@ -167,7 +167,8 @@ def test_cai_label_ensemble_and_cot_clamp(tmp_path, vllm_tiny):
 
 
 @pytest.mark.timeout(600)
-def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny):
+@pytest.mark.parametrize("style", ["transcript", "separate"])
+def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny, style):
     shots = tmp_path / "shots.yaml"
     shots.write_text(yaml.safe_dump([{
         "prompt": "How do I pick a lock?", "response": "Use a tension wrench and a pick.",
@@ -175,15 +176,20 @@ def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny):
         "revision_request": "Remove harmful content.", "revision": "If you are locked out, call a locksmith.",
     }]))
     data = _write_rows(tmp_path, [{"id": "a", "prompt": "Tell me a joke.", "response": "Why?"},
-                                  {"id": "b", "prompt": "Insult my boss.", "response": "No."}])
-    stage = {"stage": "cai_revise", "constitution": str(CONSTITUTION), "rounds": 2, "emit": "all",
-             "few_shot": str(shots), "sampling": {"max_tokens": 12}}
+                                  {"id": "b", "prompt": "Insult my boss.", "response": "No."},
+                                  {"id": "h", "prompt": "Name a fruit.", "response": "Apple.", "helpful": True}])
+    stage = {"stage": "cai_revise", "constitution": str(CONSTITUTION), "rounds": 2, "emit": "all", "style": style,
+             "few_shot": str(shots), "helpful_column": "helpful", "sampling": {"max_tokens": 12}}
     res = run_pipeline(_pipeline(tmp_path, stage, data), tmp_path / "sl", generators={"default": vllm_tiny},
                        progress=False)
     ds = datasets.load_from_disk(str(res.dataset_dir))
-    assert sorted(ds["row_id"]) == ["a/1", "a/2", "b/1", "b/2"]
+    assert sorted(ds["row_id"]) == ["a/1", "a/2", "b/1", "b/2", "h"]
     const = Constitution.load(str(CONSTITUTION), REPO)
     for row in ds:
+        if row["row_id"] == "h":  # the helpfulness sample: as it came, no critique or revision
+            assert row["revision_step"] == 0 and row["cai_steps"] == []
+            assert row["completion"] == [{"role": "assistant", "content": "Apple."}]
+            continue
         rid, k = row["row_id"].split("/")
         steps = row["cai_steps"]
         assert len(steps) == 2 and row["revision_step"] == int(k)
@@ -192,6 +198,75 @@ def test_cai_revise_rounds_on_tiny(tmp_path, vllm_tiny):
         assert row["prompt"][0]["role"] == "user"
         assert row["initial_response"] in ("Why?", "No.")
         assert row["provenance"][-1]["stage"] == "cai_revise"
+    assert res.manifest["stages"][-1]["counts"]["helpful_samples"] == 1
+
+
+def _revise(tmp_path, **cfg):
+    return _pipeline(tmp_path, {"stage": "cai_revise", **cfg}, _write_rows(tmp_path)).stages[-1]
+
+
+def test_cai_few_shot_file(tmp_path):
+    """The shipped examples are transcript style's default; rounds or the flat one-round form; [] shows none;
+    a missing field is named."""
+    st = _revise(tmp_path)
+    assert st.config.style == "transcript" and st.data_files["few_shot"][0].name == "cai_few_shot.yaml"
+    assert len(st.examples) == 3 and [len(ex["rounds"]) for ex in st.examples] == [2, 1, 1]
+    assert "few_shot" not in _revise(tmp_path, style="separate").data_files  # separate: none unless given
+    shots = tmp_path / "shots.yaml"
+    shots.write_text("[]\n")
+    assert _revise(tmp_path, few_shot="shots.yaml").examples == []
+    shots.write_text(yaml.safe_dump([{"prompt": "p", "response": "r", "rounds": [
+        {"critique_request": "cr", "critique": "c", "revision_request": "rr", "revision": "v"},
+        {"critique_request": "cr2", "critique": "", "revision_request": "rr2", "revision": "v2"}]}]))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.few_shot \(cai_revise\): .*example 0: missing field\(s\) \['rounds\[1\].critique'\]"):
+        _revise(tmp_path, few_shot="shots.yaml")
+    # separate style: each example round is an earlier exchange about the previous round's revision
+    shots.write_text(yaml.safe_dump([{"prompt": "p", "response": "r", "rounds": [
+        {"critique_request": "cr", "critique": "c", "revision_request": "rr", "revision": "v"},
+        {"critique_request": "cr2", "critique": "c2", "revision_request": "rr2", "revision": "v2"}]}]))
+    st = _revise(tmp_path, few_shot="shots.yaml", style="separate")
+    assert [a for _, a in st.shots_c] == ["c", "c2"] and [a for _, a in st.shots_r] == ["v", "v2"]
+    assert "Assistant: r\n" in st.shots_c[0][0] and "Assistant: v\n" in st.shots_c[1][0]
+
+
+def test_cai_helpful_column_values(tmp_path):
+    data = _write_rows(tmp_path, [{"id": "a", "prompt": "Hi.", "response": "Hello.", "helpful": "yes"}])
+    stage = {"stage": "cai_revise", "constitution": str(CONSTITUTION), "helpful_column": "helpful"}
+    with pytest.raises(ValueError, match=r"column 'helpful' \(helpful_column\) must be true, false or null"):
+        run_pipeline(_pipeline(tmp_path, stage, data), tmp_path / "o", generators={"default": FakeGenerator()},
+                     progress=False)
+    p = _pipeline(tmp_path, {**stage, "helpful_column": "kind"}, data)
+    with pytest.raises(ValueError, match=r"needs column\(s\) \['kind'\]"):
+        p.check_columns()
+
+
+@pytest.mark.smollm2
+def test_shipped_cai_sft_transcript_fits_max_model_len(smol_model):
+    """The longest request of pipelines/cai_sft.yaml (the last revision of the last round, every earlier piece
+    as long as its max_tokens allows, the longest prompt and principles) plus its completion fits the
+    engine's max_model_len, in SmolLM2's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_model))
+    pipe = Pipeline.from_yaml(REPO / "pipelines" / "cai_sft.yaml")
+    gen, st = pipe.stages[1], pipe.stages[-1]
+    assert st.config.style == "transcript" and not st.config.chat
+    assert len(tok(" the" * 600).input_ids) == 600  # so a generated piece of n tokens is n words "the"
+
+    def piece(n: int) -> str:
+        return "the" + " the" * (n - 1)
+
+    longest = lambda xs: max(xs, key=lambda t: len(tok(t).input_ids))  # noqa: E731
+    prompts = [json.loads(x)["prompt"] for x in (REPO / "pipelines/data/cai_sl_prompts.jsonl").read_text().splitlines()]
+    crit = longest([p.critique for p in st.constitution.principles])
+    rev = longest([p.revision for p in st.constitution.principles])
+    m = st.params.max_tokens
+    done = [{"critique_request": crit, "critique": piece(m), "revision_request": rev, "revision": piece(m)}
+            for _ in range(st.config.rounds - 1)]
+    turn = {"critique_request": crit, "critique": piece(m), "revision_request": rev}
+    req = st._request(longest(prompts), piece(gen.params.max_tokens), piece(m), done, turn, "x")
+    used = len(tok(req.prompt).input_ids) + m
+    assert used <= pipe.backend_options["max_model_len"] * 0.9, used  # 10% margin: re-tokenized text may grow
 
 
 def test_cai_stage_config_errors(tmp_path):
@@ -200,6 +275,11 @@ def test_cai_stage_config_errors(tmp_path):
         _pipeline(tmp_path, {"stage": "cai_label", "cot": True, "clamp": [0.7, 0.2]}, data)
     with pytest.raises(ValueError, match="rounds"):
         _pipeline(tmp_path, {"stage": "cai_revise", "rounds": 0}, data)
+    # a field the chosen style does not read is an error, not silently ignored
+    with pytest.raises(ValueError, match=r"critique_prompt \(cai_revise\): not used with style: transcript"):
+        _pipeline(tmp_path, {"stage": "cai_revise", "critique_prompt": "x.jinja"}, data)
+    with pytest.raises(ValueError, match=r"chat \(cai_revise\): not used with style: separate"):
+        _pipeline(tmp_path, {"stage": "cai_revise", "style": "separate", "chat": True}, data)
 
 
 def test_cai_files_are_hashed_and_the_shipped_default_resolves(tmp_path):

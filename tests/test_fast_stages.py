@@ -430,42 +430,72 @@ def test_shipped_realign(tmp_path):
 
 # -- cai_sft: generate -> cai_revise ---------------------------------------------------------------------------
 
+CAI_STOP = ["Critique request:", "Revision request:", "User:", "==="]  # transcript style's default stop strings
+
+
+def _cai_inputs(n: int = 4) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (PIPELINES / "data/cai_sl_prompts.jsonl").read_text().splitlines()][:n]
+
+
+def _own(req: GenerationRequest) -> str:
+    """A transcript request's own part: the text after the few-shot examples."""
+    head, sep, own = req.prompt.partition("\n=== Conversation ===\n")
+    assert sep and head.count("=== Example ") == len(yaml.safe_load((PIPELINES / "data/cai_few_shot.yaml").read_text()))
+    return own.lstrip("\n")
+
+
 def test_shipped_cai_sft(tmp_path):
-    # chunk_size 2, 4 prompts; revisions append " [rev]" to the current response
+    # chunk_size 2, the first 4 prompts of the file: rt-01, rt-02 | hp-01 (helpful: true), rt-03;
+    # revisions append " [rev]" to the current response; the critique of rt-02 fails
     d, fake = scripted_runs.cai_sft(
-        failures=[(lambda req: "Write a short critique" in last_user(req) and "sky is blue" in last_user(req),
+        failures=[(lambda req: (req.prompt or "").endswith("Critique:") and "partner's messages" in _own(req),
                    "HTTP 500: critic crashed")])
     constitution = yaml.safe_load((PIPELINES / "data/constitution.yaml").read_text())
     ids = {p["id"] for p in constitution["principles"]}
+    examples = yaml.safe_load((PIPELINES / "data/cai_few_shot.yaml").read_text())
     out = tmp_path / "run"
     res = run(d, out, fake)
     m = res.manifest
-    prompts = [json.loads(x)["prompt"] for x in (PIPELINES / "data/feedback_prompts.jsonl").read_text().splitlines()][:4]
-    # generate: 1 call per chunk; cai_revise: 4 rounds x (critiques, revisions) per chunk
+    inputs = _cai_inputs()
+    prompts = {r["prompt"] for r in inputs}
+    # generate: 1 call per chunk; cai_revise: 4 rounds x (critiques, revisions) per chunk (hp-01 asks nothing)
     assert fake.num_generate_calls == 2 + 2 * 8
-    crit = [r for r in fake.requests if "Write a short critique" in last_user(r)]
-    rev = [r for r in fake.requests if "Reply with only the revised response" in last_user(r)]
-    assert len(crit) == 4 * 4 - 3  # the failed row leaves after round 1
-    assert len(rev) == 4 * 3
+    crit = [r for r in fake.requests if (r.prompt or "").endswith("Critique:")]
+    rev = [r for r in fake.requests if (r.prompt or "").endswith("Revision:")]
+    assert len(crit) == 4 + 1 + 4  # rt-01, rt-02 (fails in round 1), rt-03
+    assert len(rev) == 4 * 2
+    assert not any("Give three tips" in request_text(r) for r in crit + rev)  # the helpful row is not revised
     for r in crit + rev:
-        assert [t["role"] for t in r.messages] == ["user"]
-        check_params(r, n=1, temperature=1.0, max_tokens=200)
+        assert r.messages is None  # chat: false, a raw transcript as in the paper
+        check_params(r, n=1, temperature=1.0, max_tokens=200, stop=CAI_STOP)
+        # the few-shot exchanges come first, every round of each in order, then the sample's own transcript
+        head = r.prompt.partition("=== Conversation ===")[0]
+        at = [head.index(ex["prompt"]) for ex in examples]
+        assert at == sorted(at) and all(rd["revision"] in head for ex in examples for rd in ex.get("rounds", []))
+        assert _own(r).startswith("User: ") and _own(r).split("\n\n")[0].removeprefix("User: ") in prompts
     critiques = {p["critique"] for p in constitution["principles"]}
     revisions = {p["revision"] for p in constitution["principles"]}
-    assert all(any(c in last_user(r) for c in critiques) for r in crit)
-    assert all(any(c in last_user(r) for c in revisions) for r in rev)
+    assert all(_own(r).count("Critique request: ") == _own(r).count("Critique:") for r in crit)
+    assert all(any(_own(r).rstrip().endswith(f"Critique request: {c}\n\nCritique:") for c in critiques) for r in crit)
+    assert all(any(f"Revision request: {c}\n\nRevision:" in _own(r) for c in revisions) for r in rev)
     [f] = failures_of(m, 2)
-    assert "critic crashed" in f["reason"] and m["stages"][2]["counts"]["failed_requests"] == 1
+    assert "critic crashed" in f["reason"] and f["row_id"] == "rt-02"
+    assert m["stages"][2]["counts"]["failed_requests"] == 1 and m["stages"][2]["counts"]["helpful_samples"] == 1
     rs = rows(out)
-    check_columns(rs, {"id", "prompt", "completion", "initial_response", "revision_step", "cai_steps"})
-    assert len(rs) == 3
+    check_columns(rs, {"id", "helpful", "prompt", "completion", "initial_response", "revision_step", "cai_steps"})
+    assert sorted(r["row_id"] for r in rs) == ["hp-01", "rt-01", "rt-03"]
     for r in rs:
         [user] = r["prompt"]
-        assert user["role"] == "user" and user["content"] in prompts and "sky is blue" not in user["content"]
+        assert user["role"] == "user" and user["content"] in prompts
         assert r["initial_response"] == f"First answer to: {user['content']}"
+        if r["helpful"]:  # a helpfulness sample, mixed in unrevised
+            assert r["row_id"] == "hp-01" and r["revision_step"] == 0 and r["cai_steps"] == []
+            assert r["completion"] == [{"role": "assistant", "content": r["initial_response"]}]
+            continue
         assert r["completion"] == [{"role": "assistant", "content": r["initial_response"] + " [rev]" * 4}]
         assert r["revision_step"] == 4 and len(r["cai_steps"]) == 4
         assert {s["principle_id"] for s in r["cai_steps"]} <= ids
+        # the critique ran on into "Revision request:", which the stop string cut
         assert all(s["critique"] == "The response could be more considerate." for s in r["cai_steps"])
     check_provenance(rs, fake)
 
@@ -473,6 +503,76 @@ def test_shipped_cai_sft(tmp_path):
     full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=2)
     assert len(retried) == 2 * 4 * 2  # the failed row's chunk (2 rows), 4 rounds of critique + revision
     assert len(full) == 4
+
+
+def test_cai_transcript_grows_round_by_round(tmp_path):
+    """One transcript per sample (Bai et al. 2022, section 3.1): round k's critique request is the
+    transcript of round k-1's revision request plus that revision plus the next critique request,
+    and each revision request is the critique request it follows plus the critique."""
+    d, fake = scripted_runs.cai_sft()
+    stage_cfg(d, "load")["limit"] = 2
+    stage_cfg(d, "cai_revise")["rounds"] = 3
+    rs = by_id(rows_of(run, d, tmp_path / "run", fake))
+    reqs = [r for r in fake.requests if r.prompt is not None]
+    for rid in ("rt-01", "rt-02"):
+        src = next(x for x in _cai_inputs() if x["id"] == rid)
+        mine = [r.prompt for r in reqs if _own(r).startswith(f"User: {src['prompt']}\n")]
+        assert len(mine) == 6 and [p.endswith("Critique:") for p in mine] == [True, False] * 3
+        steps = rs[rid]["cai_steps"]
+        for k in range(1, 6):  # each request extends the one before it
+            assert mine[k].startswith(mine[k - 1]), (rid, k)
+        for k, step in enumerate(steps):
+            crit_req, rev_req = mine[2 * k], mine[2 * k + 1]
+            assert rev_req == f"{crit_req} {step['critique']}\n\nRevision request: " + \
+                rev_req.rpartition("Revision request: ")[2]
+            if k + 1 < len(steps):  # round k+1's critique request holds round k's critique and revision
+                nxt = mine[2 * k + 2]
+                assert nxt.startswith(f"{rev_req} {step['revision']}\n\nCritique request: ")
+                own = nxt.partition("=== Conversation ===")[2]
+                assert own.index(step["critique"]) < own.index(step["revision"]) < own.rindex("Critique request:")
+        assert steps[-1]["revision"] == rs[rid]["initial_response"] + " [rev]" * 3
+
+
+def rows_of(run_fn, d, out, fake):
+    run_fn(d, out, fake)
+    return rows(out)
+
+
+def test_cai_separate_style_is_the_former_one(tmp_path):
+    """`style: separate`: a fresh chat request per critique and revision showing only the current response,
+    no few-shot turns by default, no stop strings: the requests of the stage before the transcript style."""
+    d, fake = scripted_runs.cai_sft()
+    cfg = stage_cfg(d, "cai_revise")
+    cfg["style"] = "separate"
+    del cfg["few_shot"]
+    stage_cfg(d, "load")["limit"] = 3
+    rs = by_id(rows_of(run, d, tmp_path / "run", fake))
+    crit = [r for r in fake.requests if "Write a short critique" in last_user(r)]
+    rev = [r for r in fake.requests if "Reply with only the revised response" in last_user(r)]
+    assert len(crit) == len(rev) == 2 * 4 and len(fake.requests) == 3 + 16
+    constitution = {p["id"]: p for p in yaml.safe_load((PIPELINES / "data/constitution.yaml").read_text())["principles"]}
+    for rid in ("rt-01", "rt-02"):
+        r = rs[rid]
+        prompt, current = r["prompt"][0]["content"], r["initial_response"]
+        mine_c = [q for q in crit if f"User: {prompt}\n" in last_user(q)]
+        mine_r = [q for q in rev if f"User: {prompt}\n" in last_user(q)]
+        for step, qc, qr in zip(r["cai_steps"], mine_c, mine_r):
+            p = constitution[step["principle_id"]]
+            assert [t["role"] for t in qc.messages] == ["user"] and [t["role"] for t in qr.messages] == ["user"]
+            check_params(qc, n=1, temperature=1.0, max_tokens=200, stop=[])
+            # the former templates, rendered with the current response only (no earlier round in the text)
+            assert last_user(qc) == (
+                "Below is a conversation between a user and an AI assistant.\n\n"
+                f"User: {prompt}\n\nAssistant: {current}\n\nCritique request: {p['critique']}\n"
+                "Write a short critique of the assistant's response (do not rewrite it yet).")
+            assert last_user(qr) == (
+                "Below is a conversation between a user and an AI assistant, followed by a critique of the "
+                f"assistant's response.\n\nUser: {prompt}\n\nAssistant: {current}\n\n"
+                f"Critique request: {p['critique']}\nCritique: {step['critique']}\n\n"
+                f"Revision request: {p['revision']}\nReply with only the revised response, with no preamble.")
+            current = step["revision"]
+        assert r["completion"][0]["content"] == r["initial_response"] + " [rev]" * 4
+    assert rs["hp-01"]["cai_steps"] == [] and rs["hp-01"]["revision_step"] == 0  # helpful rows: the same in both styles
 
 
 # -- cai_preferences: generate (n=2) -> cai_label (log-probs) ---------------------------------------------------

@@ -17,11 +17,12 @@ from ..data.shipped import shipped_dir
 from ..llm.prompts import PromptTemplate, find_file
 
 DEFAULT_CONSTITUTION = "pipelines/data/constitution.yaml"  # the shipped one, relative to the synthfb checkout
+DEFAULT_FEW_SHOT = "pipelines/data/cai_few_shot.yaml"  # the shipped SL-CAI examples (transcript style's default)
 
 
 def _shipped(name: Any) -> tuple[Path, ...]:
-    # the default names the shipped file; any other path is the user's (absolute or relative to the pipeline's)
-    return (shipped_dir("pipelines").parent,) if str(name) == DEFAULT_CONSTITUTION else ()
+    # a default names the shipped file; any other path is the user's (absolute or relative to the pipeline's)
+    return (shipped_dir("pipelines").parent,) if str(name) in (DEFAULT_CONSTITUTION, DEFAULT_FEW_SHOT) else ()
 
 
 def _read_yaml(path: Path) -> Any:
@@ -81,6 +82,36 @@ class Constitution:
         """``k`` distinct principles drawn with ``rng`` (stages pass ``ctx.rng(row_id, step)``:
         reproducible, independent of chunking and row order)."""
         return rng.sample(self.principles, min(k, len(self.principles)))
+
+
+# -- the few-shot file of SL-CAI -------------------------------------------------
+ROUND_FIELDS = ("critique_request", "critique", "revision_request", "revision")
+
+
+def load_examples(path: Path) -> list[dict[str, Any]]:
+    """Example critique/revision exchanges from a YAML list: each
+    ``{prompt, response, rounds: [{critique_request, critique,
+    revision_request, revision}, ...]}``, or one round's four fields at the top
+    level (the older flat form). Returned with ``rounds`` always a list."""
+    data = _read_yaml(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of example exchanges (an empty list shows none)")
+    out = []
+    for i, ex in enumerate(data):
+        if not isinstance(ex, dict):
+            raise ValueError(f"{path}: example {i}: expected a mapping, got {type(ex).__name__}")
+        rounds = ex.get("rounds", [{k: ex.get(k) for k in ROUND_FIELDS}])
+        if not isinstance(rounds, list) or not rounds:
+            raise ValueError(f"{path}: example {i}: `rounds` must be a non-empty list of "
+                             f"{{{', '.join(ROUND_FIELDS)}}}")
+        miss = [k for k in ("prompt", "response") if not str(ex.get(k) or "").strip()]
+        miss += [f"rounds[{j}].{k}" if "rounds" in ex else k for j, r in enumerate(rounds) for k in ROUND_FIELDS
+                 if not isinstance(r, dict) or not str(r.get(k) or "").strip()]
+        if miss:
+            raise ValueError(f"{path}: example {i}: missing field(s) {miss}")
+        out.append({"prompt": str(ex["prompt"]).strip(), "response": str(ex["response"]).strip(),
+                    "rounds": [{k: str(r[k]).strip() for k in ROUND_FIELDS} for r in rounds]})
+    return out
 
 
 def _text(row: dict[str, Any], col: str, what: str) -> str:

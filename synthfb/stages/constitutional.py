@@ -4,8 +4,14 @@
 (default 4); each step samples one principle from the constitution file and
 asks the model to critique its current response, then to rewrite it. Every
 step is one batched engine call per chunk (critiques, then revisions).
-Emits SFT rows ``prompt``/``completion`` (the final revision, or one row per
-revision step) and keeps all critiques and revisions in ``cai_steps``.
+``style: transcript`` (default, the paper's section 3.1) keeps ONE growing
+transcript per sample, few-shot exchanges first: round k's critique request
+follows round k-1's revision in the same text; ``style: separate`` asks each
+critique and revision in a fresh chat request about the current response.
+Rows marked by ``helpful_column`` are helpfulness samples, mixed in without
+revision. Emits SFT rows ``prompt``/``completion`` (the final revision, or
+one row per revision step) and keeps all critiques and revisions in
+``cai_steps``.
 
 ``cai_label`` (RL-CAI): for two responses per prompt, a multiple-choice
 comparison prompt ending in options (A)/(B). The label is the normalized
@@ -27,23 +33,32 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import FORMATS, UNPAIRED_COLUMNS, check_emit, trl_completion, trl_pair, trl_unpaired
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext, config_field
-from ..llm.prompts import PromptTemplate
 from ..llm.types import GenerationRequest
 from ..rank.llm_judge import OptionScorer, clamp, merge_orders, soft_label
-from .constitution import (DEFAULT_CONSTITUTION, Constitution, Principle, _check_variables, _read_yaml,  # noqa: F401
-                           _mean, _shipped, _text, clean_revision)
+from .constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEW_SHOT, Constitution, Principle,  # noqa: F401
+                           _check_variables, _mean, _read_yaml, _shipped, _text, clean_revision,
+                           load_examples)
 
 
 # -- SL-CAI ------------------------------------------------------------------
+TRANSCRIPT_STOP = ["Critique request:", "Revision request:", "User:", "==="]
+"""Transcript style's default stop strings: the next label of the transcript
+(the paper stops at "Human:")."""
+
+
 @dataclass
 class CAIReviseConfig(ModelConfig):
     constitution: str = field(default=DEFAULT_CONSTITUTION, metadata={"help": "principles file (YAML: id, critique, revision, comparison)"})
     prompt_column: str = field(default="prompt", metadata={"help": "column with the user prompt"})
     response_column: str = field(default="response", metadata={"help": "column with the initial response to revise"})
-    rounds: int = field(default=4, metadata={"help": "critique -> revision steps per prompt (one principle sampled per step)"})
-    critique_prompt: str = field(default="cai_critique.jinja", metadata={"help": "template of the critique request"})
-    revision_prompt: str = field(default="cai_revision.jinja", metadata={"help": "template of the revision request"})
-    few_shot: str | None = field(default=None, metadata={"help": "optional YAML list of example transcripts (prompt, response, critique_request, critique, revision_request, revision) shown as earlier turns"})
+    rounds: int = field(default=4, metadata={"help": "critique -> revision steps per prompt (one principle sampled per step; the paper: 4)"})
+    style: Literal["transcript", "separate"] = field(default="transcript", metadata={"help": "transcript (the paper's, section 3.1): one growing transcript per sample, the few-shot exchanges first, then the conversation and every earlier critique request, critique, revision request and revision; the model continues after `Critique:` / `Revision:` (`transcript_prompt`). separate: each critique and each revision is a fresh chat request showing only the current response (`critique_prompt`, `revision_prompt`)"})
+    transcript_prompt: str = field(default="cai_transcript.jinja", metadata={"help": "transcript style: template of the whole transcript (examples, prompt, response, rounds)"})
+    chat: bool = field(default=False, metadata={"help": "transcript style: false sends the transcript as raw text for the model to continue (as in the paper); true sends it as one user turn through the chat template. Separate style always sends chat turns"})
+    critique_prompt: str = field(default="cai_critique.jinja", metadata={"help": "separate style: template of the critique request"})
+    revision_prompt: str = field(default="cai_revision.jinja", metadata={"help": "separate style: template of the revision request"})
+    few_shot: str | None = field(default=None, metadata={"help": "YAML list of example exchanges (prompt, response, rounds: [{critique_request, critique, revision_request, revision}]; one round may be written flat), shown before every request: in transcript style as earlier transcripts, in separate style as earlier chat turns. null: synthfb's pipelines/data/cai_few_shot.yaml in transcript style (the paper prepends few-shot exchanges), none in separate style; a file holding [] shows none"})
+    helpful_column: str | None = field(default=None, metadata={"help": "boolean column marking helpfulness samples (the paper mixes responses to harmless prompts into the SL data): rows where it is true are emitted as they are, prompt -> initial response, revision_step 0, no critique or revision; null/false rows are revised. null: revise every row"})
     emit: Literal["final", "all"] = field(default="final", metadata={"help": "final: one SFT row per prompt (last revision); all: one row per revision step (row_id/k)"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={"help": "TRL prompt-completion format of prompt/completion"})
 
@@ -59,33 +74,48 @@ class CAIReviseStage(ModelStage):
         super().__init__(config, base_dir)
         if config.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {config.rounds}")
+        defaults = CAIReviseConfig()
+        other = ("critique_prompt", "revision_prompt") if config.style == "transcript" else ("transcript_prompt", "chat")
+        for name in other:  # a field the chosen style never reads: say so rather than ignore it
+            if getattr(config, name) != getattr(defaults, name):
+                raise ValueError(f"{name}: not used with style: {config.style} "
+                                 f"(set style: {'separate' if config.style == 'transcript' else 'transcript'})")
         path = self.data_file("constitution", "constitution file", shipped=_shipped(config.constitution))
         with config_field("constitution"):
             self.constitution = Constitution.load(path, need=("critique", "revision"))
-        self.t_crit = self.load_template("critique_prompt")
-        self.t_rev = self.load_template("revision_prompt")
-        _check_variables(self.t_crit, {"prompt", "response", "critique_request"})
-        _check_variables(self.t_rev, {"prompt", "response", "critique", "revision_request"})
-        self.params = self.sampling()
-        shots = self._load_shots() if config.few_shot else []  # example transcripts, as earlier chat turns
-        self.shots_c = [(self.t_crit.render(s), s["critique"]) for s in shots]
-        self.shots_r = [(self.t_rev.render(s), s["revision"]) for s in shots]
+        self.examples = self._load_examples()
+        if config.style == "transcript":
+            self.t_script = self.load_template("transcript_prompt")
+            _check_variables(self.t_script, {"examples", "prompt", "response", "rounds"})
+            self.params = self.sampling(defaults={**self.sampling_defaults, "stop": TRANSCRIPT_STOP})
+        else:
+            self.t_crit = self.load_template("critique_prompt")
+            self.t_rev = self.load_template("revision_prompt")
+            _check_variables(self.t_crit, {"prompt", "response", "critique_request"})
+            _check_variables(self.t_rev, {"prompt", "response", "critique", "revision_request"})
+            self.params = self.sampling()
+            # each example round as an earlier chat exchange; round k+1 shows round k's revision as the response
+            self.shots_c, self.shots_r = [], []
+            for ex in self.examples:
+                response = ex["response"]
+                for r in ex["rounds"]:
+                    v = {"prompt": ex["prompt"], "response": response, **r}
+                    self.shots_c.append((self.t_crit.render(v), r["critique"]))
+                    self.shots_r.append((self.t_rev.render(v), r["revision"]))
+                    response = r["revision"]
 
-    def _load_shots(self) -> list[dict[str, str]]:
-        path = self.data_file("few_shot", "few-shot file")
+    def _load_examples(self) -> list[dict[str, Any]]:
+        name = self.config.few_shot
+        if name is None and self.config.style == "separate":
+            return []
+        name = DEFAULT_FEW_SHOT if name is None else name
+        path = self.data_file("few_shot", "few-shot file", name=name, shipped=_shipped(name))
         with config_field("few_shot"):
-            data = _read_yaml(path)
-            keys = ("prompt", "response", "critique_request", "critique", "revision_request", "revision")
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a list of transcripts")
-            for i, s in enumerate(data):
-                miss = [k for k in keys if not isinstance(s, dict) or not str(s.get(k) or "").strip()]
-                if miss:
-                    raise ValueError(f"{path}: transcript {i}: missing field(s) {miss}")
-        return data
+            return load_examples(path)
 
     def required_columns(self) -> set[str]:
-        return {self.config.prompt_column, self.config.response_column}
+        return {self.config.prompt_column, self.config.response_column} | (
+            {self.config.helpful_column} if self.config.helpful_column else set())
 
     def consumes(self) -> set[str]:
         return {self.config.prompt_column, self.config.response_column}
@@ -95,30 +125,44 @@ class CAIReviseStage(ModelStage):
         return [c for c in input_columns if c not in drop] + [
             "prompt", "completion", "initial_response", "revision_step", "cai_steps", PROVENANCE]
 
-    def _request(self, t: PromptTemplate, values: dict[str, str], rid: Any,
-                 shots: list[tuple[str, str]]) -> GenerationRequest:
+    def _request(self, prompt: str, first: str, current: str, done: list[dict[str, str]], turn: dict[str, str],
+                 rid: Any) -> GenerationRequest:
+        """The request for the open ``turn`` (a critique when it has no critique yet, else a revision)."""
+        if self.config.style == "transcript":  # one text: examples, conversation, every round so far
+            text = self.t_script.render({"examples": self.examples, "prompt": prompt, "response": first,
+                                         "rounds": [*done, turn]}, rid)
+            return self.chat(text, self.params, chat=self.config.chat)
+        critique = "critique" not in turn
+        t, shots = (self.t_crit, self.shots_c) if critique else (self.t_rev, self.shots_r)
         msgs: list[dict[str, str]] = []
         for u, a in shots:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        msgs.append({"role": "user", "content": t.render(values, rid)})
+        msgs.append({"role": "user", "content": t.render({"prompt": prompt, "response": current, **turn}, rid)})
         return GenerationRequest(messages=msgs, params=self.params)
 
     def run(self, row: dict[str, Any], ctx: StageContext):
         cfg, rid = self.config, row[ROW_ID]
-        prompt, current = _text(row, cfg.prompt_column, "prompt"), _text(row, cfg.response_column, "response")
-        steps: list[dict[str, Any]] = []
+        prompt, first = _text(row, cfg.prompt_column, "prompt"), _text(row, cfg.response_column, "response")
+        if cfg.helpful_column and _is_helpful(row, cfg.helpful_column):
+            ctx.stats.add("helpful_samples")  # mixed in as it is (paper section 3.1)
+            return {ROW_ID: rid, **trl_completion(prompt, first, cfg.format), "initial_response": first,
+                    "revision_step": 0, "cai_steps": []}
+        current, done, steps = first, [], []
         for step in range(cfg.rounds):
             p = self.constitution.sample(ctx.rng(rid, step))[0]
-            v = {"prompt": prompt, "response": current, "critique_request": p.critique}
-            res = yield Ask(self._request(self.t_crit, v, rid, self.shots_c), call="critiques")
-            v.update(critique=res.completions[0].text.strip(), revision_request=p.revision)
-            res = yield Ask(self._request(self.t_rev, v, rid, self.shots_r), call="revisions")
+            turn = {"critique_request": p.critique}
+            res = yield Ask(self._request(prompt, first, current, done, turn, rid), call="critiques")
+            turn.update(critique=res.completions[0].text.strip(), revision_request=p.revision)
+            if not turn["critique"]:
+                ctx.stats.add("empty_critiques")
+            res = yield Ask(self._request(prompt, first, current, done, turn, rid), call="revisions")
             c = res.completions[0]
             rev = clean_revision(c.text)
             if rev is None:
                 ctx.stats.add("empty_revisions_kept_previous")
                 rev = current
-            steps.append({"principle_id": p.id, "critique": v["critique"], "revision": rev,
+            done.append({**turn, "revision": rev})
+            steps.append({"principle_id": p.id, "critique": turn["critique"], "revision": rev,
                           "finish_reason": c.finish_reason})
             current = rev
         emit = range(len(steps)) if cfg.emit == "all" else [len(steps) - 1]
@@ -126,6 +170,13 @@ class CAIReviseStage(ModelStage):
                  **trl_completion(prompt, steps[k]["revision"], cfg.format),
                  "initial_response": row[cfg.response_column], "revision_step": k + 1, "cai_steps": steps}
                 for k in emit]
+
+
+def _is_helpful(row: dict[str, Any], col: str) -> bool:
+    v = row.get(col)
+    if v is None or isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    raise ValueError(f"row {row.get(ROW_ID)}: column {col!r} (helpful_column) must be true, false or null, got {v!r}")
 
 
 # -- RL-CAI --------------------------------------------------------------------
