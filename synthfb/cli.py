@@ -34,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .data.shipped import config_path
 
-    pipeline = Pipeline.from_yaml(config_path(args.pipeline))
+    pipeline = Pipeline.from_yaml(config_path(args.pipeline), input_file=args.input)
     if args.backend:
         pipeline.backend = args.backend
         pipeline.check_backend_options()  # the file's options must suit the backend it now runs on
@@ -75,6 +75,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if looks_like_loop(data):
             if args.backend:
                 raise ConfigError(f"{path}: --backend applies to pipeline files; a loop file sets `backend:` itself")
+            if args.input:
+                raise ConfigError(f"{path}: --input applies to pipeline files; a loop file names its data itself")
             loop = load_loop(path, data=data, base_dir=path.parent.resolve())
             stages = ", ".join(sd["stage"] for sd in loop.pairs_stages)
             steps = f" ({' -> '.join(s.name for s in loop.steps)})" if len(loop.steps) > 1 else ""
@@ -85,7 +87,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     except (ConfigError, yamlio.YAMLInputError) as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
-    pipeline = Pipeline.from_dict(data, path.parent.resolve(), str(path))
+    pipeline = Pipeline.from_dict(data, path.parent.resolve(), str(path), input_file=args.input)
     if args.backend:
         pipeline.backend = args.backend
         pipeline.check_backend_options()
@@ -142,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume continues a stopped run (even after kill -9) without losing or duplicating rows."))
     p.add_argument("pipeline", help="pipeline YAML file, or the name of a shipped one (e.g. quickstart)")
     p.add_argument("--out", help="run folder (default runs/NAME)")
+    p.add_argument("--input", metavar="FILE",
+                   help="read this data file instead of the one the pipeline's first stage (`load`) names, e.g. the "
+                        "Self-Instruct paper's seed_tasks.jsonl for self_instruct (relative to the working directory; "
+                        "give it again with --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out, reusing finished chunks and unchanged stages; chunks with failed "
                         "rows are run again")
@@ -175,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["vllm", "vllm-cpu", "openai", "transformers"],
                    help="check a pipeline file as `synthfb run --backend` would run it (its options must suit this "
                         "backend)")
+    p.add_argument("--input", metavar="FILE",
+                   help="check a pipeline file as `synthfb run --input FILE` would run it (FILE's columns included)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("card", help="(re)write the data card of a finished run",

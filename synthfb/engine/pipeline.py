@@ -61,6 +61,27 @@ def _validate(obj: Any, schema: dict, source: str, prefix: list) -> None:
     _validate_with(obj, schema, source, prefix, error=PipelineError)
 
 
+def with_input_file(data: dict[str, Any], input_file: str | Path, source: str) -> tuple[dict, dict]:
+    """``synthfb run/validate --input FILE``: the pipeline dict ``data`` with
+    its first stage (``load``) reading ``input_file`` instead of its own
+    ``path``, e.g. the Self-Instruct paper's ``seed_tasks.jsonl`` for
+    ``pipelines/self_instruct.yaml``. A relative ``input_file`` is taken from
+    the working directory, not the pipeline's folder. Returns the dict to
+    build (the absolute path) and the one to record in run.json and the card
+    (the file's name only, as the load stage's fingerprint records it, so no
+    machine-specific path is kept or published)."""
+    given = Path(input_file).expanduser()
+    if not given.exists():
+        raise PipelineError(f"--input {str(input_file)!r}: no such file or folder")
+    first, *rest = data["stages"]  # checked against PIPELINE_SCHEMA: at least one stage, each with `stage`
+    if first["stage"] != "load":
+        raise PipelineError(f"{source}: --input replaces the `path` of a first `load` stage; stages[0] is "
+                            f"{first['stage']!r}")
+    use = {**data, "stages": [{**first, "path": str(given.resolve())}, *rest]}
+    recorded = {**data, "stages": [{**first, "path": given.name}, *rest]}
+    return use, recorded
+
+
 def stage_error(where: str, kind: str, stage_cls: type, err: Exception) -> str:
     """One line for an error raised while building or checking a stage:
     ``stages[1].sampling.temperature (generate): expected ...`` when the
@@ -93,10 +114,17 @@ class Pipeline:
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: Path, source: str = "<python>") -> "Pipeline":
+    def from_dict(cls, data: Any, base_dir: Path, source: str = "<python>", *,
+                  input_file: str | Path | None = None) -> "Pipeline":
+        """The pipeline in dict ``data`` (a parsed pipeline file; relative
+        paths are taken from ``base_dir``). ``input_file``: read this data
+        file instead of the first stage's (:func:`with_input_file`)."""
         if not isinstance(data, dict):
             raise PipelineError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         _validate(data, PIPELINE_SCHEMA, source, [])
+        recorded = data
+        if input_file is not None:
+            data, recorded = with_input_file(data, input_file, source)
         stages: list[Stage] = []
         for i, sd in enumerate(data["stages"]):
             kind = sd["stage"]
@@ -117,18 +145,19 @@ class Pipeline:
                 raise PipelineError(f"{source}: {stage_error(f'stages[{i}]', kind, cls_, e)}") from e
             stages.append(stage)
         top = {k: v for k, v in data.items() if k != "stages"}
-        pipeline = cls(stages=stages, source=source, raw=data, **top)
+        pipeline = cls(stages=stages, source=source, raw=recorded, **top)
         pipeline.check_backend_options()
         return pipeline
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Pipeline":
+    def from_yaml(cls, path: str | Path, *, input_file: str | Path | None = None) -> "Pipeline":
+        """The pipeline in file ``path``; ``input_file``: see :func:`with_input_file`."""
         p = Path(path)
         try:
             data = yamlio.load_file(p, "pipeline file")
         except yamlio.YAMLInputError as e:
             raise PipelineError(str(e)) from e
-        return cls.from_dict(data, p.parent.resolve(), str(p))
+        return cls.from_dict(data, p.parent.resolve(), str(p), input_file=input_file)
 
     def check_backend_options(self) -> None:
         """Every option in ``backend_options`` and ``models`` is one the
