@@ -49,8 +49,9 @@ def test_two_rounds_end_to_end(tiny_loop, tiny_model):
         ds = datasets.load_from_disk(str(rdir / "pairs" / "dataset"))
         for row in ds:
             gen, judged = row["provenance"]
-            assert gen["model"] == str(policy) and gen["model_revision"] == model_revision(str(policy))
-            assert judged["model"] == str(tiny_model)  # the fixed judge (the round-0 policy)
+            assert gen["model"] == policy.name and gen["model_revision"] == model_revision(str(policy))
+            # the fixed judge (the round-0 policy); rows name a local model by folder name + hash, never its path
+            assert judged["model"] == tiny_model.name and judged["model_revision"] == model_revision(str(tiny_model))
         run = json.loads((rdir / "pairs" / "run.json").read_text())
         assert run["stages"][1]["model"]["revision"] == model_revision(str(policy))  # named, never by path
         assert run["stages"][1]["model"]["name"] == policy.name
@@ -175,7 +176,9 @@ def test_self_judging_loop_on_transformers_backend(tmp_path, tiny_model):
         ds = datasets.load_from_disk(str(tmp_path / "out" / f"round-{k:02d}" / "pairs" / "dataset"))
         assert len(ds) == res.rounds[k]["pairs"]["pairs_built"] >= 1
         for row in ds:
-            assert [p["model"] for p in row["provenance"]] == [str(policy), str(policy)]  # samples, then judges
+            # samples, then judges; rows name a local model by its folder name and content hash, never its path
+            assert [p["model"] for p in row["provenance"]] == [policy.name, policy.name]
+            assert {p["model_revision"] for p in row["provenance"]} == {model_revision(str(policy))}
             assert {p["backend"] for p in row["provenance"]} == {"transformers"}
         assert res.rounds[k]["judge"]["path"] == str(policy)
         assert res.rounds[k]["eval"]["judge"]["path"] == str(tiny_model)

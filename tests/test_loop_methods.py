@@ -25,6 +25,7 @@ import datasets
 import pytest
 import yaml
 
+from synthfb.llm.models import model_revision
 from synthfb.loop import LoopError, load_loop, run_loop
 from synthfb.loop.round_data import BestOfNConfig, SpinPairsConfig, best_indices, best_of_n, spin_pairs
 from synthfb.rank.aggregate import pick_pair
@@ -260,7 +261,8 @@ def test_spin_two_rounds(tmp_path, tiny_model, hf_tiny):
         for p in pairs:
             user = p["prompt"][-1]["content"]
             assert p["chosen"][0]["content"] == gold[user] and p["rejected"][0]["content"] == samples[user]
-            assert p["provenance"][-1]["model"] == str(policy) and p["iteration"] == k
+            assert p["provenance"][-1]["model"] == policy.name and p["iteration"] == k
+            assert p["provenance"][-1]["model_revision"] == model_revision(str(policy))
         # DPO against the previous iterate: at step 0 the policy is its reference, so the loss is ln 2
         assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
         # round 1 trains on its own pairs and round 0's (SPIN's iteration t mixes in iteration t-1)
@@ -285,7 +287,8 @@ def test_self_rewarding_two_rounds(tmp_path, tiny_model, hf_tiny):
         for row in ds:
             assert row["score_chosen"] - row["score_rejected"] == pytest.approx(row["score_margin"])
             assert row["score_margin"] > 0  # min_margin 0: ties dropped
-            assert {p["model"] for p in row["provenance"][1:]} == {str(policy)}  # sampled and judged by it
+            assert {(p["model"], p["model_revision"]) for p in row["provenance"][1:]} == {
+                (policy.name, model_revision(str(policy)))}  # sampled and judged by it
             assert row["score_probs"] is not None  # label log-probs on a local backend
         assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
 

@@ -141,3 +141,8 @@ def test_quickstart_on_vllm_prints_at_most_40_lines(tmp_path, tiny_model):
     record = json.loads((out / "run.json").read_text())
     assert record["stages"][1]["model"]["dtype"] in ("float32", "bfloat16")
     assert str(tiny_model) not in json.dumps(record) and str(tiny_model) not in (out / "README.md").read_text()
+    import datasets  # the rows get published too: their provenance names the model without its path
+
+    rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert rows and str(tiny_model) not in json.dumps(rows, default=str)
+    assert {p["model"] for r in rows for p in r["provenance"]} == {tiny_model.name}

@@ -128,7 +128,8 @@ def test_recipe_end_to_end(recipe, tiny_model):
         assert len(pairs) == m["pairs"]["pairs_built"] >= 1
         for row in pairs:
             gen, judged = row["provenance"]
-            assert gen["model"] == str(policy) and judged["model"] == str(tiny_model)  # the fixed training judge
+            assert (gen["model"], gen["model_revision"]) == (policy.name, model_revision(str(policy)))
+            assert judged["model"] == tiny_model.name  # the fixed training judge (rows never carry a local path)
         # DPO from the round's policy with it as the reference: the first step's loss is ln 2
         tr = m["train"]
         assert tr["method"] == "dpo" and tr["steps"] == 2 and tr["first_loss"] == pytest.approx(0.6931, abs=1e-3)

@@ -182,13 +182,15 @@ class StageContext:
                    finish_reason: str = "") -> dict[str, Any]:
         """The record appended to a row's ``provenance``: stage, model,
         sampling, template hash (default: the stage's), seed, finish reason."""
+        from ..llm.models import public_model_name
+
         if template_sha256 is None:
             template_sha256 = self.stage.template_sha256 if self.stage is not None else ""
         return {
             "stage": self.stage_name,
             "stage_index": self.stage_index,
             "backend": gen.info.backend,
-            "model": gen.info.name,
+            "model": public_model_name(gen.info.name),  # rows get published: never a local path
             "model_revision": gen.info.revision,
             "sampling": (params or SCORING).to_json(),
             "template_sha256": template_sha256,

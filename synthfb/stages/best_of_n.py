@@ -197,7 +197,10 @@ class ScoredSamplesStage(ModelStage):
     def scorer_name(self, ctx: StageContext) -> str:
         if self.config.scorer == "reward_model":
             return f"reward_model:{str(self.config.reward_model_path).rstrip('/').split('/')[-1]}"
-        return f"{self.config.scorer}:{ctx.generator(self.config.judge_model or self.model_name()).info.name}"
+        from ..llm.models import public_model_name  # a row column: never a local path
+
+        judge = ctx.generator(self.config.judge_model or self.model_name())
+        return f"{self.config.scorer}:{public_model_name(judge.info.name)}"
 
     def reward_model(self):
         if self._rm is None:
