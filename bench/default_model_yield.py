@@ -161,7 +161,7 @@ def figures(rec: dict[str, Any]) -> tuple[int, int, str] | None:
     return n, ok, "derived"
 
 
-HEADER = (f"{'pipeline':<16} {'stage':<24} {'rows in':>7} {'outputs':>7} {'parsed':>7} {'rate':>7} {'kept':>5}  "
+HEADER = (f"{'pipeline':<18} {'stage':<24} {'rows in':>7} {'outputs':>7} {'parsed':>7} {'rate':>7} {'kept':>5}  "
           f"src      drops")
 
 
@@ -180,12 +180,12 @@ def stage_line(name: str, rec: dict[str, Any]) -> tuple[str, float | None]:
     fig = figures(rec) if rec.get("model") else None
     if fig is None:
         mark = "?" if rec.get("model") else "-"
-        return (f"{name:<16} {rec['kind']:<24} {rec['rows_in']:>7} {mark:>7} {mark:>7} {mark:>7} "
+        return (f"{name:<18} {rec['kind']:<24} {rec['rows_in']:>7} {mark:>7} {mark:>7} {mark:>7} "
                 f"{rec['rows_out']:>5}  -        {drops_text(rec)}"), None
     n, ok, src = fig
     rate = ok / n if n else None
     rate_txt = f"{100 * rate:.1f}%" if rate is not None else "n/a"
-    return (f"{name:<16} {rec['kind']:<24} {rec['rows_in']:>7} {n:>7} {ok:>7} {rate_txt:>7} "
+    return (f"{name:<18} {rec['kind']:<24} {rec['rows_in']:>7} {n:>7} {ok:>7} {rate_txt:>7} "
             f"{rec['rows_out']:>5}  {src:<8} {drops_text(rec)}"), rate
 
 
