@@ -176,8 +176,10 @@ def drops_text(rec: dict[str, Any]) -> str:
 def stage_line(name: str, rec: dict[str, Any]) -> tuple[str, float | None]:
     """One table line (``HEADER``) for a stage record and its parse rate
     (None: no model outputs, or a stage without figures: '?'; a stage that
-    calls no model shows '-')."""
+    calls no model shows '-', a model stage that got no rows 0 outputs)."""
     fig = figures(rec) if rec.get("model") else None
+    if fig is None and rec.get("model") and rec["rows_in"] == 0:
+        fig = 0, 0, "-"
     if fig is None:
         mark = "?" if rec.get("model") else "-"
         return (f"{name:<18} {rec['kind']:<24} {rec['rows_in']:>7} {mark:>7} {mark:>7} {mark:>7} "

@@ -114,3 +114,12 @@ def test_small_shrinks_the_kpdds_questions_target():
     [q] = [s for s in pipe.stages if s.kind == "kpdds_questions"]
     assert (q.config.num_questions, q.config.questions_per_step, q.config.max_steps) == (2, 2, 3)
     assert pipe.stages[0].config.limit is None  # the whole seed pool builds the co-occurrence matrix
+
+
+def test_a_model_stage_that_got_no_rows_shows_zero_outputs():
+    rec = {"kind": "kpdds_score", "model": {"name": "default"}, "rows_in": 0, "rows_out": 0, "counts": {},
+           "parse": None, "failures": []}
+    line, rate = Y.stage_line("kpdds", rec)
+    assert _columns(line)[2:7] == ["0", "0", "0", "n/a", "0"] and rate is None
+    rec["rows_in"] = 3  # rows, but no figure: unknown
+    assert _columns(Y.stage_line("kpdds", rec)[0])[3:6] == ["?", "?", "?"]
