@@ -10,7 +10,7 @@ on vLLM (one engine for all), on ``--rows`` input rows each, made small the
 way ``bench/default_model_yield.py`` does (``small``: the load stage's
 ``limit``; KPDDS keeps its 10 seeds and asks for ``--rows`` new questions).
 Shipped prompts, sampling, filters and thresholds are used as they are.
-``humpback_iterate`` names checkpoints (M_yx, M_0) that a earlier training
+``humpback_iterate`` names checkpoints (M_yx, M_0) that an earlier training
 sequence writes; where they are missing the untrained default model stands
 in for both, so its yield says how the parsers and the A_5 filter fare on an
 untrained model, not what Humpback yields.
