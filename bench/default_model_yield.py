@@ -7,11 +7,11 @@ Runs every shipped pipeline (``pipelines/*.yaml`` that are pipelines, not
 loop files) on the default model, SmolLM2-135M-Instruct, in float32 on the
 vLLM backend (the CPU build here; one engine shared by all pipelines), on
 small inputs: the load stage reads ``--rows`` rows (documents for
-backtranslation, prompts for the feedback pipelines, ...), except that the
-bootstrapping stages (``self_instruct_bootstrap``, ``alpaca_bootstrap``)
-keep their whole seed pool (it is only sampled for demos) and stop at
-``num_instructions = --rows`` with ``prompts_per_step = --rows`` and at most
-3 steps. Nothing else changes: the shipped prompts, sampling, filters and
+backtranslation, prompts for the feedback pipelines, ...), except that
+pipelines with an iterative stage (``self_instruct_bootstrap``,
+``alpaca_bootstrap``, ``kpdds_questions``; ``TARGETS``) keep their whole seed
+pool (sampled for demos, or, for KPDDS, the topic co-occurrence matrix) and
+stop at ``--rows`` new rows, ``--rows`` per step and at most 3 steps. Nothing else changes: the shipped prompts, sampling, filters and
 thresholds are used as they are (paper filters are never loosened here;
 their drops are reported). ``--scoring text`` runs the label-scoring stages
 (judge_pairs, self_curate, realign_classify, self_instruct_classify) on the
@@ -25,7 +25,8 @@ all model stages.
 Where the figures come from: a stage that reports ``outputs`` / ``parsed``
 counts has them in its run record (``stages[i].parse``; judge_pairs,
 self_curate, realign_classify, self_instruct_classify,
-self_instruct_instances and alpaca_bootstrap do). For the others they are derived here from the counts the
+self_instruct_instances, alpaca_bootstrap, best_of_n (judge scorer),
+rso_pairs, consistency and the four kpdds stages do). For the others they are derived here from the counts the
 stage records (column "src" says which; the formulas are in ``DERIVED``):
 an output is a completion (or a log-prob read) the stage asked for, and it
 "parsed" when the stage could read what it needed from it (a filter that
@@ -52,7 +53,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = REPO / "pipelines"
-BOOTSTRAP = ("self_instruct_bootstrap", "alpaca_bootstrap")
+TARGETS = {"self_instruct_bootstrap": ("num_instructions", "prompts_per_step"),
+           "alpaca_bootstrap": ("num_instructions", "prompts_per_step"),
+           "kpdds_questions": ("num_questions", "questions_per_step")}
+"""Iterative stages that grow their output to a target: (target field, per-step field)."""
+BOOTSTRAP = tuple(TARGETS)
 SCORED = ("judge_pairs", "self_curate", "realign_classify", "self_instruct_classify")
 """Stages with a ``scoring: auto|logprobs|text`` option."""
 
@@ -138,8 +143,9 @@ def small(path: Path, rows: int, scoring: str = ""):
     if not any(k in BOOTSTRAP for k in kinds):
         d["stages"][0]["limit"] = rows
     for st in d["stages"]:
-        if st["stage"] in BOOTSTRAP:
-            st.update(num_instructions=rows, prompts_per_step=rows, max_steps=3)
+        if st["stage"] in TARGETS:
+            target, per_step = TARGETS[st["stage"]]
+            st.update({target: rows, per_step: rows, "max_steps": 3})
         if scoring and st["stage"] in SCORED:
             st["scoring"] = scoring
     return Pipeline.from_dict(d, PIPELINES, str(path))
@@ -156,6 +162,63 @@ def figures(rec: dict[str, Any]) -> tuple[int, int, str] | None:
     return n, ok, "derived"
 
 
+HEADER = (f"{'pipeline':<18} {'stage':<24} {'rows in':>7} {'outputs':>7} {'parsed':>7} {'rate':>7} {'kept':>5}  "
+          f"src      drops")
+
+
+def drops_text(rec: dict[str, Any]) -> str:
+    """A stage record's drop reasons (``dropped_*`` counts and failed rows), or '-'."""
+    drops = {k.removeprefix("dropped_"): v for k, v in rec["counts"].items() if k.startswith("dropped_")}
+    if _failed(rec):
+        drops["failed"] = _failed(rec)
+    return ", ".join(f"{k} {v}" for k, v in drops.items()) or "-"
+
+
+def stage_line(name: str, rec: dict[str, Any]) -> tuple[str, float | None]:
+    """One table line (``HEADER``) for a stage record and its parse rate
+    (None: no model outputs, or a stage without figures: '?'; a stage that
+    calls no model shows '-', a model stage that got no rows 0 outputs)."""
+    fig = figures(rec) if rec.get("model") else None
+    if fig is None and rec.get("model") and rec["rows_in"] == 0:
+        fig = 0, 0, "-"
+    if fig is None:
+        mark = "?" if rec.get("model") else "-"
+        return (f"{name:<18} {rec['kind']:<24} {rec['rows_in']:>7} {mark:>7} {mark:>7} {mark:>7} "
+                f"{rec['rows_out']:>5}  -        {drops_text(rec)}"), None
+    n, ok, src = fig
+    rate = ok / n if n else None
+    rate_txt = f"{100 * rate:.1f}%" if rate is not None else "n/a"
+    return (f"{name:<18} {rec['kind']:<24} {rec['rows_in']:>7} {n:>7} {ok:>7} {rate_txt:>7} "
+            f"{rec['rows_out']:>5}  {src:<8} {drops_text(rec)}"), rate
+
+
+def start_engine():
+    """The default model (SmolLM2-135M-Instruct) in float32 on vLLM, one engine for every pipeline."""
+    from synthfb.llm.models import prepare_default_model
+    from synthfb.llm.vllm_backend import VLLMGenerator
+
+    t0 = time.time()
+    gen = VLLMGenerator(str(prepare_default_model()), seed=0, dtype="float32", max_model_len=2048, name="default",
+                        progress=False, max_num_batched_tokens=2048)
+    print(f"engine: SmolLM2-135M-Instruct float32 on vllm ({time.time() - t0:.0f} s to start)", flush=True)
+    return gen
+
+
+def run_small(path: Path, rows: int, gen, out_root: Path, scoring: str = ""):
+    """``small(path, rows, scoring)`` run on ``gen`` into ``out_root/<name>``:
+    (the RunResult, or None when the run failed (reported), seconds)."""
+    from synthfb.engine import run_pipeline
+
+    t0 = time.time()
+    try:
+        res = run_pipeline(small(path, rows, scoring), out_root / path.stem, generators={"default": gen},
+                           progress=False)
+    except Exception as e:  # noqa: BLE001 - report and go on with the next pipeline
+        print(f"{path.stem}: FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}", flush=True)
+        return None, time.time() - t0
+    return res, time.time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8, help="input rows per pipeline (bootstrap: instructions)")
@@ -165,54 +228,29 @@ def main() -> None:
     ap.add_argument("--out", default="", help="folder for the run folders (default: a temporary one)")
     args = ap.parse_args()
 
-    from synthfb.engine import run_pipeline
-    from synthfb.llm.models import prepare_default_model
-    from synthfb.llm.vllm_backend import VLLMGenerator
-
     paths = shipped_pipelines()
     if args.pipelines:
         want = {x.strip().removesuffix(".yaml") for x in args.pipelines.split(",") if x.strip()}
         paths = [p for p in paths if p.stem in want]
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="default_model_yield-"))
     t_all = time.time()
-    t0 = time.time()
-    gen = VLLMGenerator(str(prepare_default_model()), seed=0, dtype="float32", max_model_len=2048, name="default",
-                        progress=False, max_num_batched_tokens=2048)
-    print(f"engine: SmolLM2-135M-Instruct float32 on vllm ({time.time() - t0:.0f} s to start); runs in {out_root}",
-          flush=True)
+    gen = start_engine()
+    print(f"runs in {out_root}", flush=True)
     worst: tuple[float, str] | None = None
     lines = []
-    header = f"{'pipeline':<16} {'stage':<24} {'rows in':>7} {'outputs':>7} {'parsed':>7} {'rate':>7} {'kept':>5}  src      drops"
     for path in paths:
-        t0 = time.time()
-        pipe = small(path, args.rows, args.scoring)
-        try:
-            res = run_pipeline(pipe, out_root / path.stem, generators={"default": gen}, progress=False)
-        except Exception as e:  # noqa: BLE001 - report and go on with the next pipeline
-            print(f"{path.stem}: FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}", flush=True)
+        res, secs = run_small(path, args.rows, gen, out_root, args.scoring)
+        if res is None:
             lines.append(f"{path.stem}: FAILED")
             worst = (0.0, f"{path.stem} (failed)")
             continue
-        secs = time.time() - t0
         print(f"\n== {path.stem}: {res.num_rows} rows out in {secs:.0f} s", flush=True)
-        print(header)
+        print(HEADER)
         for rec in res.manifest["stages"]:
             if not rec.get("model"):
                 continue
-            fig = figures(rec)
-            drops = {k: v for k, v in rec["counts"].items() if k.startswith("dropped_")}
-            if _failed(rec):
-                drops["failed"] = _failed(rec)
-            drop_txt = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in drops.items()) or "-"
-            if fig is None:
-                print(f"{path.stem:<16} {rec['kind']:<24} {rec['rows_in']:>7} {'?':>7} {'?':>7} {'?':>7} "
-                      f"{rec['rows_out']:>5}  -        {drop_txt}")
-                continue
-            n, ok, src = fig
-            rate = ok / n if n else None
-            rate_txt = f"{100 * rate:.1f}%" if rate is not None else "n/a"
-            print(f"{path.stem:<16} {rec['kind']:<24} {rec['rows_in']:>7} {n:>7} {ok:>7} {rate_txt:>7} "
-                  f"{rec['rows_out']:>5}  {src:<8} {drop_txt}", flush=True)
+            line, rate = stage_line(path.stem, rec)
+            print(line, flush=True)
             if rate is not None and (worst is None or rate < worst[0]):
                 worst = (rate, f"{path.stem}/{rec['kind']}")
         lines.append(f"{path.stem}: {res.num_rows} rows, {secs:.0f} s")

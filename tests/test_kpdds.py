@@ -112,7 +112,8 @@ def test_pipeline_on_the_scripted_teacher(tmp_path):
     assert st["kpdds_questions"]["rows_out"] == q["num_questions"]
     topics = {core.topic_key(t) for w, ts in KPDDS_TOPICS.items() if w != KPDDS_UNPARSEABLE for t in ts}
     assert st["kpdds_questions"]["counts"]["topics"] == len(topics)
-    assert st["kpdds_score"]["counts"] == {"dropped_score_below_threshold": 1}
+    # every score read (outputs = parsed); the one below 0.85 is a drop
+    assert st["kpdds_score"]["counts"] == {"dropped_score_below_threshold": 1, "outputs": 6, "parsed": 6}
     out = rows(tmp_path / "run")
     # each question: 10 solutions, one with an arithmetic error dropped, 6 of the remaining 9 agree on 7
     assert st["kpdds_solve"]["counts"]["solutions_with_arithmetic_error"] == st["kpdds_score"]["rows_out"]

@@ -24,7 +24,9 @@ fractions, else normalised strings). Rows whose routes disagree, or where a
 route gives no answer (no ``Answer:`` line, no program, an execution error
 or a timeout) are dropped with a reason; ``agreement_checked`` counts the
 rows where both routes answered and ``agreed`` those that agreed; the card
-shows their ratio as the stage's agreement rate. Kept rows are SFT rows
+shows their ratio as the stage's agreement rate. ``outputs`` / ``parsed``
+(the parse figure) count the two replies per row and those whose answer or
+program could be read. Kept rows are SFT rows
 (``prompt`` = the question, or with ``sft_prompt: rendered`` the route's
 prompt as asked; ``completion`` = the ``target`` route's trace),
 with both traces and answers as metadata.
@@ -216,9 +218,14 @@ class ConsistencyStage(ModelStage):
         res = yield Ask([self.chat(t, self.params, cfg.system, cfg.chat) for t in texts], call="solutions")
         first, second = (r.completions[0].text if r.completions else "" for r in res)
         a1 = final_answer(first)
+        code = extract_program(second) if cfg.mode == "program" else None
+        a2 = final_answer(second) if cfg.mode != "program" else None
+        # parse figure: a reply parsed when its answer (route 1, two_solvers' route 2) or its program could be
+        # read; a program that fails or prints nothing, and disagreeing answers, are drops, not parse failures
+        ctx.stats.add("outputs", 2)
+        ctx.stats.add("parsed", int(a1 is not None) + int((code if cfg.mode == "program" else a2) is not None))
         status = None
         if cfg.mode == "program":
-            code = extract_program(second)
             if code is None:
                 return Drop("no_program")
             ran = run_python(code, timeout=cfg.timeout, memory_mb=cfg.memory_mb)
@@ -231,10 +238,8 @@ class ConsistencyStage(ModelStage):
             a2 = printed_answer(ran.stdout)
             if a2 is None:
                 return Drop("no_program_output")
-        else:
-            a2 = final_answer(second)
-            if a2 is None:
-                return Drop("no_second_answer")
+        elif a2 is None:
+            return Drop("no_second_answer")
         if a1 is None:
             return Drop("no_text_answer")
         agree = answers_agree(a1, a2, cfg.rel_tol)

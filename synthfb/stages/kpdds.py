@@ -104,6 +104,8 @@ class KpddsExtractStage(ModelStage):
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
         topics, why = parse_topics(res.completions[0].text)
+        ctx.stats.add("outputs")
+        ctx.stats.add("parsed", int(topics is not None))
         return Drop(f"unparseable_{why}") if topics is None else {"topics": topics}
 
 
@@ -208,9 +210,11 @@ class KpddsQuestionsStage(IterativeStage):
                 continue
             comp = res.completions[0]
             m = _Q.findall(comp.text)
+            ctx.stats.add("outputs")
             if not m or not m[-1].strip():
                 ctx.stats.add("dropped_no_question_tags")
                 continue
+            ctx.stats.add("parsed")
             ctx.stats.add(f"combinations_{len(blocks)}_topics")
             new.append({ROW_ID: f"kp-{step:05d}-{len(new):05d}", "kp_prompt": prompt, "question": m[-1].strip(),
                         "topics": [b["topic"] for b in blocks], "key_points": [b["key_points"] for b in blocks],
@@ -266,6 +270,8 @@ class KpddsScoreStage(ModelStage):
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
         v = parse_unit_score(res.completions[0].text)
+        ctx.stats.add("outputs")
+        ctx.stats.add("parsed", int(v is not None))
         if v is None:
             return Drop("unparseable_score")
         return {"question_score": v}
@@ -320,9 +326,11 @@ class KpddsSolveStage(ModelStage):
         sols = []
         for comp in res.completions:
             ans = core.extract_answers(comp.text)
+            ctx.stats.add("outputs")
             if not ans:
                 ctx.stats.add("solutions_without_answer")
                 continue
+            ctx.stats.add("parsed")  # an answer was read (the arithmetic check is a filter, not a parse failure)
             if c.arithmetic_check and core.arithmetic_errors(comp.text):
                 ctx.stats.add("solutions_with_arithmetic_error")
                 continue

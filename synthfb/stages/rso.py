@@ -217,6 +217,9 @@ class RSOPairsStage(ScoredSamplesStage):
             _logit(merge_orders(soft_label(lp[4 * k], lp[4 * k + 1]), soft_label(lp[4 * k + 2], lp[4 * k + 3]))[0])
             for k in range(len(cands))]
         ctx.stats.add("scored_against_baseline", len(cands))
+        # parse figure: one reward per candidate, read from the A/B option log-probs (always readable)
+        ctx.stats.add("outputs", len(cands))
+        ctx.stats.add("parsed", len(cands))
         return cands
 
     def run(self, row: dict[str, Any], ctx: StageContext):
