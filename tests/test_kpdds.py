@@ -140,3 +140,60 @@ def test_pipeline_on_the_scripted_teacher(tmp_path):
         warnings.simplefilter("ignore")  # license unknown for the scripted model
         card = build_card(tmp_path / "run")
     assert "Key-Point-Driven Data Synthesis" in card.body
+
+
+@pytest.mark.parametrize("backend,constrain,expect", [("vllm", "auto", True), ("vllm-cpu", "auto", True),
+                                                     ("transformers", "auto", False), ("openai", "auto", False),
+                                                     ("openai", "json", True), ("vllm", "none", False)])
+def test_extract_constrains_to_the_topics_schema_where_the_engine_can(tmp_path, backend, constrain, expect):
+    """`constrain: auto` asks vLLM for structured output under TOPICS_SCHEMA (a small model then answers in the
+    asked form); transformers and served models get the free-text prompt unless `constrain: json`."""
+    from synthfb.stages.kpdds import TOPICS_SCHEMA
+
+    d, fake = kpdds()
+    fake.info = type(fake.info)(name=fake.info.name, path=fake.info.path, revision=fake.info.revision, backend=backend)
+    d["stages"] = d["stages"][:2]  # load -> kpdds_extract
+    d["stages"][1]["constrain"] = constrain
+    run(d, tmp_path / "run", fake)
+    asked = [r for r in fake.requests if "specialist in mathematics education" in str(r.messages or r.prompt)]
+    assert asked and {id(r.json_schema) if r.json_schema else None for r in asked} == (
+        {id(TOPICS_SCHEMA)} if expect else {None})
+
+
+def test_topics_schema_bounds_and_parser_agree():
+    """An answer valid under TOPICS_SCHEMA parses to the same topics; one over the bounds is refused by the
+    schema (jsonschema, the reference validator)."""
+    import json
+
+    import jsonschema
+
+    from synthfb.stages.kpdds import TOPICS_SCHEMA
+
+    ok = {"topics": [{"topic": "Algebra - Linear equations", "key_points": ["Isolate the unknown.", "Check it."]},
+                     {"topic": "Arithmetic - Fractions", "key_points": ["Common denominators."]}]}
+    jsonschema.validate(ok, TOPICS_SCHEMA)
+    topics, why = parse_topics(json.dumps(ok))
+    assert why is None and [len(t["key_points"]) for t in topics] == [2, 1]
+    too_many = {"topics": [{"topic": f"Topic {i} - x", "key_points": ["k1 a"]} for i in range(4)]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(too_many, TOPICS_SCHEMA)
+
+
+@pytest.mark.engine
+def test_extract_on_vllm_answers_in_the_schema_even_from_a_random_model(tmp_path, tiny_model, vllm_tiny):
+    """The real engine under `constrain: auto`: the tiny random model's extraction answers are JSON in the
+    schema (structured outputs), so every seed parses; unconstrained, its gibberish parses for none."""
+    from synthfb.engine import Pipeline, Runner
+
+    def go(constrain: str, out: Path):
+        d = {"name": "kpdds_extract_tiny", "model": "tiny", "backend": "vllm", "seed": 0,
+             "stages": [{"stage": "load", "path": "seeds/kpdds_seeds.jsonl", "limit": 3},
+                        {"stage": "kpdds_extract", "constrain": constrain,
+                         "sampling": {"temperature": 1.0, "max_tokens": 512}}]}
+        p = Pipeline.from_dict(d, Path(__file__).resolve().parent.parent / "pipelines", source="kpdds_extract_tiny")
+        return Runner(p, out, generators={"tiny": vllm_tiny}, progress=False).run().manifest["stages"][1]
+
+    st = go("auto", tmp_path / "constrained")
+    assert st["rows_in"] == st["rows_out"] == 3, st
+    free = go("none", tmp_path / "free")
+    assert free["rows_in"] == 3 and free["rows_out"] == 0, free

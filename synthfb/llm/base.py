@@ -19,7 +19,9 @@ def check_json(text: str, schema: dict[str, Any] | None) -> tuple[Any, str | Non
     import jsonschema
 
     try:
-        parsed = json.loads(text)
+        # strict=False: a raw control character inside a string (which grammar-constrained decoding lets
+        # through) is read as the character, not refused
+        parsed = json.loads(text, strict=False)
     except json.JSONDecodeError as e:
         return None, f"invalid JSON: {e.msg} at char {e.pos}"
     try:

@@ -183,6 +183,9 @@ class VLLMGenerator:
             kwargs["max_model_len"] = max_model_len
         if not cpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        # JSON-schema outputs without free whitespace between tokens (an engine setting, not a request one): under
+        # vLLM's default grammar a small model can spend all of max_tokens on newlines inside the JSON
+        kwargs["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": True}
         kwargs.update(engine_kwargs)
         self.llm = LLM(**kwargs)
         self.seed = seed

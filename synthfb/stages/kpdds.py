@@ -29,6 +29,7 @@ left to the filter stages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def parse_topics(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
     if start < 0 or end <= start:
         return None, "no_json"
     try:
-        obj = json.loads(text[start:end + 1])
+        obj = json.loads(text[start:end + 1], strict=False)  # control characters inside strings are read
     except json.JSONDecodeError:
         return None, "no_json"
     items = obj.get("topics") if isinstance(obj, dict) else None
@@ -73,12 +74,35 @@ def parse_topics(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
 
 # -- 1. extraction --------------------------------------------------------------------------------------------------
 
+TOPICS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"topics": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+        "type": "object",
+        "properties": {"topic": {"type": "string", "minLength": 3, "maxLength": 60},
+                       "key_points": {"type": "array", "minItems": 1, "maxItems": 4,
+                                      "items": {"type": "string", "minLength": 3, "maxLength": 120}}},
+        "required": ["topic", "key_points"], "additionalProperties": False}}},
+    "required": ["topics"], "additionalProperties": False,
+}
+"""The extraction answer's shape, for ``constrain: json``: at most 3 topics of at most 4 key points each, and
+bounded strings, so a constrained answer always closes within the default 512 tokens (about 460 at most)."""
+
+CONSTRAINED_BACKENDS = ("vllm", "vllm-cpu")
+"""Where ``constrain: auto`` decodes under :data:`TOPICS_SCHEMA` (vLLM's structured outputs; the transformers
+backend cannot constrain, and a served API may not support every keyword)."""
+
+
 @dataclass
 class KpddsExtractConfig(ModelConfig):
     question_column: str = field(default="question", metadata={"help": "seed problem column"})
     solution_column: str = field(default="solution", metadata={"help": "seed solution column"})
     prompt: str = field(default="kpdds_extract.jinja", metadata={"help": "extraction template (question, solution)"})
     chat: bool = field(default=True, metadata={"help": "send the prompt as a chat turn (false: raw prompt)"})
+    constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
+        "help": "json: decode under the topics JSON schema (at most 3 topics x 4 key points; vLLM structured "
+                "outputs, or response_format on a served model), so small models answer in the asked form; "
+                "none: free text, the first JSON object parsed (the paper's GPT-4 setting); auto: json on "
+                "vllm/vllm-cpu, none elsewhere"})
 
 
 class KpddsExtractStage(ModelStage):
@@ -97,13 +121,24 @@ class KpddsExtractStage(ModelStage):
     def required_columns(self) -> set[str]:
         return {self.config.question_column, self.config.solution_column}
 
+    def constrained(self, ctx: StageContext) -> bool:
+        if self.config.constrain == "auto":
+            return ctx.generator(self.model_name()).info.backend in CONSTRAINED_BACKENDS
+        return self.config.constrain == "json"
+
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
         text = self.tpl.render({"question": row[c.question_column], "solution": row[c.solution_column]}, row[ROW_ID])
-        return self.chat(text, self.params, chat=c.chat)
+        req = self.chat(text, self.params, chat=c.chat)
+        if self.constrained(ctx):
+            req = dataclasses.replace(req, json_schema=TOPICS_SCHEMA)
+        return req
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
-        topics, why = parse_topics(res.completions[0].text)
+        comp = res.completions[0]
+        if comp.finish_reason == "length":
+            ctx.stats.add("truncated_answers")  # an answer cut at max_tokens rarely holds whole JSON
+        topics, why = parse_topics(comp.text)
         ctx.stats.add("outputs")
         ctx.stats.add("parsed", int(topics is not None))
         return Drop(f"unparseable_{why}") if topics is None else {"topics": topics}
