@@ -380,6 +380,44 @@ def test_self_rewarding_two_rounds(tmp_path, tiny_model, hf_tiny):
 
 
 @pytest.mark.timeout(600)
+def test_self_rewarding_with_written_prompts_two_rounds(tmp_path, tiny_model, hf_tiny):
+    """The loop end to end with per-round prompts: the fixed writer (scripted: a tiny random model
+    writes no task lists) writes each round's prompts, the round's policy samples and judges them,
+    DPO trains; the loop card says how the prompts were made."""
+    writer = _writer()
+    res = run_loop(PIPELINES / "self_rewarding_gen_tiny.yaml", tmp_path / "gen", progress=False,
+                   engines={str(tiny_model): hf_tiny, "default": writer}, overrides={"policy": str(tiny_model)})
+    state = json.loads((res.out / "loop.json").read_text())
+    [w] = state["prompt_writers"]
+    assert (w["kind"], w["model"]["name"], w["model"]["revision"]) == ("self_instruct_bootstrap", "default",
+                                                                       "fake-rev-1")
+    ck0 = res.out / "round-00" / "checkpoint"
+    written = []
+    for k, policy in ((0, tiny_model), (1, ck0)):
+        rdir = res.out / f"round-{k:02d}"
+        m = json.loads((rdir / "metrics.json").read_text())
+        assert m["policy"]["path"] == m["judge"]["path"] == str(policy)  # the policy judges itself
+        wp = m["pairs"]["written_prompts"]
+        assert (wp["model"], wp["fixed_model"], wp["written"], wp["seed"]) == ("default", True, 3, k)
+        written.append({json.loads(x)["prompt"] for x in (rdir / "prompts.jsonl").read_text().splitlines()})
+        ds = datasets.load_from_disk(str(rdir / "pairs" / "dataset"))
+        assert len(ds) == m["pairs"]["pairs_built"] >= 1
+        for row in ds:
+            assert row["prompt"][-1]["content"] in written[k]
+            writer_rec, *policy_recs = row["provenance"]
+            assert writer_rec["model"] == "default" and {p["model"] for p in policy_recs} == {str(policy)}
+        assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
+    assert len(written[0]) == len(written[1]) == 3 and not written[0] & written[1]
+    from fakes import request_text  # on sys.path via _writer()
+
+    assert writer.requests and all("new and varied tasks" in request_text(r) for r in writer.requests)
+    card = (res.out / "README.md").read_text()
+    assert "Prompts: written afresh each round by `default` (revision `fake-rev-1`; fixed across rounds, not " \
+           "the policy), few-shot from the seed prompts" in card
+    assert "3 prompts (written by `default` from 8 seed prompts) sampled by" in card
+
+
+@pytest.mark.timeout(600)
 def test_rft_two_rounds(tmp_path, tiny_model, hf_tiny):
     res = _run("rft_tiny", tmp_path, tiny_model, hf_tiny, limit=2, pairs=_fewer_samples("rft_tiny", 3))
     ck0 = res.out / "round-00" / "checkpoint"
