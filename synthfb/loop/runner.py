@@ -8,7 +8,9 @@ policy ``P_k`` (``P_0`` = the loop's ``policy`` or the SFT checkpoint,
 
 1. samples on-policy responses to the training prompts with ``P_k`` and has
    the judge rank them into preference pairs (``synthfb/loop/pairs.py``: the
-   pipeline runner, chunked and resumable); a method with ``round_data``
+   pipeline runner, chunked and resumable; a first prompt-writing stage may
+   have a fixed model write the round's prompts from the seed prompts, with
+   seed ``seed + k``); a method with ``round_data``
    (``spin``, ``rft``) turns those rows into its training rows
    (``synthfb/loop/round_data.py``, into ``round-NN/round_data``);
 2. trains ``P_k`` into ``round-k/checkpoint`` (``synthfb/loop/train.py``,
