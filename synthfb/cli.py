@@ -80,9 +80,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             loop = load_loop(path, data=data, base_dir=path.parent.resolve())
             stages = ", ".join(sd["stage"] for sd in loop.pairs_stages)
             steps = f" ({' -> '.join(s.name for s in loop.steps)})" if len(loop.steps) > 1 else ""
+            writers = loop.prompt_writers()
+            writer = (writers[0]["model"] or "the round's policy") if writers else None
+            prompts = (f"{len(loop.prompts)} seed prompts, new prompts written each round by {writer}" if writer
+                       else f"{len(loop.prompts)} training prompts")
             print(f"loop file {path}: ok ({loop.rounds} round{'s' if loop.rounds != 1 else ''}, method "
-                  f"{loop.method}{steps}, pairs stages: {stages}; {len(loop.prompts)} training prompts, "
-                  f"{len(loop.eval.prompts)} held-out)")
+                  f"{loop.method}{steps}, pairs stages: {stages}; {prompts}, {len(loop.eval.prompts)} held-out)")
             return 0
     except (ConfigError, yamlio.YAMLInputError) as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)

@@ -129,7 +129,7 @@ def test_methods_declare_their_rounds():
     assert [s.name for s in rft.step_methods()] == ["sft"] and rft.round_data == "best_of_n"
 
 
-@pytest.mark.parametrize("name", ["spin_tiny", "self_rewarding_tiny", "rft_tiny"])
+@pytest.mark.parametrize("name", ["spin_tiny", "self_rewarding_tiny", "self_rewarding_gen_tiny", "rft_tiny"])
 def test_tiny_loop_files_validate(name, capsys):
     from synthfb.cli import main
 
@@ -220,6 +220,95 @@ def test_self_rewarding_prompts_regenerated_by_the_policy(tmp_path):
     assert all({p["model"] for p in r["provenance"]} == {"policy-0"} for r in rows)
 
 
+def _writer():
+    """A scripted fixed prompt writer (named `default`, as in the loop file): two novel tasks per
+    few-shot prompt, a function of the prompt's text, so the same demos write the same tasks."""
+    import hashlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fakes import FakeGenerator, Reply, request_text
+    from scripted_runs import novel_instruction
+
+    def write(req, k):
+        h = int(hashlib.sha256(request_text(req).encode()).hexdigest()[:12], 16)
+        return f" {novel_instruction(h)}\n6. {novel_instruction(h + 1)}\n"
+
+    return FakeGenerator(rules=[("Write a list of new and varied tasks:", write)],
+                         default=Reply("unexpected prompt", "stop"), name="default")
+
+
+def test_self_rewarding_prompts_written_by_a_fixed_model_each_round(tmp_path):
+    """`self_rewarding_gen_tiny.yaml` (the paper's per-iteration prompts): the pairs pipelines of
+    rounds 0 and 1 start with the fixed writer (`model: default`) writing prompts few-shot from the
+    seeds; the round's policy answers and judges them. The demos are drawn with seed + round, so
+    the rounds' prompts differ; each round's are in round-NN/prompts.jsonl. The loop's own pieces
+    run here (round_models, run_pairs, record_prompts) on scripted models; training is the engine
+    test's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fakes import FakeGenerator, last_user
+
+    from synthfb.loop.pairs import record_prompts, run_pairs, write_prompts
+
+    cfg = _load("self_rewarding_gen_tiny")
+    assert cfg.self_judging and cfg.fixed_stage_models() == ["default"]
+    assert cfg.round_models("policy-1") == ["policy-1", "default"]  # the policy judges; the writer is kept
+    assert cfg.stages_for("policy-1")[0]["model"] == "default" and "model" not in cfg.stages_for("policy-1")[2]
+    writer = _writer()
+    answers = ["off-topic", "a short answer", "the best answer"]  # judged 0, 1, 2
+
+    def score(req, k):
+        return f"Score: {answers.index(last_user(req).split('<response>')[1].split('<')[0])}"
+
+    policies = {f"policy-{k}": FakeGenerator(rules=[("<response>", score)], default=lambda req, k: answers[k],
+                                             name=f"policy-{k}") for k in (0, 1)}
+    engines = {"default": writer, **policies}
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", cfg.prompts)
+    seed_ids = {f"p{i:05d}" for i in range(len(cfg.prompts))}
+    written: dict[int, list[str]] = {}
+    for k in (0, 1):
+        policy, rdir = f"policy-{k}", tmp_path / f"round-{k:02d}"
+        writer.forget()
+        res = run_pairs(cfg, k, policy, prompts_file, rdir / "pairs",
+                        {n: engines[n] for n in cfg.round_models(policy)}, progress=False)
+        rec = record_prompts(cfg, k, res, rdir)
+        stages = res.manifest["stages"]
+        assert [s["kind"] for s in stages] == ["load", "self_instruct_bootstrap", "generate", "judge_pairs"]
+        assert [s["model"]["name"] for s in stages[1:]] == ["default", policy, policy]
+        assert res.manifest["seed"] == cfg.seed + k
+        # the writer saw only few-shot prompts of seed prompts; the policy never saw one
+        assert writer.requests and all("Write a list of new and varied tasks:" in last_user(r) for r in writer.requests)
+        assert not any("new and varied tasks" in last_user(r) for r in policies[policy].requests)
+        lines = [json.loads(x) for x in (rdir / "prompts.jsonl").read_text().splitlines()]
+        written[k] = [x["prompt"] for x in lines]
+        assert len(written[k]) == rec["written"] == 3 and not set(written[k]) & set(cfg.prompts)
+        assert all(set(x["demo_ids"]) <= seed_ids and len(x["demo_ids"]) == 4 for x in lines)
+        assert rec["model"] == "default" and rec["fixed_model"] and rec["seed_prompts"] == 8
+        assert rec["in_heldout"] == 0 and rec["in_earlier_rounds"] == 0
+        rows = datasets.load_from_disk(str(res.dataset_dir)).to_list()
+        assert {r["prompt"][-1]["content"] for r in rows} == set(written[k])  # the round trains on its new prompts
+        for r in rows:
+            assert [p["model"] for p in r["provenance"]] == ["default", policy, policy]  # written; sampled, judged
+            assert (r["chosen"][0]["content"], r["rejected"][0]["content"]) == (answers[2], answers[0])
+    assert not set(written[0]) & set(written[1])  # fresh prompts each round
+
+
+def test_only_a_prompt_writer_may_name_a_model():
+    stages = yaml.safe_load((PIPELINES / "self_rewarding_gen_tiny.yaml").read_text())["pairs"]["stages"]
+    for i in (1, 2):
+        bad = [dict(s) for s in stages]
+        bad[i]["model"] = "other-model"
+        with pytest.raises(LoopError, match=rf"pairs.stages\[{i}\].model: set by the loop .*only a prompt-writing "
+                                            r"stage, self_instruct_bootstrap, may name a fixed model"):
+            _load("self_rewarding_gen_tiny", pairs={"stages": bad})
+    # without `model:` the round's policy writes the prompts (the pipeline's model)
+    cfg = _load("self_rewarding_gen_tiny", pairs={"stages": [{k: v for k, v in stages[0].items() if k != "model"},
+                                                             *stages[1:]]})
+    assert cfg.fixed_stage_models() == [] and cfg.prompt_writers()[0]["model"] is None
+
+
 def test_loop_card_cites_the_method():
     from synthfb.loop.card import render_card
 
@@ -291,6 +380,44 @@ def test_self_rewarding_two_rounds(tmp_path, tiny_model, hf_tiny):
                 (policy.name, model_revision(str(policy)))}  # sampled and judged by it
             assert row["score_probs"] is not None  # label log-probs on a local backend
         assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_self_rewarding_with_written_prompts_two_rounds(tmp_path, tiny_model, hf_tiny):
+    """The loop end to end with per-round prompts: the fixed writer (scripted: a tiny random model
+    writes no task lists) writes each round's prompts, the round's policy samples and judges them,
+    DPO trains; the loop card says how the prompts were made."""
+    writer = _writer()
+    res = run_loop(PIPELINES / "self_rewarding_gen_tiny.yaml", tmp_path / "gen", progress=False,
+                   engines={str(tiny_model): hf_tiny, "default": writer}, overrides={"policy": str(tiny_model)})
+    state = json.loads((res.out / "loop.json").read_text())
+    [w] = state["prompt_writers"]
+    assert (w["kind"], w["model"]["name"], w["model"]["revision"]) == ("self_instruct_bootstrap", "default",
+                                                                       "fake-rev-1")
+    ck0 = res.out / "round-00" / "checkpoint"
+    written = []
+    for k, policy in ((0, tiny_model), (1, ck0)):
+        rdir = res.out / f"round-{k:02d}"
+        m = json.loads((rdir / "metrics.json").read_text())
+        assert m["policy"]["path"] == m["judge"]["path"] == str(policy)  # the policy judges itself
+        wp = m["pairs"]["written_prompts"]
+        assert (wp["model"], wp["fixed_model"], wp["written"], wp["seed"]) == ("default", True, 3, k)
+        written.append({json.loads(x)["prompt"] for x in (rdir / "prompts.jsonl").read_text().splitlines()})
+        ds = datasets.load_from_disk(str(rdir / "pairs" / "dataset"))
+        assert len(ds) == m["pairs"]["pairs_built"] >= 1
+        for row in ds:
+            assert row["prompt"][-1]["content"] in written[k]
+            writer_rec, *policy_recs = row["provenance"]
+            assert writer_rec["model"] == "default" and {p["model"] for p in policy_recs} == {str(policy)}
+        assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
+    assert len(written[0]) == len(written[1]) == 3 and not written[0] & written[1]
+    from fakes import request_text  # on sys.path via _writer()
+
+    assert writer.requests and all("new and varied tasks" in request_text(r) for r in writer.requests)
+    card = (res.out / "README.md").read_text()
+    assert "Prompts: written afresh each round by `default` (revision `fake-rev-1`; fixed across rounds, not " \
+           "the policy), few-shot from the seed prompts" in card
+    assert "3 prompts (written by `default` from 8 seed prompts) sampled by" in card
 
 
 @pytest.mark.timeout(600)

@@ -85,14 +85,22 @@ def render_card(state: dict[str, Any]) -> str:
                      f"{d['rows']} SFT rows; {t.get('method', 'sft').upper()} {t.get('steps')} steps (loss "
                      f"{_fmt(t.get('first_loss'))} -> {_fmt(t.get('final_loss'))}); its checkpoint is the round-0 "
                      f"policy (and round 0's reference).")
+    for w in state.get("prompt_writers") or []:
+        model = w["model"] if isinstance(w["model"], str) else f"`{w['model'].get('name')}` (revision " \
+            f"`{w['model'].get('revision')}`; fixed across rounds, not the policy)"
+        lines.append(f"- Prompts: written afresh each round by {model}, few-shot from the seed prompts "
+                     f"(pairs.stages[{w['stage']}] `{w['kind']}`, demos drawn with seed `seed + round`); in "
+                     f"`round-NN/prompts.jsonl`.")
     for r in rounds:
         m = r["metrics"]
         trained = ", ".join(f"{k} {_fmt(v)}" for k, v in headline(m["train"]).items())
         rd = m["pairs"].get("round_data")
         what = (f"{rd['rows']} `{rd['builder']}` rows (from {m['pairs'].get('pipeline_rows')} pipeline rows)"
                 if rd else f"{m['pairs']['pairs_built']} pairs")
-        lines.append(f"- Round {m['round']}: {what} from "
-                     f"{m['pairs']['prompts']} prompts sampled by `{m['policy'].get('name')}`; "
+        wp = m["pairs"].get("written_prompts")
+        prompts = (f"{wp['written']} prompts (written by `{wp['model']}` from {wp['seed_prompts']} seed prompts)"
+                   if wp else f"{m['pairs']['prompts']} prompts")
+        lines.append(f"- Round {m['round']}: {what} from {prompts} sampled by `{m['policy'].get('name')}`; "
                      f"{m['train'].get('method')}: {trained}.")
     lines += ["", "## Held-out win rates", "",
               f"{len(ev_cfg.get('prompts') or []) or (state.get('heldout_base') or {}).get('prompts')} held-out "

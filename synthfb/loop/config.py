@@ -65,6 +65,9 @@ METHODS = tuple(registry.loop_methods())
 DEFAULT_METHOD = "dpo"
 # Stage fields that pick models: the loop sets them (policy generates, judge judges).
 RESERVED_STAGE = ("model", "ranker_model")
+# Stages that write new prompts few-shot from the loop's `prompts` (the seeds) and may name a fixed
+# `model:` the loop keeps (Self-Rewarding's prompt generator): stage kind -> the column of the prompts.
+PROMPT_WRITERS = {"self_instruct_bootstrap": "instruction"}
 SELF_JUDGE = "policy"
 # The held-out judge's default template: another prompt than the training rankers' default
 # (pairwise_judge.jinja), so the held-out win rate is not the training signal read back.
@@ -103,7 +106,9 @@ class PairsSection:
 
     stages: list[dict] = option(
         help="feedback stages run on the prompts with the round's policy (the loop adds the `load`); the last "
-             "must emit prompt/chosen/rejected (e.g. `onpolicy_pairs` or `judge_pairs`)",
+             "must emit prompt/chosen/rejected (e.g. `onpolicy_pairs` or `judge_pairs`); a first "
+             "`self_instruct_bootstrap` with its own `model:` has that fixed model write each round's prompts "
+             "few-shot from the `prompts` (the seeds; Self-Rewarding), recorded in round-NN/prompts.jsonl",
         schema={"minItems": 1, "items": {"type": "object", "required": ["stage"],
                                          "properties": {"stage": {"type": "string"}}}})
     chunk_size: int = option(2048, "rows per checkpointed chunk of the pairs run", ge=1)
@@ -162,7 +167,8 @@ class LoopFile:
     name: str = option(help=NAME_SCHEMA["description"], schema={"pattern": NAME_SCHEMA["pattern"]})
     policy: str = option(help="initial policy: alias, local folder or hub id; the round-0 policy, or with `sft:` "
                               "the model SFT starts from", schema=_NON_EMPTY)
-    prompts: str | list[str] = option(help="training prompts: a data file or an inline list of strings",
+    prompts: str | list[str] = option(help="training prompts: a data file or an inline list of strings (with a "
+                                           "prompt-writing pairs stage: the seeds it writes new prompts from)",
                                       schema=_PROMPTS)
     pairs: PairsSection = option(help="feedback stages that turn each round's samples into preference pairs")
     eval: EvalSection = option(help="held-out prompts: each round's policy against the round-0 policy")
@@ -369,8 +375,25 @@ class LoopConfig:
                     models=self.models, seed=self.seed)
         return data
 
+    def prompt_writers(self) -> list[dict[str, Any]]:
+        """The pairs stages that write each round's prompts few-shot from the
+        seed ``prompts``: index, kind, the column they write and their model
+        (a fixed ``model:`` the loop keeps, or None: the round's policy)."""
+        return [{"stage": i, "kind": sd["stage"], "column": PROMPT_WRITERS[sd["stage"]], "model": sd.get("model")}
+                for i, sd in enumerate(self.pairs_stages) if sd["stage"] in PROMPT_WRITERS]
+
+    def fixed_stage_models(self) -> list[str]:
+        """Models named by pairs stages themselves (fixed for every round)."""
+        return list(dict.fromkeys(w["model"] for w in self.prompt_writers() if w["model"]))
+
+    def round_models(self, policy: str) -> list[str]:
+        """Every model the pairs pipeline of a round with ``policy`` calls:
+        the policy, the judge, and the stages' fixed models."""
+        return list(dict.fromkeys([policy, self.judge_for(policy), *self.fixed_stage_models()]))
+
     def stages_for(self, policy: str) -> list[dict[str, Any]]:
-        """The pairs stages of one round with the judge model filled in."""
+        """The pairs stages of one round with the judge model filled in (a
+        prompt writer's own ``model:`` is kept: it is not the policy's)."""
         judge = None if self.self_judging else self.judge_for(policy)
         out = []
         for sd in self.pairs_stages:
@@ -488,9 +511,10 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[s
             raise LoopError(f"{source}: {where}: {kind!r} reads data; the loop loads the `prompts` itself, "
                             f"so pairs stages start after it")
         for k in RESERVED_STAGE:
-            if k in sd:
+            if k in sd and not (k == "model" and kind in PROMPT_WRITERS):
                 raise LoopError(f"{source}: {where}.{k}: set by the loop (the current policy generates, `judge:` "
-                                f"judges); remove it")
+                                f"judges; only a prompt-writing stage, {', '.join(PROMPT_WRITERS)}, may name a "
+                                f"fixed model); remove it")
         cfg = {k: v for k, v in sd.items() if k != "stage"}
         validate(cfg, dataclass_schema(cls.Config), source, ["pairs", "stages", i], error=LoopError)
         try:

@@ -4,6 +4,13 @@ The loop's ``pairs.stages`` run after a ``load`` of the training prompts,
 with the round's policy as the pipeline model and the judge filled into the
 stages that judge. The runner does the rest (chunks on disk, fingerprints,
 resume after a kill); :func:`pairs_metrics` reads what it recorded.
+
+Round ``k``'s pipeline runs with seed ``seed + k``, so the stages' random
+draws (e.g. the few-shot demos of a prompt writer) are fresh each round; the
+engines keep the loop's ``seed``. A prompt-writing stage
+(``self_instruct_bootstrap``, optionally with its own fixed ``model:``)
+writes the round's prompts from the seed prompts; :func:`record_prompts`
+copies them to ``round-NN/prompts.jsonl``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..data import ROW_ID
 from ..data.io import atomic_write_bytes
 from ..engine import Pipeline, Runner, RunResult
 from ..llm.types import Generator
@@ -46,7 +54,7 @@ def pairs_pipeline(cfg: LoopConfig, k: int, policy: str, prompts_file: Path) -> 
         "model": policy,
         "backend_options": cfg.backend_options,
         "models": cfg.models,
-        "seed": cfg.seed,
+        "seed": cfg.seed + k,  # fresh random draws each round (engines keep cfg.seed)
         "chunk_size": cfg.chunk_size,
         "stages": [{"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]}]
         + cfg.stages_for(policy),
@@ -61,6 +69,41 @@ def run_pairs(cfg: LoopConfig, k: int, policy: str, prompts_file: Path, out: Pat
     """Run (or resume, or reuse) the round's pairs pipeline into ``out``."""
     pipe = pairs_pipeline(cfg, k, policy, prompts_file)
     return Runner(pipe, out, resume=True, generators=generators, progress=progress).run()
+
+
+def record_prompts(cfg: LoopConfig, k: int, result: RunResult, rdir: Path) -> dict[str, Any] | None:
+    """The prompts a prompt-writing stage wrote this round, as ``{"id",
+    "prompt", "demo_ids"}`` JSON lines in ``rdir/prompts.jsonl``, and their
+    record for the round's metrics: the stage, its model, the seed prompts,
+    the prompts written, and how many equal a held-out prompt or an earlier
+    round's (counted, not dropped). None without such a stage."""
+    from ..data.io import read_tables
+
+    writers = cfg.prompt_writers()
+    if not writers:
+        return None
+    w = writers[0]
+    rec = result.manifest["stages"][w["stage"] + 1]  # + 1: the loop's `load`
+    sdir = result.out_dir / "stages" / f"{w['stage'] + 1:02d}-{w['kind']}"
+    table = read_tables(sorted(sdir.glob("chunk-*.parquet")))
+    rows = table.to_pylist() if table is not None else []
+    text = "".join(json.dumps({"id": r[ROW_ID], "prompt": r[w["column"]], "demo_ids": r.get("demo_ids")},
+                              ensure_ascii=False) + "\n" for r in rows)
+    path = rdir / "prompts.jsonl"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    earlier: set[str] = set()
+    for j in range(k):
+        f = rdir.parent / f"round-{j:02d}" / "prompts.jsonl"
+        if f.exists():
+            earlier.update(json.loads(x)["prompt"] for x in f.read_text(encoding="utf-8").splitlines() if x)
+    written = [r[w["column"]] for r in rows]
+    model = rec.get("model") or {}
+    return {"stage": w["stage"], "kind": w["kind"], "model": model.get("name"), "model_revision": model.get("revision"),
+            "fixed_model": w["model"] is not None, "seed_prompts": len(cfg.prompts), "written": len(rows),
+            "seed": result.manifest.get("seed"), "file": str(path),
+            "in_heldout": sum(p in set(cfg.eval.prompts) for p in written),
+            "in_earlier_rounds": sum(p in earlier for p in written)}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -8,7 +8,9 @@ policy ``P_k`` (``P_0`` = the loop's ``policy`` or the SFT checkpoint,
 
 1. samples on-policy responses to the training prompts with ``P_k`` and has
    the judge rank them into preference pairs (``synthfb/loop/pairs.py``: the
-   pipeline runner, chunked and resumable); a method with ``round_data``
+   pipeline runner, chunked and resumable; a first prompt-writing stage may
+   have a fixed model write the round's prompts from the seed prompts, with
+   seed ``seed + k``); a method with ``round_data``
    (``spin``, ``rft``) turns those rows into its training rows
    (``synthfb/loop/round_data.py``, into ``round-NN/round_data``);
 2. trains ``P_k`` into ``round-k/checkpoint`` (``synthfb/loop/train.py``,
@@ -45,7 +47,7 @@ from ..llm.types import Generator
 from . import heldout
 from .config import LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
-from .pairs import pairs_metrics, run_pairs, write_prompts
+from .pairs import pairs_metrics, record_prompts, run_pairs, write_prompts
 from .round_data import build_round_data
 from .card import loop_summary, write_card
 from .state import LoopFolder, now, read_json, round_dir
@@ -77,13 +79,15 @@ class _Loop:
         initial = pool.get(cfg.policy)
         if not cfg.self_judging:
             pool.pin(cfg.judge_for(cfg.policy))
-        pool.pin(cfg.eval_judge())
+        pool.pin(cfg.eval_judge(), *cfg.fixed_stage_models())  # fixed models stay up across rounds
         eval_judge = pool.get(cfg.eval_judge())
         self.folder.start({
             "synthfb_loop": 1, "name": cfg.name, "description": cfg.description, "source": cfg.source,
             "config": scrub(cfg.raw), "rounds_planned": cfg.rounds, "initial_policy": scrub(initial.info.to_dict()),
             "judge": "the round's policy" if cfg.self_judging else cfg.judge_for(cfg.policy),
             "training_rankers": cfg.training_rankers(),
+            "prompt_writers": [{**w, "model": scrub(pool.get(w["model"]).info.to_dict()) if w["model"]
+                                else "the round's policy"} for w in cfg.prompt_writers()],
             "eval_judge": scrub(heldout.judge_record(cfg, eval_judge)), "versions": package_versions(),
         })
         prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts, cfg.prompt_extras)
@@ -137,6 +141,8 @@ class _Loop:
         eval_judge = pool.get(cfg.eval_judge())
         parts = {"config": cfg_fp, "policy": policy.info.revision, "judge": judge.info.revision,
                  "eval_judge": eval_judge.info.revision, "base": base["fingerprint"]}
+        if cfg.fixed_stage_models():  # e.g. Self-Rewarding's fixed prompt writer
+            parts["stage_models"] = [pool.get(n).info.revision for n in cfg.fixed_stage_models()]
         fp = stable_hash({**parts, **self.training.round_parts(cfg, earlier_pairs)})
         rec = self.folder.round(k)
         ckpt = (rdir / "checkpoint").resolve()
@@ -148,9 +154,13 @@ class _Loop:
         self.folder.set_round(k, {"status": "running", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "started": now()})
         t0 = time.time()
-        res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs", {policy_name: policy, judge_name: judge},
-                        self.progress)
-        pm = build_round_data(cfg, k, pairs_metrics(res), rdir)  # the method's round data (spin, rft) or the pairs
+        res = run_pairs(cfg, k, policy_name, prompts_file, rdir / "pairs",
+                        {n: pool.get(n) for n in cfg.round_models(policy_name)}, self.progress)
+        pm = pairs_metrics(res)
+        written = record_prompts(cfg, k, res, rdir)  # a prompt writer's prompts -> round-NN/prompts.jsonl
+        if written is not None:
+            pm["written_prompts"] = written
+        pm = build_round_data(cfg, k, pm, rdir)  # the method's round data (spin, rft) or the pairs
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
         tm = train_round(cfg, self.training, policy.info.path, policy.info.revision, pm, earlier_pairs, rdir,

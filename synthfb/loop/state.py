@@ -13,6 +13,7 @@ Layout::
     OUT/final-eval.json            warm-up: the last round's policy vs the initial `policy`
     OUT/heldout-base.json          round-0 policy responses to the held-out prompts (generated once)
     OUT/round-00/pairs/            the round's pairs run (a synthfb run folder: run.json, stages/, dataset/)
+    OUT/round-00/prompts.jsonl     with a prompt-writing pairs stage: the prompts it wrote this round
     OUT/round-00/train.json        training fingerprint, status and metrics
     OUT/round-00/checkpoint/       the trained policy (HF folder; checkpoint-N/ while training)
     OUT/round-00/eval.json         held-out responses, judge matrices, win rate
