@@ -408,7 +408,8 @@ def test_self_rewarding_with_written_prompts_two_rounds(tmp_path, tiny_model, hf
         for row in ds:
             assert row["prompt"][-1]["content"] in written[k]
             writer_rec, *policy_recs = row["provenance"]
-            assert writer_rec["model"] == "default" and {p["model"] for p in policy_recs} == {str(policy)}
+            assert writer_rec["model"] == "default" and {(p["model"], p["model_revision"]) for p in policy_recs} == {
+                (policy.name, model_revision(str(policy)))}
         assert m["train"]["first_loss"] == pytest.approx(LN2, abs=1e-5)
     assert len(written[0]) == len(written[1]) == 3 and not written[0] & written[1]
     from fakes import request_text  # on sys.path via _writer()
