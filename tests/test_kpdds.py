@@ -197,3 +197,33 @@ def test_extract_on_vllm_answers_in_the_schema_even_from_a_random_model(tmp_path
     assert st["rows_in"] == st["rows_out"] == 3, st
     free = go("none", tmp_path / "free")
     assert free["rows_in"] == 3 and free["rows_out"] == 0, free
+
+
+def test_parse_question_both_forms():
+    from synthfb.stages.kpdds import parse_question
+
+    assert parse_question('{"question": " How many apples are left? "}', True) == "How many apples are left?"
+    assert parse_question('{"question": "  "}', True) is None and parse_question("<Q>x</Q>", True) is None
+    assert parse_question("Sure. <Q>first</Q> then <Q> second </Q>", False) == "second"
+    assert parse_question("no tags", False) is None and parse_question("<Q> </Q>", False) is None
+
+
+def test_questions_under_constraint_ask_for_json_and_read_it(tmp_path):
+    """On vLLM (`constrain: auto`) the question prompt asks for {"question": ...} under QUESTION_SCHEMA and the
+    answer is read from the JSON; the <Q> tags are the free-text form."""
+    from fakes import request_text
+
+    from synthfb.stages.kpdds import QUESTION_SCHEMA
+
+    d, fake = kpdds()
+    fake.info = type(fake.info)(name=fake.info.name, path=fake.info.path, revision=fake.info.revision, backend="vllm")
+    d["stages"] = d["stages"][:3]  # load -> extract -> questions
+    rule = next(i for i, (key, _) in enumerate(fake.rules) if key == "mathematics teacher helping students")
+    fake.rules[rule] = (fake.rules[rule][0], lambda req, k: '{"question": "A train goes 3 km then 4 km; how far?"}')
+    res = run(d, tmp_path / "run", fake)
+    st = {s["kind"]: s for s in res.manifest["stages"]}
+    asked = [r for r in fake.requests if "mathematics teacher helping students" in request_text(r)]
+    assert asked and all(r.json_schema is QUESTION_SCHEMA and '{"question": "the new problem"}' in request_text(r)
+                         and "<Q>" not in request_text(r) for r in asked)
+    assert st["kpdds_questions"]["rows_out"] == d["stages"][2]["num_questions"]
+    assert {r["question"] for r in rows(tmp_path / "run")} == {"A train goes 3 km then 4 km; how far?"}

@@ -87,9 +87,24 @@ TOPICS_SCHEMA: dict[str, Any] = {
 """The extraction answer's shape, for ``constrain: json``: at most 3 topics of at most 4 key points each, and
 bounded strings, so a constrained answer always closes within the default 512 tokens (about 460 at most)."""
 
+QUESTION_SCHEMA: dict[str, Any] = {
+    "type": "object", "properties": {"question": {"type": "string", "minLength": 20, "maxLength": 1200}},
+    "required": ["question"], "additionalProperties": False,
+}
+"""A new problem's shape for ``kpdds_questions`` under ``constrain: json`` (instead of ``<Q> ... </Q>``)."""
+
 CONSTRAINED_BACKENDS = ("vllm", "vllm-cpu")
-"""Where ``constrain: auto`` decodes under :data:`TOPICS_SCHEMA` (vLLM's structured outputs; the transformers
+"""Where ``constrain: auto`` decodes under the stage's JSON schema (vLLM's structured outputs; the transformers
 backend cannot constrain, and a served API may not support every keyword)."""
+
+CONSTRAIN_HELP = ("json: decode under the answer's JSON schema (vLLM structured outputs, or response_format on a "
+                  "served model), so small models answer in the asked form; none: free text parsed as the paper's "
+                  "GPT-4 answers were; auto: json on vllm/vllm-cpu, none elsewhere")
+
+
+def constrained(mode: str, backend: str) -> bool:
+    """Whether a stage's ``constrain`` setting decodes under its schema on ``backend``."""
+    return backend in CONSTRAINED_BACKENDS if mode == "auto" else mode == "json"
 
 
 @dataclass
@@ -99,10 +114,7 @@ class KpddsExtractConfig(ModelConfig):
     prompt: str = field(default="kpdds_extract.jinja", metadata={"help": "extraction template (question, solution)"})
     chat: bool = field(default=True, metadata={"help": "send the prompt as a chat turn (false: raw prompt)"})
     constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
-        "help": "json: decode under the topics JSON schema (at most 3 topics x 4 key points; vLLM structured "
-                "outputs, or response_format on a served model), so small models answer in the asked form; "
-                "none: free text, the first JSON object parsed (the paper's GPT-4 setting); auto: json on "
-                "vllm/vllm-cpu, none elsewhere"})
+        "help": "the topics schema: at most 3 topics x 4 key points. " + CONSTRAIN_HELP})
 
 
 class KpddsExtractStage(ModelStage):
@@ -121,16 +133,11 @@ class KpddsExtractStage(ModelStage):
     def required_columns(self) -> set[str]:
         return {self.config.question_column, self.config.solution_column}
 
-    def constrained(self, ctx: StageContext) -> bool:
-        if self.config.constrain == "auto":
-            return ctx.generator(self.model_name()).info.backend in CONSTRAINED_BACKENDS
-        return self.config.constrain == "json"
-
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         c = self.config
         text = self.tpl.render({"question": row[c.question_column], "solution": row[c.solution_column]}, row[ROW_ID])
         req = self.chat(text, self.params, chat=c.chat)
-        if self.constrained(ctx):
+        if constrained(self.config.constrain, ctx.generator(self.model_name()).info.backend):
             req = dataclasses.replace(req, json_schema=TOPICS_SCHEMA)
         return req
 
@@ -162,9 +169,26 @@ class KpddsQuestionsConfig(ModelConfig):
     prompt: str = field(default="kpdds_question.jinja", metadata={"help": "question template (blocks, num_key_points)"})
     chat: bool = field(default=True, metadata={"help": "send the prompt as a chat turn"})
     max_steps: int = field(default=50, metadata={"help": "give up (counted) after this many steps short of the target"})
+    constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
+        "help": 'the problem as {"question": ...} (the template is told json_answer) instead of <Q> ... </Q>. '
+                + CONSTRAIN_HELP})
 
 
 _Q = re.compile(r"<Q>(.*?)</Q>", re.DOTALL)
+
+
+def parse_question(text: str, as_json: bool) -> str | None:
+    """The new problem from a teacher's answer: the ``question`` of a JSON answer (``constrain: json``), else
+    the last ``<Q> ... </Q>`` block; None when there is none (or it is blank)."""
+    if as_json:
+        try:
+            obj = json.loads(text, strict=False)
+        except json.JSONDecodeError:
+            return None
+        q = obj.get("question") if isinstance(obj, dict) else None
+        return q.strip() or None if isinstance(q, str) else None
+    m = _Q.findall(text)
+    return m[-1].strip() or None if m else None
 
 
 class KpddsQuestionsStage(IterativeStage):
@@ -235,23 +259,25 @@ class KpddsQuestionsStage(IterativeStage):
         need = min(c.questions_per_step, c.num_questions - len(produced))
         combos = [self.combination(tcpm, topics, probs, rows, rng) for _ in range(need)]
         combos = [b for b in combos if b]
-        prompts = [self.tpl.render({"blocks": b, "num_key_points": sum(len(x["key_points"]) for x in b)},
-                                   f"step {step}") for b in combos]
-        reqs = [text_request(p, self.params, c.chat) for p in prompts]
+        as_json = constrained(c.constrain, ctx.generator().info.backend)
+        prompts = [self.tpl.render({"blocks": b, "num_key_points": sum(len(x["key_points"]) for x in b),
+                                    "json_answer": as_json}, f"step {step}") for b in combos]
+        reqs = [dataclasses.replace(text_request(p, self.params, c.chat),
+                                    json_schema=QUESTION_SCHEMA if as_json else None) for p in prompts]
         results = ctx.call(reqs, owners=[f"step{step}/q{k}" for k in range(len(reqs))])
         gen, new = ctx.generator(), []
         for blocks, prompt, res in zip(combos, prompts, results):
             if res.error:
                 continue
             comp = res.completions[0]
-            m = _Q.findall(comp.text)
+            question = parse_question(comp.text, as_json)
             ctx.stats.add("outputs")
-            if not m or not m[-1].strip():
-                ctx.stats.add("dropped_no_question_tags")
+            if question is None:
+                ctx.stats.add("dropped_no_question_json" if as_json else "dropped_no_question_tags")
                 continue
             ctx.stats.add("parsed")
             ctx.stats.add(f"combinations_{len(blocks)}_topics")
-            new.append({ROW_ID: f"kp-{step:05d}-{len(new):05d}", "kp_prompt": prompt, "question": m[-1].strip(),
+            new.append({ROW_ID: f"kp-{step:05d}-{len(new):05d}", "kp_prompt": prompt, "question": question,
                         "topics": [b["topic"] for b in blocks], "key_points": [b["key_points"] for b in blocks],
                         "practice_ids": [b["seed"] for b in blocks],
                         "practice": [{"question": b["question"], "solution": b["solution"]} for b in blocks],
