@@ -227,3 +227,42 @@ def test_questions_under_constraint_ask_for_json_and_read_it(tmp_path):
                          and "<Q>" not in request_text(r) for r in asked)
     assert st["kpdds_questions"]["rows_out"] == d["stages"][2]["num_questions"]
     assert {r["question"] for r in rows(tmp_path / "run")} == {"A train goes 3 km then 4 km; how far?"}
+
+
+def test_unit_score_json_form():
+    assert parse_unit_score('{"justification": "ok", "score": 0.9}', True) == 0.9
+    assert parse_unit_score('{"justification": "ok", "score": 1}', True) == 1.0
+    assert parse_unit_score('{"justification": "ok", "score": 1.5}', True) is None
+    assert parse_unit_score('{"justification": "ok", "score": true}', True) is None
+    assert parse_unit_score("Score: 0.9", True) is None and parse_unit_score('{"score": 0.9}') is None
+
+
+def test_score_under_constraint_asks_for_json(tmp_path):
+    """On vLLM the score prompt asks for {"justification", "score"} under SCORE_SCHEMA; the threshold is the
+    paper's 0.85 either way."""
+    from fakes import request_text
+
+    from synthfb.stages.kpdds import QUESTION_SCHEMA, SCORE_SCHEMA
+
+    d, fake = kpdds()
+    fake.info = type(fake.info)(name=fake.info.name, path=fake.info.path, revision=fake.info.revision, backend="vllm")
+    d["stages"] = d["stages"][:4]  # load -> extract -> questions -> score
+    rules = dict(fake.rules)
+    made = iter(range(10**6))
+    rules["mathematics teacher helping students"] = lambda req, k: (
+        f'{{"question": "Practice problem number {1 + next(made) % 2}: how many?"}}')
+    rules["reviewing a new mathematics problem"] = lambda req, k: (
+        '{"justification": "flawed", "score": 0.5}' if "number 1:" in request_text(req)
+        else '{"justification": "fine", "score": 0.9}')
+    fake.rules = list(rules.items())
+    res = run(d, tmp_path / "run", fake)
+    st = {s["kind"]: s for s in res.manifest["stages"]}
+    asked = [r for r in fake.requests if "reviewing a new mathematics problem" in request_text(r)]
+    assert asked and all(r.json_schema is SCORE_SCHEMA and '"score": <number between 0 and 1>' in request_text(r)
+                         for r in asked)
+    assert QUESTION_SCHEMA is not SCORE_SCHEMA
+    sc = st["kpdds_score"]
+    assert sc["counts"]["outputs"] == sc["counts"]["parsed"] == sc["rows_in"] >= 1
+    kept = rows(tmp_path / "run")
+    assert all(r["question_score"] == 0.9 and "number 2:" in r["question"] for r in kept)
+    assert sc["rows_out"] == len(kept) == sc["rows_in"] - sc["counts"].get("dropped_score_below_threshold", 0)

@@ -290,8 +290,25 @@ class KpddsQuestionsStage(IterativeStage):
 _SCORE = re.compile(r"score\s*[:=]\s*\**\s*([01](?:\.\d+)?|\.\d+)", re.IGNORECASE)
 
 
-def parse_unit_score(text: str) -> float | None:
-    """The last ``Score: x`` with x in [0, 1], else None."""
+SCORE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"justification": {"type": "string", "maxLength": 600},
+                   "score": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["justification", "score"], "additionalProperties": False,
+}
+"""``kpdds_score``'s answer under ``constrain: json``: the brief justification first, then the score."""
+
+
+def parse_unit_score(text: str, as_json: bool = False) -> float | None:
+    """The last ``Score: x`` with x in [0, 1] (or, ``as_json``, the answer's ``score``), else None."""
+    if as_json:
+        try:
+            obj = json.loads(text or "", strict=False)
+        except json.JSONDecodeError:
+            return None
+        v = obj.get("score") if isinstance(obj, dict) else None
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+        return float(v) if ok else None
     m = _SCORE.findall(text or "")
     if not m:
         return None
@@ -304,6 +321,9 @@ class KpddsScoreConfig(ModelConfig):
     threshold: float = field(default=0.85, metadata={"help": "keep questions scored >= this (paper: 0.85)"})
     prompt: str = field(default="kpdds_score.jinja", metadata={"help": "scoring template (question, key_points)"})
     chat: bool = field(default=True, metadata={"help": "send the prompt as a chat turn"})
+    constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
+        "help": 'the answer as {"justification": ..., "score": x in [0, 1]} (the template is told json_answer) '
+                'instead of a closing "Score: x" line. ' + CONSTRAIN_HELP})
 
 
 class KpddsScoreStage(ModelStage):
@@ -324,13 +344,18 @@ class KpddsScoreStage(ModelStage):
     def required_columns(self) -> set[str]:
         return {"question", "key_points"}
 
+    def as_json(self, ctx: StageContext) -> bool:
+        return constrained(self.config.constrain, ctx.generator(self.model_name()).info.backend)
+
     def requests(self, row: dict[str, Any], ctx: StageContext) -> Any:
         kps = [k for group in row["key_points"] for k in group]
-        return self.chat(self.tpl.render({"question": row["question"], "key_points": kps}, row[ROW_ID]),
-                         self.params, chat=self.config.chat)
+        as_json = self.as_json(ctx)
+        text = self.tpl.render({"question": row["question"], "key_points": kps, "json_answer": as_json}, row[ROW_ID])
+        req = self.chat(text, self.params, chat=self.config.chat)
+        return dataclasses.replace(req, json_schema=SCORE_SCHEMA) if as_json else req
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
-        v = parse_unit_score(res.completions[0].text)
+        v = parse_unit_score(res.completions[0].text, self.as_json(ctx))
         ctx.stats.add("outputs")
         ctx.stats.add("parsed", int(v is not None))
         if v is None:
