@@ -167,6 +167,30 @@ def test_shipped_self_instruct_runs_from_the_paper_seed_file(tmp_path):
         assert r["generation_mode"] == ("output_first" if r["is_classification"] else "input_first")
 
 
+def test_resume_of_an_input_run_needs_the_input_again(tmp_path):
+    """A run made with `--input` records the file's name; resuming it without `--input` is refused with one line
+    (the load stage would read the pipeline's own seeds and the finished rows would be made again from them),
+    and nothing in the run changes; with `--input` again the run is reused as it is."""
+    from synthfb.engine.runner import RunError
+
+    seeds = _write_seeds(tmp_path)
+    d, fake = sr.self_instruct(script=sr.SelfInstructScript())
+    out = tmp_path / "run"
+    p = Pipeline.from_dict(d, PIPELINES, "pipelines/self_instruct.yaml", input_file=seeds)
+    first = Runner(p, out, generators={p.model: fake}, progress=False).run()
+    assert first.manifest["input"] == "seed_tasks.jsonl"
+    before = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file() and "logs" not in f.parts}
+    plain = Pipeline.from_dict(d, PIPELINES, "pipelines/self_instruct.yaml")
+    with pytest.raises(RunError, match=r"this run read --input seed_tasks.jsonl; give --input seed_tasks.jsonl again"):
+        Runner(plain, out, resume=True, generators={plain.model: fake}, progress=False).run()
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file() and "logs" not in f.parts} == before
+    asked = len(fake.requests)
+    again = Runner(Pipeline.from_dict(d, PIPELINES, "pipelines/self_instruct.yaml", input_file=seeds), out,
+                   resume=True, generators={p.model: fake}, progress=False).run()
+    assert again.manifest["status"] == "finished" and len(fake.requests) == asked  # every stage reused
+    assert sr.rows(out) and again.num_rows == first.num_rows
+
+
 def test_classification_only_takes_the_paper_files_classification_seeds(tmp_path):
     seeds = _write_seeds(tmp_path)
     script = sr.SelfInstructScript()

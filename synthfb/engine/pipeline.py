@@ -112,6 +112,8 @@ class Pipeline:
     max_failure_rate: float = 0.5
     source: str = "<python>"
     raw: dict[str, Any] = field(default_factory=dict)
+    input_file: str | None = None
+    """The name of the file ``--input`` gave (recorded in run.json; a resume must give it again)."""
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Path, source: str = "<python>", *,
@@ -145,7 +147,8 @@ class Pipeline:
                 raise PipelineError(f"{source}: {stage_error(f'stages[{i}]', kind, cls_, e)}") from e
             stages.append(stage)
         top = {k: v for k, v in data.items() if k != "stages"}
-        pipeline = cls(stages=stages, source=source, raw=recorded, **top)
+        pipeline = cls(stages=stages, source=source, raw=recorded, **top,
+                       input_file=None if input_file is None else Path(input_file).expanduser().name)
         pipeline.check_backend_options()
         return pipeline
 

@@ -244,6 +244,17 @@ class Runner:
             self._bar.clear()
         print(text, file=self.console.out, flush=True)
 
+    def _check_same_input(self) -> None:
+        """A run made with ``--input FILE`` resumes only with ``--input`` again: without it the first stage would
+        read the pipeline's own file and the finished rows would be made again from other data."""
+        try:
+            before = json.loads((self.out / "run.json").read_text(encoding="utf-8")).get("input")
+        except (OSError, ValueError, AttributeError):
+            return
+        if before and not self.pipeline.input_file:
+            raise RunError(f"{self.out}: this run read --input {before}; give --input {before} again to resume it "
+                           f"(or --overwrite to start afresh from the pipeline's own data)")
+
     def _mode(self) -> str:
         if self.resume and self.overwrite:
             raise RunError("--resume and --overwrite exclude each other")
@@ -262,6 +273,12 @@ class Runner:
             raise RunError(str(e)) from None
         self.folder = folder
         self.out = folder.path  # write exactly where the claim was checked
+        if self.resume:
+            try:
+                self._check_same_input()
+            except RunError:
+                folder.release()
+                raise
         self.console = Console(self.out / "logs" / "engine.log", verbose=self.verbose)
         try:
             with self.console:
@@ -285,6 +302,7 @@ class Runner:
             "license": p.license,
             "source": p.source,
             "config": scrub(_without_model_paths(p.raw)),
+            "input": p.input_file,
             "backend": p.backend,
             "seed": p.seed,
             "chunk_size": p.chunk_size,
