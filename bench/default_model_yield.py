@@ -192,14 +192,23 @@ def stage_line(name: str, rec: dict[str, Any]) -> tuple[str, float | None]:
             f"{rec['rows_out']:>5}  {src:<8} {drops_text(rec)}"), rate
 
 
-def start_engine():
+def context_for(paths: list[Path]) -> int:
+    """The engine context the pipelines ask for: the largest `backend_options.max_model_len` among them (at least
+    2048; e.g. cai_sft's few-shot transcripts need 4096)."""
+    import yaml
+
+    return max([2048] + [int((yaml.safe_load(p.read_text()).get("backend_options") or {}).get("max_model_len") or 0)
+                         for p in paths])
+
+
+def start_engine(max_model_len: int = 2048):
     """The default model (SmolLM2-135M-Instruct) in float32 on vLLM, one engine for every pipeline."""
     from synthfb.llm.models import prepare_default_model
     from synthfb.llm.vllm_backend import VLLMGenerator
 
     t0 = time.time()
-    gen = VLLMGenerator(str(prepare_default_model()), seed=0, dtype="float32", max_model_len=2048, name="default",
-                        progress=False, max_num_batched_tokens=2048)
+    gen = VLLMGenerator(str(prepare_default_model()), seed=0, dtype="float32", max_model_len=max_model_len,
+                        name="default", progress=False, max_num_batched_tokens=max(2048, max_model_len))
     print(f"engine: SmolLM2-135M-Instruct float32 on vllm ({time.time() - t0:.0f} s to start)", flush=True)
     return gen
 
@@ -234,7 +243,7 @@ def main() -> None:
         paths = [p for p in paths if p.stem in want]
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="default_model_yield-"))
     t_all = time.time()
-    gen = start_engine()
+    gen = start_engine(context_for(paths))
     print(f"runs in {out_root}", flush=True)
     worst: tuple[float, str] | None = None
     lines = []

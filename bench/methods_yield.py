@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from default_model_yield import HEADER, PIPELINES, run_small, stage_line, start_engine
+from default_model_yield import HEADER, PIPELINES, context_for, run_small, stage_line, start_engine
 
 METHODS = ("humpback_backward", "humpback_seed", "consistency", "realign", "humpback_iterate", "best_of_n", "kpdds",
            "rso_pairs")
@@ -56,7 +56,7 @@ def main() -> None:
         ap.error(f"--pipelines: no pipelines/{missing[0]}.yaml")
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="methods_yield-"))
     t_all = time.time()
-    gen = start_engine()
+    gen = start_engine(context_for([PIPELINES / f"{n}.yaml" for n in names]))
     print(f"runs in {out_root}", flush=True)
     summary, with_rows = [], 0
     for name in names:
