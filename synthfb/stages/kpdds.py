@@ -102,6 +102,15 @@ CONSTRAIN_HELP = ("json: decode under the answer's JSON schema (vLLM structured 
                   "GPT-4 answers were; auto: json on vllm/vllm-cpu, none elsewhere")
 
 
+def json_object(text: str) -> dict[str, Any] | None:
+    """``text`` read as one JSON object (raw control characters inside strings allowed), else None."""
+    try:
+        obj = json.loads(text or "", strict=False)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def constrained(mode: str, backend: str) -> bool:
     """Whether a stage's ``constrain`` setting decodes under its schema on ``backend``."""
     return backend in CONSTRAINED_BACKENDS if mode == "auto" else mode == "json"
@@ -137,9 +146,8 @@ class KpddsExtractStage(ModelStage):
         c = self.config
         text = self.tpl.render({"question": row[c.question_column], "solution": row[c.solution_column]}, row[ROW_ID])
         req = self.chat(text, self.params, chat=c.chat)
-        if constrained(self.config.constrain, ctx.generator(self.model_name()).info.backend):
-            req = dataclasses.replace(req, json_schema=TOPICS_SCHEMA)
-        return req
+        as_json = constrained(c.constrain, ctx.generator(self.model_name()).info.backend)
+        return dataclasses.replace(req, json_schema=TOPICS_SCHEMA) if as_json else req
 
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
         comp = res.completions[0]
@@ -181,11 +189,7 @@ def parse_question(text: str, as_json: bool) -> str | None:
     """The new problem from a teacher's answer: the ``question`` of a JSON answer (``constrain: json``), else
     the last ``<Q> ... </Q>`` block; None when there is none (or it is blank)."""
     if as_json:
-        try:
-            obj = json.loads(text, strict=False)
-        except json.JSONDecodeError:
-            return None
-        q = obj.get("question") if isinstance(obj, dict) else None
+        q = (json_object(text) or {}).get("question")
         return q.strip() or None if isinstance(q, str) else None
     m = _Q.findall(text)
     return m[-1].strip() or None if m else None
@@ -302,11 +306,7 @@ SCORE_SCHEMA: dict[str, Any] = {
 def parse_unit_score(text: str, as_json: bool = False) -> float | None:
     """The last ``Score: x`` with x in [0, 1] (or, ``as_json``, the answer's ``score``), else None."""
     if as_json:
-        try:
-            obj = json.loads(text or "", strict=False)
-        except json.JSONDecodeError:
-            return None
-        v = obj.get("score") if isinstance(obj, dict) else None
+        v = (json_object(text) or {}).get("score")
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
         return float(v) if ok else None
     m = _SCORE.findall(text or "")
