@@ -81,6 +81,24 @@ def test_fields_truncated_output_is_dropped_not_parsed(tmp_path):
     assert c["truncated_outputs"] == c["prompts"] == 4  # prompts_per_step 2, 2 steps
 
 
+def test_fields_output_ends_at_a_repeated_field_header(tmp_path):
+    # SmolLM2 often writes "4. Output:" or "4. Input:" again inside the output (measured: the one malformed
+    # block of 11 in an 8-row alpaca run); the output ends there, as the instruction ends at its line end
+    def reply(req, k):
+        if req.prompt.endswith("4. Input:\n"):
+            return "<noinput>"
+        if req.prompt.endswith("4. Output:\n"):
+            return "The first answer.\n4. Output:\nA second go.\n4. Input:\nmore"
+        return f" {sr.novel_instruction(300 + len(req.prompt) % 97)}"
+
+    res, rec, fake = _fields_run(tmp_path, FakeGenerator(reply), max_steps=2)
+    c = rec["counts"]
+    assert c["outputs"] == c["parsed"] == 4 and not c.get("dropped_malformed_block")
+    assert {r["output"] for r in sr.rows(tmp_path / "run")} == {"The first answer."}
+    out = [r for r in fake.requests if r.prompt.endswith("\n4. Output:\n")]
+    assert {"\n4. Input", "\n4. Output"} <= set(out[0].params.stop)
+
+
 def test_fields_needs_completion_mode():
     d, _ = sr.alpaca()
     sr.stage_cfg(d, "alpaca_bootstrap").update(fill="fields", chat=True)

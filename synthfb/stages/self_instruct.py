@@ -320,7 +320,7 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
         """``fill: fields``: per prompt (which ends with ``"N. Instruction:"``)
         the instruction (to the end of its line), then the input after
         ``"\nN. Input:\n"`` (up to ``N. Output:``), then the output after
-        ``"\nN. Output:\n"`` (up to the next ``###`` or block), each call
+        ``"\nN. Output:\n"`` (up to the next ``###``, block or repeated field header), each call
         continuing the document so far; the three fields become one block
         text, parsed like a response. A failed call fails the prompt."""
         import dataclasses
@@ -335,7 +335,10 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
                   ("input", f"\n{n}. Input:\n", dataclasses.replace(
                       p, n=1, max_tokens=short, stop=(f"\n{n}. Output", f"{n}. Output", "\n###", "###"))),
                   ("output", f"\n{n}. Output:\n", dataclasses.replace(
-                      p, n=1, stop=("\n###", "###", f"\n{n}. Instruction", f"\n{n + 1}. Instruction")))]
+                      # a field header the model writes again ends the output, as the line end ends the
+                      # instruction: the block keeps its three fields
+                      p, n=1, stop=("\n###", "###", f"\n{n}. Instruction", f"\n{n + 1}. Instruction",
+                                    f"\n{n}. Input", f"\n{n}. Output")))]
         system = self.config.system
         docs = [f"{system}\n\n{x}" if system else x for x in prompts]  # as text_request sends it
         texts, finish, errors = [""] * len(prompts), ["stop"] * len(prompts), [None] * len(prompts)
