@@ -77,6 +77,28 @@ def test_gradient_checkpointing_changes_memory_not_results(small, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("gc", [False, True])
+def test_shared_prompt_trains_the_same_model(small, tmp_path, gc):
+    """``share_prompt`` (prefix sharing: one copy of the prompt per pair) is a way to compute the same loss:
+    the same losses, metrics and weights as the prompt repeated per completion (TRL's layout), with and
+    without gradient checkpointing; the reference pass and the token count agree too."""
+    runs = {}
+    for share in (False, True):
+        cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path / f"share{share}"), batch_size=8,
+                        learning_rate=1e-3, lr_scheduler="constant", max_steps=4, beta=0.1, share_prompt=share,
+                        gradient_checkpointing=gc)
+        runs[share] = train_dpo(cfg, pairs(32, 4))
+    for key in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "tokens"):
+        a, b = ([h[key] for h in runs[s]["history"]] for s in (False, True))
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4), key
+    ref = [x for e in runs[False]["examples"] for x in (e["ref_chosen"], e["ref_rejected"])]
+    assert [x for e in runs[True]["examples"] for x in (e["ref_chosen"], e["ref_rejected"])] == \
+        pytest.approx(ref, abs=1e-4)
+    for (n, p), (_, q) in zip(runs[False]["model"].named_parameters(), runs[True]["model"].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_reference_logps_cached_and_model_not_needed_again(small, tmp_path, monkeypatch):
     cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path), ref_batch_size=3)
     tok, ex = prepare(cfg, pairs(7, 3))

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from synthfb.train.collate import collate_packed, collate_sequences, collate_sft
-from synthfb.train.logprobs import last_token_index, sequence_logps, token_logps
+from synthfb.train.collate import collate_packed, collate_sequences, collate_sft, collate_shared_prompt
+from synthfb.train.logprobs import last_token_index, sequence_logps, shared_prompt_logps, token_logps
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,43 @@ def test_packed_equals_single(model_and_tok):
             start += len(e["input_ids"])
     want = [_reference(model, p, c) for p, c in ex]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_shared_prompt_equals_single(model_and_tok):
+    """Prefix sharing (DPO ``share_prompt``): prompt + chosen + rejected in one row, the rejected tokens
+    blind to the chosen ones, gives each completion's log-prob as if it were alone, and so does its
+    gradient; the empty prompt (first token without context) is left out as in ``sequence_logps``."""
+    model, tok = model_and_tok
+    rng = random.Random(5)
+    V = model.config.vocab_size
+    triples = [([rng.randrange(4, V) for _ in range(rng.randint(1, 9))],
+                [rng.randrange(4, V) for _ in range(rng.randint(1, 7))],
+                [rng.randrange(4, V) for _ in range(rng.randint(1, 7))]) for _ in range(5)]
+    b = collate_shared_prompt([p for p, _, _ in triples], [c for _, c, _ in triples], [r for _, _, r in triples],
+                              tok.pad_token_id)
+    with torch.no_grad():
+        got, n = shared_prompt_logps(model, b)
+    want = [_reference(model, p, c) for p, c, _ in triples] + [_reference(model, p, r) for p, _, r in triples]
+    assert n.tolist() == [len(c) for _, c, _ in triples] + [len(r) for _, _, r in triples]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+    # same gradient as the batch with the prompt repeated
+    rep = collate_sequences([p for p, _, _ in triples] * 2, [c for _, c, _ in triples] + [r for _, _, r in triples],
+                            tok.pad_token_id, "right")
+    grads = []
+    for fn in (lambda: shared_prompt_logps(model, b)[0],
+               lambda: sequence_logps(model, rep["input_ids"], rep["attention_mask"], rep["loss_mask"])[0]):
+        model.zero_grad()
+        (fn() * torch.linspace(-1, 1, 2 * len(triples))).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad()
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+
+    # an empty prompt: neither completion's first token has a context, as with sequence_logps
+    e = collate_shared_prompt([[]], [[5, 6, 7]], [[8, 9]], tok.pad_token_id)
+    with torch.no_grad():
+        _, n = shared_prompt_logps(model, e)
+    assert n.tolist() == [2, 1]
 
 
 def test_sft_collate_gradient_token_weights(model_and_tok):

@@ -300,3 +300,42 @@ def collate_packed(groups: list[list[dict]], pad_id: int) -> dict[str, torch.Ten
     eye = torch.eye(T, dtype=torch.bool)[None, None]
     mask4 = mask4 | (eye & (seg < 0)[:, None, :, None])
     return {"input_ids": ids, "attention_mask": mask4, "position_ids": pad(pos, 0), "loss_mask": pad(lm, 0)}
+
+
+def collate_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
+                          pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, ``prompt + chosen + rejected``, the prompt computed once.
+
+    Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference
+    Optimization with Prefix Sharing", arXiv 2410.20305): the rejected tokens
+    attend to the prompt and to themselves but never to the chosen tokens,
+    and their position ids continue from the prompt, so each completion sees
+    exactly the context it would see alone. Returns ``input_ids``,
+    ``position_ids``, a 4D boolean ``attention_mask`` (B, 1, T, T), ``prev``
+    (B, T): the column whose hidden state predicts each token (the last
+    prompt token for the first token of either completion; -1 where no
+    log-prob is taken), and ``side`` (B, T): 1 on chosen tokens, 2 on
+    rejected ones, 0 elsewhere (right padding).
+    """
+    rows, segs, pos, prev, side = [], [], [], [], []
+    for p, c, r in zip(prompts, chosen, rejected):
+        P, C, R = len(p), len(c), len(r)
+        rows.append(p + c + r)
+        segs.append([0] * P + [1] * C + [2] * R)
+        pos.append(list(range(P + C)) + list(range(P, P + R)))
+        # token t is predicted by t - 1, except the first rejected token: by the last prompt token
+        prev.append([-1] * P + [P - 1 + k for k in range(C)] + [P + C - 1 + k if k else P - 1 for k in range(R)])
+        side.append([0] * P + [1] * C + [2] * R)
+    ids = pad(rows, pad_id)
+    seg = pad(segs, -1)
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    real = seg >= 0
+    # a query sees causal keys of the same completion or of the prompt; chosen never sees rejected
+    # (causal order) and rejected never sees chosen
+    ok = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    mask4 = (ok & causal & real[:, :, None] & real[:, None, :])[:, None]
+    eye = torch.eye(T, dtype=torch.bool)[None, None]
+    mask4 = mask4 | (eye & (~real)[:, None, :, None])  # pads see themselves (no all-masked softmax row)
+    return {"input_ids": ids, "attention_mask": mask4, "position_ids": pad(pos, 0), "prev": pad(prev, -1),
+            "side": pad(side, 0)}

@@ -24,10 +24,10 @@ from typing import Literal
 import torch
 
 from . import loop
-from .collate import Tokenizer, collate_sequences, load_rows
+from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
 from .config import TrainConfig, _f
 from . import losses as L
-from .logprobs import sequence_logps
+from .logprobs import sequence_logps, shared_prompt_logps
 
 from .losses import dpo_loss  # noqa: F401  (its public home used to be here)
 
@@ -135,6 +135,9 @@ class DPOConfig(TrainConfig):
     ref_model: str | None = _f(None, "reference model path; none = the starting model (unused by reference-free "
                                      "loss types)", path=True)
     ref_batch_size: int = _f(16, "batch size for the one-time reference log-prob pass", ge=1)
+    share_prompt: bool = _f(True, "compute each pair's prompt once: chosen and rejected attend to one copy of it "
+                                  "(prefix sharing, Wang et al. 2024); false: the prompt is repeated per completion, "
+                                  "as TRL does (same log-probs up to float rounding)")
     learning_rate: float = _f(5e-7, "peak learning rate (AdamW)", gt=0)
 
     @property
@@ -180,10 +183,19 @@ def build_examples(cfg: DPOConfig, tok, rows: list[dict] | None = None) -> list[
     return out
 
 
-def _pair_batch(items: list[dict], pad_id: int) -> dict:
-    prompts = [e["prompt_ids"] for e in items] * 2
-    comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
-    b = collate_sequences(prompts, comps, pad_id, "right")
+def _pair_batch(items: list[dict], pad_id: int, share_prompt: bool = False) -> dict:
+    """A batch of pairs: with ``share_prompt`` one row per pair (prompt + chosen + rejected,
+    :func:`~.collate.collate_shared_prompt`), else the B chosen rows then the B rejected rows, each
+    with its own copy of the prompt. ``pair_tokens``: the pairs' tokens counted with the prompt twice
+    (the same figure either way)."""
+    prompts = [e["prompt_ids"] for e in items]
+    if share_prompt:
+        b = collate_shared_prompt(prompts, [e["chosen_ids"] for e in items], [e["rejected_ids"] for e in items],
+                                  pad_id)
+    else:
+        comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
+        b = collate_sequences(prompts * 2, comps, pad_id, "right")
+    b["pair_tokens"] = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in items)
     for k in ("ref_chosen", "ref_rejected"):
         if k in items[0]:
             b[k] = torch.tensor([e[k] for e in items], dtype=torch.float32)
@@ -201,6 +213,17 @@ def _fingerprint(ref_path: str, examples: list[dict]) -> str:
     for e in examples:
         h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
     return h.hexdigest()[:16]
+
+
+def pair_logps(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps (2B,), token counts (2B,)) of a :func:`_pair_batch`: the chosen rows first, then the rejected."""
+    if "prev" in b:
+        return shared_prompt_logps(model, b)
+    return sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+
+
+def _to(b: dict, dev) -> dict:
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
 @torch.no_grad()
@@ -227,8 +250,8 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tu
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"]))
     for s in range(0, len(order), cfg.ref_batch_size):
         idx = order[s:s + cfg.ref_batch_size]
-        b = _pair_batch([examples[i] for i in idx], tok.pad_token_id)
-        lp, n = sequence_logps(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["loss_mask"].to(dev))
+        b = _pair_batch([examples[i] for i in idx], tok.pad_token_id, cfg.share_prompt)
+        lp, n = pair_logps(model, _to(b, dev))
         k = len(idx)
         logps[idx, 0], logps[idx, 1] = lp[:k].float().cpu(), lp[k:].float().cpu()
         lengths[idx, 0], lengths[idx, 1] = n[:k].float().cpu(), n[k:].float().cpu()
@@ -246,7 +269,7 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tu
 
 def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
     def loss(model, b):
-        lp, n = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        lp, n = pair_logps(model, b)
         k = lp.shape[0] // 2
         pc, pr, nc, nr = lp[:k], lp[k:], n[:k].float(), n[k:].float()
         rc, rr = b.get("ref_chosen"), b.get("ref_rejected")
@@ -259,10 +282,10 @@ def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
         return losses.sum(), ms
 
     return loop.Task(
-        collate=lambda items: _pair_batch(items, tok.pad_token_id),
+        collate=lambda items: _pair_batch(items, tok.pad_token_id, cfg.share_prompt),
         count=lambda b: float(b["eps"].shape[0]),
         loss=loss,
-        tokens=lambda b: int(b["attention_mask"].sum()),
+        tokens=lambda b: int(b["pair_tokens"]),
     )
 
 
@@ -290,8 +313,8 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
     right = 0
     for s in range(0, len(examples), batch_size):
         items = examples[s:s + batch_size]
-        b = _pair_batch(items, tok.pad_token_id)
-        lp, n = sequence_logps(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["loss_mask"].to(dev))
+        b = _pair_batch(items, tok.pad_token_id, cfg.share_prompt)
+        lp, n = pair_logps(model, _to(b, dev))
         k = len(items)
         lp, n = lp.float().cpu(), n.float().cpu()
         wc, wr = implicit_rewards(cfg, lp[:k], lp[k:], n[:k], n[k:], b.get("ref_chosen"), b.get("ref_rejected"))

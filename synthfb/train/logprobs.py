@@ -93,3 +93,30 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     T = attention_mask.shape[-1]
     cols = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), cols, torch.full_like(cols, -1)).max(-1).values
+
+
+def shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of a prefix-shared pair batch
+    (:func:`synthfb.train.collate.collate_shared_prompt`).
+
+    Returns ``(logps (2B,), num_tokens (2B,))``: the B chosen rows first,
+    then the B rejected rows — the order :func:`sequence_logps` gives for a
+    batch with the prompt repeated (``prompts * 2``), and the same values up
+    to float rounding.
+    """
+    ids, prev, side = batch["input_ids"], batch["prev"], batch["side"]
+    B = ids.shape[0]
+    target = (prev >= 0) & (side > 0)
+    rows, cols = target.nonzero(as_tuple=True)
+    src = prev[rows, cols]
+    if _needs_full_logits(model):
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                       use_cache=False).logits[rows, src].float()
+    else:
+        h = hidden_states(model, ids, batch["attention_mask"], batch["position_ids"])
+        logits = model.get_output_embeddings()(h[rows, src]).float()
+    lp = logits.gather(-1, ids[rows, cols][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    slot = rows + B * (side[rows, cols] - 1)  # chosen -> row, rejected -> B + row
+    out = torch.zeros(2 * B, dtype=lp.dtype, device=lp.device).index_add(0, slot, lp)
+    n = torch.zeros(2 * B, dtype=torch.long, device=lp.device).index_add(0, slot, torch.ones_like(slot))
+    return out, n
