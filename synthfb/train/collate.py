@@ -314,10 +314,12 @@ def collate_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], rej
     ``position_ids``, a 4D boolean ``attention_mask`` (B, 1, T, T), ``prev``
     (B, T): the column whose hidden state predicts each token (the last
     prompt token for the first token of either completion; -1 where no
-    log-prob is taken), and ``side`` (B, T): 1 on chosen tokens, 2 on
-    rejected ones, 0 elsewhere (right padding).
+    log-prob is taken), ``side`` (B, T): 1 on chosen tokens, 2 on
+    rejected ones, 0 elsewhere (right padding), and ``ends`` (B, 2): the
+    column of the last token of prompt + chosen and of prompt + rejected
+    (where a reward model reads each sequence's score).
     """
-    rows, segs, pos, prev, side = [], [], [], [], []
+    rows, segs, pos, prev, side, ends = [], [], [], [], [], []
     for p, c, r in zip(prompts, chosen, rejected):
         P, C, R = len(p), len(c), len(r)
         rows.append(p + c + r)
@@ -326,6 +328,7 @@ def collate_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], rej
         # token t is predicted by t - 1, except the first rejected token: by the last prompt token
         prev.append([-1] * P + [P - 1 + k for k in range(C)] + [P + C - 1 + k if k else P - 1 for k in range(R)])
         side.append([0] * P + [1] * C + [2] * R)
+        ends.append([P + C - 1 if C else P - 1, P + C + R - 1 if R else P - 1])
     ids = pad(rows, pad_id)
     seg = pad(segs, -1)
     T = ids.shape[1]
@@ -338,4 +341,4 @@ def collate_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], rej
     eye = torch.eye(T, dtype=torch.bool)[None, None]
     mask4 = mask4 | (eye & (~real)[:, None, :, None])  # pads see themselves (no all-masked softmax row)
     return {"input_ids": ids, "attention_mask": mask4, "position_ids": pad(pos, 0), "prev": pad(prev, -1),
-            "side": pad(side, 0)}
+            "side": pad(side, 0), "ends": torch.tensor(ends, dtype=torch.long)}

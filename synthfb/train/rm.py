@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import loop
-from .collate import Tokenizer, collate_sequences, load_rows
+from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
 from .config import TrainConfig, _f
 from .logprobs import last_token_index, position_ids_from_mask
 
@@ -38,6 +38,9 @@ class RMConfig(TrainConfig):
     soft_label_column: str | None = _f(None, "column with p(chosen preferred) per row (e.g. CAI's `p_chosen`): BT loss "
                                              "on the soft target, -(p log s(d) + (1-p) log s(-d)) (Bai et al. 2022)")
     center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)", ge=0)
+    share_prompt: bool = _f(True, "pairwise rows: compute each pair's prompt once, the rejected tokens masked from "
+                                  "the chosen ones (prefix sharing, Wang et al. 2024); false: the prompt repeated per "
+                                  "completion, as TRL does (same scores up to float rounding)")
     ranked: bool = _f(False, "rows are ranked lists of K >= 2 completions per prompt (`prompt`, `completions`, and "
                              "`ranks` (1 = best, equal = tie) or `scores` (higher = better)); the loss is `ranked_loss`")
     ranked_loss: Literal["instructgpt", "plackett_luce"] = _f(
@@ -77,6 +80,28 @@ def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
     if head is None:
         raise ValueError(f"{type(model).__name__} has no `score` head")
     return head(last)[:, 0].float()
+
+
+def shared_prompt_scores(model, b: dict) -> torch.Tensor:
+    """(2B,) scores of a prefix-shared pair batch (:func:`~.collate.collate_shared_prompt`): the B chosen
+    sequences first, then the B rejected, as :func:`reward_scores` gives them for the prompt repeated."""
+    h = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                         position_ids=b["position_ids"], use_cache=False)
+    h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
+    ends = b["ends"]
+    rows = torch.arange(ends.shape[0], device=h.device)
+    last = torch.cat([h[rows, ends[:, 0]], h[rows, ends[:, 1]]])
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no `score` head")
+    return head(last)[:, 0].float()
+
+
+def pair_scores(model, b: dict) -> torch.Tensor:
+    """Scores of a pairwise :func:`_batch`, chosen rows first (shared prompt or repeated)."""
+    if "ends" in b:
+        return shared_prompt_scores(model, b)
+    return reward_scores(model, b["input_ids"], b["attention_mask"])
 
 
 def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0, p_chosen=None) -> torch.Tensor:
@@ -146,7 +171,7 @@ def instructgpt_loss(scores: torch.Tensor, ranks: torch.Tensor, mask: torch.Tens
     return per_pair.sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
 
 
-def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
+def _batch(items: list[dict], pad_id: int, ranked: bool, share_prompt: bool = False) -> dict:
     if ranked:
         K = max(len(e["completion_ids"]) for e in items)
         prompts, comps, real, ranks = [], [], [], []
@@ -162,9 +187,14 @@ def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
         b["list_mask"] = torch.tensor(real).view(len(items), K)
         b["ranks"] = torch.tensor(ranks, dtype=torch.long).view(len(items), K)
         return b
-    prompts = [e["prompt_ids"] for e in items] * 2
-    comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
-    b = collate_sequences(prompts, comps, pad_id, "right")
+    prompts = [e["prompt_ids"] for e in items]
+    if share_prompt:
+        b = collate_shared_prompt(prompts, [e["chosen_ids"] for e in items], [e["rejected_ids"] for e in items],
+                                  pad_id)
+    else:
+        comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
+        b = collate_sequences(prompts * 2, comps, pad_id, "right")
+    b["pair_tokens"] = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in items)
     b["margin"] = torch.tensor([e.get("margin", 0.0) for e in items], dtype=torch.float32)
     b["p_chosen"] = torch.tensor([e.get("p_chosen", 1.0) for e in items], dtype=torch.float32)
     return b
@@ -172,7 +202,8 @@ def _batch(items: list[dict], pad_id: int, ranked: bool) -> dict:
 
 def rm_task(tok, cfg: RMConfig) -> loop.Task:
     def loss(model, b):
-        r = reward_scores(model, b["input_ids"], b["attention_mask"])
+        if cfg.ranked:
+            r = reward_scores(model, b["input_ids"], b["attention_mask"])
         if cfg.ranked and cfg.ranked_loss == "instructgpt":
             s = r.view(b["list_mask"].shape)
             losses = instructgpt_loss(s, b["ranks"], b["list_mask"])
@@ -193,6 +224,7 @@ def rm_task(tok, cfg: RMConfig) -> loop.Task:
                 ms = {"reward_accuracy": float(acc.sum()), "reward_margin": float((s[:, 0] - s[:, 1]).sum()),
                       "reward_mean": float(s[b["list_mask"]].mean()) * s.shape[0]}
             return losses.sum(), ms
+        r = pair_scores(model, b)
         k = r.shape[0] // 2
         rc, rr = r[:k], r[k:]
         losses = bt_loss(rc, rr, b["margin"], cfg.center_rewards_coef,
@@ -205,8 +237,8 @@ def rm_task(tok, cfg: RMConfig) -> loop.Task:
     def count(b):
         return float(b["list_mask"].shape[0] if cfg.ranked else b["margin"].shape[0])
 
-    return loop.Task(lambda items: _batch(items, tok.pad_token_id, cfg.ranked), count, loss,
-                     lambda b: int(b["attention_mask"].sum()))
+    return loop.Task(lambda items: _batch(items, tok.pad_token_id, cfg.ranked, cfg.share_prompt), count, loss,
+                     lambda b: int(b["pair_tokens"]) if "pair_tokens" in b else int(b["attention_mask"].sum()))
 
 
 def build_examples(cfg: RMConfig, tok, rows: list[dict] | None = None) -> list[dict]:
@@ -258,7 +290,7 @@ def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> flo
     for s in range(0, len(examples), batch_size):
         items = examples[s:s + batch_size]
         b = _batch(items, tok.pad_token_id, False)
-        r = reward_scores(model, b["input_ids"].to(dev), b["attention_mask"].to(dev))
+        r = pair_scores(model, {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
         right += int((r[: len(items)] > r[len(items):]).sum())
     model.train(was)
     return right / max(1, len(examples))
