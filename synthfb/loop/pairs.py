@@ -45,19 +45,25 @@ def write_prompts(path: Path, prompts: list[Any], extras: list[dict[str, Any]] |
 
 
 def pairs_pipeline(cfg: LoopConfig, k: int, policy: str, prompts_file: Path) -> Pipeline:
-    """The pairs pipeline of round ``k`` with ``policy`` generating."""
+    """The pairs pipeline of round ``k`` with ``policy`` generating. For a
+    method with ``fixed_candidates`` (humpback) ``prompts_file`` is the
+    candidates file (``synthfb/loop/candidates.py``) and the pipeline is
+    its ``load`` plus the last pairs stage (the round's model rates them)."""
+    fixed = cfg.training.fixed_candidates
+    load = ({"stage": "load", "path": str(prompts_file), "id_column": "row_id"} if fixed else
+            {"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]})
     data = {
         "name": f"{cfg.name}-round-{k:02d}",
         "description": (cfg.description + "\n\n" if cfg.description else "")
-        + f"RLAIF round {k}: on-policy pairs from policy {policy}.",
+        + (f"Humpback iteration {k + 1}: the fixed candidates rated by {policy}." if fixed
+           else f"RLAIF round {k}: on-policy pairs from policy {policy}."),
         "backend": cfg.backend,
         "model": policy,
         "backend_options": cfg.backend_options,
         "models": cfg.models,
         "seed": cfg.seed + k,  # fresh random draws each round (engines keep cfg.seed)
         "chunk_size": cfg.chunk_size,
-        "stages": [{"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]}]
-        + cfg.stages_for(policy),
+        "stages": [load] + cfg.stages_for(policy),
     }
     if cfg.license:
         data["license"] = cfg.license
