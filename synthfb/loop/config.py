@@ -777,7 +777,7 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
         needs = list(dict.fromkeys(c for s in steps if s.data in ("pairs", "sft") for c in s.columns))
     built = _check_stages(lf.pairs.stages, base_dir, source, needs, tuple(lf.carry_columns),
                           method_entry.round_data,
-                          (BACKWARD_STAGE,) if method_entry.fixed_candidates and lf.backward is None else ())
+                          (BACKWARD_STAGE,) if method_entry.fixed_candidates else ())  # see _check_fixed_candidates
     if method_entry.round_stages and lf.pairs.stages[-1]["stage"] not in method_entry.round_stages:
         raise LoopError(f"{source}: pairs.stages[{len(lf.pairs.stages) - 1}]: method {method!r} builds its pairs "
                         f"with {' or '.join(method_entry.round_stages)}; end pairs.stages with it")

@@ -212,7 +212,10 @@ class _Loop:
         self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
         trained = f"{cfg.method}: " + ", ".join(f"{k} {v}" for k, v in headline(tm).items())
-        self.log(f"round {k}: {pm['pairs_built']} pairs, {trained}, held-out win rate vs round 0 {_rate(em)}")
+        cur = metrics.get("curation")
+        built = (f"{cur['curator']} kept {cur['kept']} of {cur['candidates']} candidates, {pm['pairs_built']} "
+                 f"training rows" if cur else f"{pm['pairs_built']} pairs")
+        self.log(f"round {k}: {built}, {trained}, held-out win rate vs round 0 {_rate(em)}")
         write_card(self.out, self.folder.state)
         return metrics
 
