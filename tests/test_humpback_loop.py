@@ -202,6 +202,7 @@ def test_tiny_model_loop_stopped_after_iteration_1_resumes(tmp_path, tiny_model,
     assert run["stages"][1]["model"]["revision"] == model_revision(ck0) == m1["curation"]["curator_model"]["revision"]
     assert run["stages"][1]["rows_in"] == len(cands.splitlines())
     assert m1["train"]["init"]["path"] == str(tiny_model)
-    assert res.policy == str(out / "round-01" / "checkpoint") and (out / "round-01" / "checkpoint" / "config.json").exists()
+    assert res.policy == str(out / "round-01" / "checkpoint")
+    assert (out / "round-01" / "checkpoint" / "config.json").exists()
     state = json.loads((out / "loop.json").read_text())
     assert [r["metrics"]["curation"]["curator"] for r in state["rounds"]] == ["M_0", "M_1"]

@@ -81,6 +81,9 @@ HELDOUT_JUDGE_PROMPT = "heldout_judge.jinja"
 # The warm-up trainers (`sft:`) and the default one.
 WARMUP_METHODS = tuple(registry.warmup_methods())
 DEFAULT_WARMUP = "sft"
+# The phases before round 0 with their own data pipeline and SFT: the warm-up (`sft:`, the round-0 policy) and
+# method humpback's backward model (`backward:`, M_yx); the loop-file section, folder and loop.json key are one name.
+WARMUP_PHASE, BACKWARD_PHASE = "sft", "backward"
 # Pipeline settings the loop sets when it runs the warm-up's data pipeline (one engine pool).
 SFT_PIPELINE_SETS = ("backend", "model", "backend_options", "models", "seed")
 # Bootstrap of the held-out win rate: percentile interval over held-out prompts.
@@ -368,26 +371,26 @@ class LoopConfig:
         model = "the round's policy" if self.self_judging else self.judge_for(self.policy)
         return [{**r, "model": model} for r in self.ranker_templates]
 
-    def warmup(self, phase: str = "sft") -> WarmupConfig:
+    def warmup(self, phase: str = WARMUP_PHASE) -> WarmupConfig:
         """The validated section of a phase before round 0: ``sft`` (the
         warm-up) or ``backward`` (method humpback's M_yx)."""
         w = getattr(self, phase)
         assert w is not None, phase
         return w
 
-    def data_model(self, phase: str = "sft") -> str:
+    def data_model(self, phase: str = WARMUP_PHASE) -> str:
         """The model that writes the data of the warm-up (or of ``backward``)."""
         w = getattr(self, phase)
         return (w.model if w else None) or self.policy
 
-    def sft_pipeline_data(self, phase: str = "sft") -> dict[str, Any]:
+    def sft_pipeline_data(self, phase: str = WARMUP_PHASE) -> dict[str, Any]:
         """The warm-up's data pipeline (or ``backward``'s) as the loop runs
         it: its own stages and settings, with the loop's backend, engine
         options and seed, and :meth:`data_model` as its model."""
         w = self.warmup(phase)
         data = json.loads(json.dumps(w.pipeline))
         data.setdefault("name", f"{self.name}-{phase}")
-        what = "SFT warm-up data" if phase == "sft" else "backward-model (M_yx) data"
+        what = "SFT warm-up data" if phase == WARMUP_PHASE else "backward-model (M_yx) data"
         data.setdefault("description", (self.description + "\n\n" if self.description else "")
                         + f"{what} of an RLAIF loop.")
         if self.license and "license" not in data:
@@ -647,13 +650,14 @@ def _check_method(data: dict, source: str) -> tuple[str, dict[str, dict]]:
     return method, sections
 
 
-def _warmup_note(m: registry.Method, phase: str = "sft") -> str:
-    what = "the round-0 policy" if phase == "sft" else "the backward model M_yx"
-    return (f"the {m.title} {'warm-up' if phase == 'sft' else 'backward phase'} starts from the loop's `policy`, "
+def _warmup_note(m: registry.Method, phase: str = WARMUP_PHASE) -> str:
+    what = "the round-0 policy" if phase == WARMUP_PHASE else "the backward model M_yx"
+    phase_name = "warm-up" if phase == WARMUP_PHASE else "backward phase"
+    return (f"the {m.title} {phase_name} starts from the loop's `policy`, "
             f"trains on the rows of `{phase}.pipeline` and writes {phase}/checkpoint, {what}")
 
 
-def _check_warmup(values: dict, seed: int, base_dir: Path, source: str, phase: str = "sft") -> WarmupConfig:
+def _check_warmup(values: dict, seed: int, base_dir: Path, source: str, phase: str = WARMUP_PHASE) -> WarmupConfig:
     """The ``sft:`` section: its trainer's settings (the registry's warm-up
     method) and its data pipeline (a file or an inline mapping). The
     pipeline itself is checked by :func:`_check_warmup_pipeline` once the
@@ -691,7 +695,7 @@ def _check_warmup(values: dict, seed: int, base_dir: Path, source: str, phase: s
                         pipeline=pdata, pipeline_source=psource, pipeline_dir=Path(pdir), model=sec.model)
 
 
-def _check_warmup_pipeline(cfg: LoopConfig, phase: str = "sft") -> None:
+def _check_warmup_pipeline(cfg: LoopConfig, phase: str = WARMUP_PHASE) -> None:
     """The warm-up's (or ``backward``'s) data pipeline as the loop will run
     it validates, and its last stage emits the rows its trainer reads."""
     from ..engine.pipeline import Pipeline, PipelineError
@@ -788,8 +792,8 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
                             f"remove `judge` (or write `judge: {SELF_JUDGE}`)")
         judge = SELF_JUDGE
     warmup = _check_warmup(data["sft"], lf.seed, base_dir, source) if data.get("sft") is not None else None
-    backward = (_check_warmup(data["backward"], lf.seed, base_dir, source, "backward")
-                if data.get("backward") is not None else None)
+    backward = (_check_warmup(data[BACKWARD_PHASE], lf.seed, base_dir, source, BACKWARD_PHASE)
+                if data.get(BACKWARD_PHASE) is not None else None)
     if method_entry.fixed_candidates:
         _check_fixed_candidates(lf.pairs.stages, method, warmup, backward, source)
     elif backward is not None:
@@ -830,14 +834,15 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
         sections=sections, judge=judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
         license=lf.license, backend=lf.backend, backend_options=dict(lf.backend_options), models=dict(lf.models),
         seed=lf.seed, rounds=lf.rounds, chunk_size=lf.pairs.chunk_size, keep_checkpoints=lf.keep_checkpoints,
-        sft=warmup, backward=backward, source=source, base_dir=base_dir, raw=data, prompt_extras=extras, history_rounds=lf.history,
+        sft=warmup, backward=backward, source=source, base_dir=base_dir, raw=data, prompt_extras=extras,
+        history_rounds=lf.history,
     )
     cfg.ranker_templates = _ranker_templates(cfg.pairs_stages, built)
     _check_judges_distinct(cfg, tpl)
     if cfg.sft is not None:
         _check_warmup_pipeline(cfg)
     if cfg.backward is not None:
-        _check_warmup_pipeline(cfg, "backward")
+        _check_warmup_pipeline(cfg, BACKWARD_PHASE)
     return cfg
 
 

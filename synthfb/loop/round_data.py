@@ -283,5 +283,6 @@ def build_round_data(cfg: LoopConfig, k: int, pairs: dict[str, Any], rdir: Path,
             "counts": {**pairs["counts"], **{f"{name}_{c}": v for c, v in counts.items()}},
             "round_data": {"builder": name, "settings": asdict(b.config(**settings)), "rows": len(built),
                            "counts": counts},
-            "dataset": str(out_dir), "fingerprint": stable_hash([pairs["fingerprint"], name, settings, k]
-                                                                + ([seed["fingerprint"]] if b.uses_seed and seed else []))}
+            "dataset": str(out_dir),
+            "fingerprint": stable_hash([pairs["fingerprint"], name, settings, k]
+                                       + ([seed["fingerprint"]] if b.uses_seed and seed else []))}

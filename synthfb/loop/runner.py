@@ -56,7 +56,7 @@ from ..data.io import atomic_write_json
 from ..engine.runner import package_versions, scrub
 from ..llm.types import Generator
 from . import heldout
-from .config import LoopConfig, load_loop, stable_hash
+from .config import BACKWARD_PHASE, LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
 from .pairs import pairs_metrics, record_prompts, run_pairs, write_prompts
 from .round_data import build_round_data
@@ -114,7 +114,7 @@ class _Loop:
             start = rec["checkpoint"]
             self.seed_data = rec["metrics"]["data"]
         if cfg.backward is not None:  # humpback: the backward model M_yx, SFT of `policy` on the reversed seed
-            run_warmup(cfg, self.folder, pool, initial, self.progress, self.log, phase="backward")
+            run_warmup(cfg, self.folder, pool, initial, self.progress, self.log, phase=BACKWARD_PHASE)
         self.candidates: dict[str, Any] | None = None
         if cfg.training.fixed_candidates:  # humpback: M_yx writes the candidates once; every round re-rates them
             self.candidates = run_candidates(cfg, self.folder, pool, backward_model(cfg, self.folder), prompts_file,
@@ -231,7 +231,8 @@ def curation_record(k: int, curator: dict[str, Any], candidates: dict[str, Any],
     counts = (pm.get("round_data") or {}).get("counts") or {}
     return {"iteration": k + 1, "curator": f"M_{k}", "curator_model": curator,
             "candidates": pm.get("prompts"), "candidates_by": candidates.get("backward_model"),
-            "kept": counts.get("curated_rows", pm.get("pipeline_rows")), "kept_name": f"A_{math.ceil(min_score)}^({k + 1})",
+            "kept": counts.get("curated_rows", pm.get("pipeline_rows")),
+            "kept_name": f"A_{math.ceil(min_score)}^({k + 1})",
             "seed_rows": counts.get("seed_rows"), "trained": f"M_{k + 1}", "trained_model": trained,
             "trained_from": (tm.get("init") or {}), "training_rows": pm.get("pairs_built")}
 

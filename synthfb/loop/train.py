@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write_json
-from .config import DEFAULT_METHOD, LoopConfig, LoopError, stable_hash
+from .config import DEFAULT_METHOD, WARMUP_PHASE, LoopConfig, LoopError, stable_hash
 from .state import read_json
 
 
@@ -291,7 +291,7 @@ def _drop_resume_states(ckpt: Path) -> None:
 
 
 def train_warmup(cfg: LoopConfig, start: tuple[str, str], data: dict[str, Any], sdir: Path, log,
-                 warmup=None, phase: str = "sft") -> dict[str, Any]:
+                 warmup=None, phase: str = WARMUP_PHASE) -> dict[str, Any]:
     """The warm-up trainer of ``sft:`` (a registry method with ``warmup``;
     or of ``backward:`` with ``warmup``/``phase``) on the rows of the
     phase's data pipeline (``data``: its dataset folder, fingerprint and row

@@ -33,16 +33,16 @@ from typing import Any
 
 from ..engine import Pipeline, Runner, RunResult
 from ..llm.types import Generator
-from .config import LoopConfig, stable_hash
+from .config import WARMUP_PHASE, LoopConfig, stable_hash
 from .state import LoopFolder, now
 from .train import train_warmup
 
 
-def sft_dir(out: Path, phase: str = "sft") -> Path:
+def sft_dir(out: Path, phase: str = WARMUP_PHASE) -> Path:
     return Path(out) / phase
 
 
-def data_pipeline(cfg: LoopConfig, phase: str = "sft") -> Pipeline:
+def data_pipeline(cfg: LoopConfig, phase: str = WARMUP_PHASE) -> Pipeline:
     """The warm-up's (or ``backward``'s) data pipeline as the loop runs it."""
     w = cfg.warmup(phase)
     return Pipeline.from_dict(cfg.sft_pipeline_data(phase), w.pipeline_dir, source=w.pipeline_source)
@@ -63,7 +63,7 @@ def data_metrics(result: RunResult) -> dict[str, Any]:
 
 
 def fingerprint(cfg: LoopConfig, pipe: Pipeline, initial: Generator, data_model: Generator,
-                phase: str = "sft") -> str:
+                phase: str = WARMUP_PHASE) -> str:
     """Everything that shapes the warm-up's (or ``backward``'s) checkpoint."""
     w = cfg.warmup(phase)
     stages = [{"kind": st.kind,
@@ -76,7 +76,7 @@ def fingerprint(cfg: LoopConfig, pipe: Pipeline, initial: Generator, data_model:
 
 
 def run_warmup(cfg: LoopConfig, folder: LoopFolder, pool, initial: Generator, progress: bool,
-               log, phase: str = "sft") -> dict[str, Any]:
+               log, phase: str = WARMUP_PHASE) -> dict[str, Any]:
     """Run (or reuse, or resume) the warm-up (or the ``backward`` phase);
     returns its record (``checkpoint``, ``metrics``), kept in ``loop.json``
     under the phase's name."""
@@ -105,6 +105,6 @@ def run_warmup(cfg: LoopConfig, folder: LoopFolder, pool, initial: Generator, pr
     rec = {"status": "finished", "fingerprint": fp, "checkpoint": str(ckpt), "data_model": data_gen.info.to_dict(),
            "initial_policy": initial.info.to_dict(), "metrics": metrics, "finished": now()}
     folder.update(**{phase: rec})
-    what = "round-0 policy" if phase == "sft" else "backward model M_yx"
+    what = "round-0 policy" if phase == WARMUP_PHASE else "backward model M_yx"
     log(f"{phase}: {dm['rows']} rows, {tm['steps']} steps, final loss {tm.get('final_loss')}; {what} {ckpt}")
     return rec
