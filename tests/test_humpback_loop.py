@@ -206,3 +206,45 @@ def test_tiny_model_loop_stopped_after_iteration_1_resumes(tmp_path, tiny_model,
     assert (out / "round-01" / "checkpoint" / "config.json").exists()
     state = json.loads((out / "loop.json").read_text())
     assert [r["metrics"]["curation"]["curator"] for r in state["rounds"]] == ["M_0", "M_1"]
+
+
+# -- `dataset:` as a list in `synthfb train` (the manual sequence's seed + A_5) ------------------------------------
+
+def test_dataset_list_concatenates_in_order_and_names_a_mismatched_dataset(tmp_path):
+    from synthfb.data.io import InputError
+    from synthfb.train.collate import load_rows
+    from synthfb.train.config import load_config
+    from synthfb.train.sft import SFTConfig
+
+    a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
+    a.write_text(json.dumps({"prompt": "Q1", "completion": "A1", "source": "seed"}) + "\n")
+    b.write_text(json.dumps({"prompt": "Q2", "completion": "A2", "curation_score": 5}) + "\n")
+    c.write_text(json.dumps({"messages": [{"role": "user", "content": "Q3"}]}) + "\n")
+    rows = load_rows([str(a), str(b)])
+    assert [r["prompt"] for r in rows] == ["Q1", "Q2"] and rows[1]["curation_score"] == 5  # other columns may differ
+    with pytest.raises(InputError, match=rf"^{c}: training columns \['messages'\] differ from \['completion', "
+                                         rf"'prompt'\] of {a}; every dataset of the `dataset` list"):
+        load_rows([str(a), str(c)])
+    cfg = load_config(SFTConfig, {"model": "m", "dataset": [str(a), str(b)], "output_dir": "o"})
+    assert cfg.dataset == [str(a), str(b)]
+    from synthfb.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset"):
+        load_config(SFTConfig, {"model": "m", "dataset": [], "output_dir": "o"})
+
+
+def test_m1_config_trains_the_base_on_seed_and_a5(tmp_path, tiny_model):
+    """`synthfb train sft` with the shipped M_1 config: the base model, 1 step on seed + A_5^(1) (both
+    datasets written by the shipped pipelines on scripted models)."""
+    from test_humpback_iterations import synthfb  # noqa: E402
+
+    d, fake = sr.humpback_seed()
+    sr.run(d, tmp_path / "seed", fake)
+    d, fake = sr.humpback_iterate()
+    sr.run(d, tmp_path / "iter1", fake)
+    sets = [f"model={tiny_model}", f"dataset=[{tmp_path / 'seed' / 'dataset'}, {tmp_path / 'iter1' / 'dataset'}]",
+            f"output_dir={tmp_path / 'm1'}", "max_steps=1", "batch_size=2", "max_length=128"]
+    res = synthfb("train", "sft", "--config", PIPELINES / "train" / "humpback_m1_tiny.yaml",
+                  *(x for kv in sets for x in ("--set", kv)))
+    summary = json.loads(res.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and (tmp_path / "m1" / "config.json").exists()
