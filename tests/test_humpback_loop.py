@@ -233,6 +233,7 @@ def test_dataset_list_concatenates_in_order_and_names_a_mismatched_dataset(tmp_p
         load_config(SFTConfig, {"model": "m", "dataset": [], "output_dir": "o"})
 
 
+@pytest.mark.engine  # trains (a few seconds)
 def test_m1_config_trains_the_base_on_seed_and_a5(tmp_path, tiny_model):
     """`synthfb train sft` with the shipped M_1 config: the base model, 1 step on seed + A_5^(1) (both
     datasets written by the shipped pipelines on scripted models)."""
