@@ -45,6 +45,10 @@ def loop_summary(state: dict[str, Any], rounds: list[dict[str, Any]], final: dic
     return out
 
 
+# the drop reasons of written prompts (synthfb.loop.pairs.REPEAT_REASONS), as the card says them
+_REPEATS = {"in_heldout": "repeating a held-out prompt", "in_earlier_rounds": "repeating an earlier round's"}
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None:
         return "-"
@@ -119,8 +123,9 @@ def render_card(state: dict[str, Any]) -> str:
                          f"{cur['seed_rows']} seed + {cur['kept']} kept rows: {trained}.")
             continue
         wp = m["pairs"].get("written_prompts")
-        prompts = (f"{wp['written']} prompts (written by `{wp['model']}` from {wp['seed_prompts']} seed prompts)"
-                   if wp else f"{m['pairs']['prompts']} prompts")
+        drops = ", ".join(f"{n} {_REPEATS.get(why, why)}" for why, n in ((wp or {}).get("dropped") or {}).items() if n)
+        prompts = (f"{wp['written']} prompts (written by `{wp['model']}` from {wp['seed_prompts']} seed prompts"
+                   + (f"; dropped: {drops}" if drops else "") + ")" if wp else f"{m['pairs']['prompts']} prompts")
         lines.append(f"- Round {m['round']}: {what} from {prompts} sampled by `{m['policy'].get('name')}`; "
                      f"{m['train'].get('method')}: {trained}.")
     lines += ["", "## Held-out win rates", "",

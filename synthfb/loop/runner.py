@@ -58,7 +58,7 @@ from ..llm.types import Generator
 from . import heldout
 from .config import BACKWARD_PHASE, LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
-from .pairs import pairs_metrics, record_prompts, run_pairs, write_prompts
+from .pairs import drop_repeated_prompts, pairs_metrics, record_prompts, run_pairs, write_prompts
 from .round_data import build_round_data
 from .candidates import backward_model, candidates_file, run_candidates
 from .card import loop_summary, write_card
@@ -184,8 +184,8 @@ class _Loop:
                         {n: pool.get(n) for n in cfg.round_models(policy_name)}, self.progress)
         pm = pairs_metrics(res)
         written = record_prompts(cfg, k, res, rdir)  # a prompt writer's prompts -> round-NN/prompts.jsonl
-        if written is not None:
-            pm["written_prompts"] = written
+        if written is not None:  # pairs of prompts that repeat a held-out or an earlier round's prompt: out
+            pm = {**drop_repeated_prompts(pm, written, rdir), "written_prompts": written}
         pm = build_round_data(cfg, k, pm, rdir, self.seed_data)  # the method's round data (spin, rft, humpback)
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
