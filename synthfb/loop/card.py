@@ -88,7 +88,8 @@ def render_card(state: dict[str, Any]) -> str:
         lines.append(f"- Warm-up: data pipeline {kinds} written by `{(sft.get('data_model') or {}).get('name')}`: "
                      f"{d['rows']} SFT rows; {t.get('method', 'sft').upper()} {t.get('steps')} steps (loss "
                      f"{_fmt(t.get('first_loss'))} -> {_fmt(t.get('final_loss'))}); its checkpoint is the round-0 "
-                     f"policy (and round 0's reference).")
+                     + ("policy: the seed model M_0, round 0's curator (its rows are every round's seed share)."
+                        if state.get("candidates") else "policy (and round 0's reference)."))
     bw, cands = state.get("backward") or {}, state.get("candidates") or {}
     if bw.get("metrics"):
         d, t = bw["metrics"]["data"], bw["metrics"]["train"]
@@ -162,7 +163,9 @@ def render_card(state: dict[str, Any]) -> str:
         lines += ["", "## References", ""] + [f"- {c}" for c in cites]
     lines += ["", "Files: `loop.json` (state, per-round metrics), `round-NN/metrics.json`, `round-NN/eval.json` "
                   "(per-prompt judge log-odds)" + (", `sft/` (warm-up data run, SFT checkpoint, eval)"
-                                                   if sft else "") + ".", ""]
+                                                   if sft else "")
+              + (", `backward/` (M_yx: data run, checkpoint), `candidates/` (the candidates' run), "
+                 "`round-NN/round_data` (seed + kept rows)" if state.get("candidates") else "") + ".", ""]
     return redact_text("\n".join(lines))
 
 
