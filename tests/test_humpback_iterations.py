@@ -102,8 +102,8 @@ def test_backward_rows_train_one_step_in_synthfb_train_sft(tmp_path, tiny_model)
 
 
 def test_shipped_train_configs_name_the_sequence():
-    """The train configs chain: backward rows -> M_yx; seed rows -> M_0; M_0 + iteration 1's A_5 -> M_1;
-    M_1 + iteration 2's A_5 -> M_2; and the
+    """The train configs chain: backward rows -> M_yx; seed rows -> M_0; the base on seed + iteration 1's
+    A_5 -> M_1; the base on seed + iteration 2's A_5 -> M_2 (a `dataset` list, the paper's mix); and the
     iteration pipeline asks M_yx (bare segment, chat) for candidates."""
     from synthfb.train.sft import SFTConfig
 
@@ -114,11 +114,12 @@ def test_shipped_train_configs_name_the_sequence():
     bt = sr.stage_cfg(it, "backtranslate")
     assert bt["model"] == cfg["myx"]["output_dir"] and bt["chat"] is True
     assert bt["prompt"] == "backtranslation_backward_trained.jinja"
-    assert it["model"] == cfg["m0"]["output_dir"] == cfg["m1"]["model"]
+    assert it["model"] == cfg["m0"]["output_dir"]
+    assert cfg["myx"]["model"] == cfg["m0"]["model"] == cfg["m1"]["model"] == cfg["m2"]["model"]  # all from the base
     assert cfg["myx"]["dataset"] == "runs/humpback/backward/dataset"
     assert cfg["m0"]["dataset"] == "runs/humpback/seed/dataset"
-    assert cfg["m1"]["dataset"] == "runs/humpback/iter1/dataset"
-    assert cfg["m2"]["model"] == cfg["m1"]["output_dir"] and cfg["m2"]["dataset"] == "runs/humpback/iter2/dataset"
+    assert cfg["m1"]["dataset"] == ["runs/humpback/seed/dataset", "runs/humpback/iter1/dataset"]
+    assert cfg["m2"]["dataset"] == ["runs/humpback/seed/dataset", "runs/humpback/iter2/dataset"]
     assert sr.stage_cfg(it, "self_curate")["min_score"] == 4.5  # A_5
 
 

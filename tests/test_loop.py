@@ -378,7 +378,7 @@ PPO_GOOD = LOOP_PPO.read_text()
     (("  max_steps: 3\n", "  dataset: x.jsonl\n"), r"rm\.dataset: set by the loop"),
     (("  kl_coef: 0.05", "  reward_model: rm/"), r"ppo\.reward_model: set by the loop"),
     (("  kl_coef: 0.05", "  kl_coeff: 0.05"), r"ppo: unknown field\(s\) \['kl_coeff'\]"),
-    (("method: rm_ppo", "method: ppo"), r"method: 'ppo' is not one of \['dpo', 'kto', 'rm_ppo', 'spin', 'self_rewarding', 'rft'\]"),
+    (("method: rm_ppo", "method: ppo"), r"method: 'ppo' is not one of \['dpo', 'kto', 'rm_ppo', 'spin', 'self_rewarding', 'rft', 'humpback'\]"),
     (("method: rm_ppo", "method: rm_ppo\ntrain: {beta: 0.1}"), r"train: not used by method 'rm_ppo'"),
     (("method: rm_ppo", "method: dpo"), r"rm: not used by method 'dpo'"),
     (("rm_pairs: all_rounds", "rm_pairs: every"), r"rm_pairs: 'every' is not one of"),

@@ -45,6 +45,10 @@ def loop_summary(state: dict[str, Any], rounds: list[dict[str, Any]], final: dic
     return out
 
 
+# the drop reasons of written prompts (synthfb.loop.pairs.REPEAT_REASONS), as the card says them
+_REPEATS = {"in_heldout": "repeating a held-out prompt", "in_earlier_rounds": "repeating an earlier round's"}
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None:
         return "-"
@@ -84,7 +88,21 @@ def render_card(state: dict[str, Any]) -> str:
         lines.append(f"- Warm-up: data pipeline {kinds} written by `{(sft.get('data_model') or {}).get('name')}`: "
                      f"{d['rows']} SFT rows; {t.get('method', 'sft').upper()} {t.get('steps')} steps (loss "
                      f"{_fmt(t.get('first_loss'))} -> {_fmt(t.get('final_loss'))}); its checkpoint is the round-0 "
-                     f"policy (and round 0's reference).")
+                     + ("policy: the seed model M_0, round 0's curator (its rows are every round's seed share)."
+                        if state.get("candidates") else "policy (and round 0's reference)."))
+    bw, cands = state.get("backward") or {}, state.get("candidates") or {}
+    if bw.get("metrics"):
+        d, t = bw["metrics"]["data"], bw["metrics"]["train"]
+        lines.append(f"- Backward model M_yx: data pipeline {' -> '.join(s['kind'] for s in d['stages'])}: "
+                     f"{d['rows']} SFT rows (output -> instruction); {t.get('method', 'sft').upper()} "
+                     f"{t.get('steps')} steps of the initial policy (loss {_fmt(t.get('first_loss'))} -> "
+                     f"{_fmt(t.get('final_loss'))}) into `backward/checkpoint`.")
+    if cands.get("rows") is not None:
+        bm = cands.get("backward_model") or {}
+        lines.append(f"- Candidates: {cands['rows']} (instruction, segment) candidates written once by M_yx "
+                     f"`{bm.get('name')}` (revision `{bm.get('revision')}`) through "
+                     f"{' -> '.join(s['kind'] for s in cands.get('stages') or [])}; every round re-rates all of "
+                     f"them (`data/candidates.jsonl`).")
     for w in state.get("prompt_writers") or []:
         model = w["model"] if isinstance(w["model"], str) else f"`{w['model'].get('name')}` (revision " \
             f"`{w['model'].get('revision')}`; fixed across rounds, not the policy)"
@@ -97,9 +115,18 @@ def render_card(state: dict[str, Any]) -> str:
         rd = m["pairs"].get("round_data")
         what = (f"{rd['rows']} `{rd['builder']}` rows (from {m['pairs'].get('pipeline_rows')} pipeline rows)"
                 if rd else f"{m['pairs']['pairs_built']} pairs")
+        cur = m.get("curation")
+        if cur:  # humpback
+            base = (cur.get("trained_from") or {}).get("path")
+            lines.append(f"- Round {m['round']} (iteration {cur['iteration']}): {cur['curator']} "
+                         f"`{cur['curator_model'].get('name')}` rated the {cur['candidates']} candidates and kept "
+                         f"{cur['kept']} ({cur['kept_name']}); {cur['trained']} = SFT of `{base}` on "
+                         f"{cur['seed_rows']} seed + {cur['kept']} kept rows: {trained}.")
+            continue
         wp = m["pairs"].get("written_prompts")
-        prompts = (f"{wp['written']} prompts (written by `{wp['model']}` from {wp['seed_prompts']} seed prompts)"
-                   if wp else f"{m['pairs']['prompts']} prompts")
+        drops = ", ".join(f"{n} {_REPEATS.get(why, why)}" for why, n in ((wp or {}).get("dropped") or {}).items() if n)
+        prompts = (f"{wp['written']} prompts (written by `{wp['model']}` from {wp['seed_prompts']} seed prompts"
+                   + (f"; dropped: {drops}" if drops else "") + ")" if wp else f"{m['pairs']['prompts']} prompts")
         lines.append(f"- Round {m['round']}: {what} from {prompts} sampled by `{m['policy'].get('name')}`; "
                      f"{m['train'].get('method')}: {trained}.")
     lines += ["", "## Held-out win rates", "",
@@ -136,7 +163,9 @@ def render_card(state: dict[str, Any]) -> str:
         lines += ["", "## References", ""] + [f"- {c}" for c in cites]
     lines += ["", "Files: `loop.json` (state, per-round metrics), `round-NN/metrics.json`, `round-NN/eval.json` "
                   "(per-prompt judge log-odds)" + (", `sft/` (warm-up data run, SFT checkpoint, eval)"
-                                                   if sft else "") + ".", ""]
+                                                   if sft else "")
+              + (", `backward/` (M_yx: data run, checkpoint), `candidates/` (the candidates' run), "
+                 "`round-NN/round_data` (seed + kept rows)" if state.get("candidates") else "") + ".", ""]
     return redact_text("\n".join(lines))
 
 

@@ -41,6 +41,8 @@ A loop file::
     #   pipeline: {stages: [...]}      # or a pipeline file; must end in SFT rows (prompt/completion or messages)
     #   model: null                    # the model that writes the data (default: `policy`)
     #   train: {max_steps: 8}          # SFTConfig fields (model, dataset, output_dir are the loop's)
+    # method humpback (instruction backtranslation, pipelines/humpback_loop_tiny.yaml): `sft:` trains M_0 on the
+    # seed, `backward:` (the same shape) trains the backward model M_yx that the `backtranslate` stage uses
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ METHODS = tuple(registry.loop_methods())
 DEFAULT_METHOD = "dpo"
 # Stage fields that pick models: the loop sets them (policy generates, judge judges).
 RESERVED_STAGE = ("model", "ranker_model")
+# The stage that writes the candidates' instructions with the backward model M_yx (method humpback): the
+# loop's `backward:` section trains M_yx and sets the stage's `model:`; without that section the stage names a
+# given M_yx with its own `model:`.
+BACKWARD_STAGE = "backtranslate"
 # Stages that write new prompts few-shot from the loop's `prompts` (the seeds) and may name a fixed
 # `model:` the loop keeps (Self-Rewarding's prompt generator): stage kind -> the column of the prompts.
 PROMPT_WRITERS = {"self_instruct_bootstrap": "instruction"}
@@ -75,6 +81,9 @@ HELDOUT_JUDGE_PROMPT = "heldout_judge.jinja"
 # The warm-up trainers (`sft:`) and the default one.
 WARMUP_METHODS = tuple(registry.warmup_methods())
 DEFAULT_WARMUP = "sft"
+# The phases before round 0 with their own data pipeline and SFT: the warm-up (`sft:`, the round-0 policy) and
+# method humpback's backward model (`backward:`, M_yx); the loop-file section, folder and loop.json key are one name.
+WARMUP_PHASE, BACKWARD_PHASE = "sft", "backward"
 # Pipeline settings the loop sets when it runs the warm-up's data pipeline (one engine pool).
 SFT_PIPELINE_SETS = ("backend", "model", "backend_options", "models", "seed")
 # Bootstrap of the held-out win rate: percentile interval over held-out prompts.
@@ -194,6 +203,11 @@ class LoopFile:
     sft: SFTSection | None = option(None, "warm-up before round 0: run a data pipeline once (e.g. seeds -> "
                                           "Self-Instruct), SFT the `policy` on its rows; that checkpoint is the "
                                           "round-0 policy (and round 0's DPO reference)")
+    backward: SFTSection | None = option(None, "method humpback: the backward model M_yx, trained once before round "
+                                               "0 like `sft:` (a data pipeline, e.g. humpback_backward.yaml's "
+                                               "reversed seed pairs, then SFT of the `policy` into "
+                                               "OUT/backward/checkpoint); the `backtranslate` pairs stage writes "
+                                               "the candidates' instructions with it")
     history: int | None = option(None, "earlier rounds whose round data the new policy also trains on: N (the "
                                        "last N rounds), -1 (all: Llama 2's pool of earlier rejection-sampling "
                                        "winners), 0 (none); default: the method's (spin: 1, the previous iteration; "
@@ -296,6 +310,7 @@ class LoopConfig:
     chunk_size: int = 2048
     keep_checkpoints: bool = False
     sft: WarmupConfig | None = None
+    backward: WarmupConfig | None = None  # method humpback: the backward model M_yx's phase (`backward:`)
     # the pairs stages that judge with an LLM: index, kind, template name and sha256 (see training_rankers)
     ranker_templates: list[dict[str, Any]] = field(default_factory=list)
     # per training prompt: the prompts file's `carry_columns` values (empty dicts without carry_columns)
@@ -356,24 +371,49 @@ class LoopConfig:
         model = "the round's policy" if self.self_judging else self.judge_for(self.policy)
         return [{**r, "model": model} for r in self.ranker_templates]
 
-    def data_model(self) -> str:
-        """The model that writes the warm-up's SFT data."""
-        return (self.sft.model if self.sft else None) or self.policy
+    def warmup(self, phase: str = WARMUP_PHASE) -> WarmupConfig:
+        """The validated section of a phase before round 0: ``sft`` (the
+        warm-up) or ``backward`` (method humpback's M_yx)."""
+        w = getattr(self, phase)
+        assert w is not None, phase
+        return w
 
-    def sft_pipeline_data(self) -> dict[str, Any]:
-        """The warm-up's data pipeline as the loop runs it: its own stages and
-        settings, with the loop's backend, engine options and seed, and
-        :meth:`data_model` as its model."""
-        assert self.sft is not None
-        data = json.loads(json.dumps(self.sft.pipeline))
-        data.setdefault("name", f"{self.name}-sft")
+    def data_model(self, phase: str = WARMUP_PHASE) -> str:
+        """The model that writes the data of the warm-up (or of ``backward``)."""
+        w = getattr(self, phase)
+        return (w.model if w else None) or self.policy
+
+    def sft_pipeline_data(self, phase: str = WARMUP_PHASE) -> dict[str, Any]:
+        """The warm-up's data pipeline (or ``backward``'s) as the loop runs
+        it: its own stages and settings, with the loop's backend, engine
+        options and seed, and :meth:`data_model` as its model."""
+        w = self.warmup(phase)
+        data = json.loads(json.dumps(w.pipeline))
+        data.setdefault("name", f"{self.name}-{phase}")
+        what = "SFT warm-up data" if phase == WARMUP_PHASE else "backward-model (M_yx) data"
         data.setdefault("description", (self.description + "\n\n" if self.description else "")
-                        + "SFT warm-up data of an RLAIF loop.")
+                        + f"{what} of an RLAIF loop.")
         if self.license and "license" not in data:
             data["license"] = self.license
-        data.update(backend=self.backend, model=self.data_model(), backend_options=self.backend_options,
+        data.update(backend=self.backend, model=self.data_model(phase), backend_options=self.backend_options,
                     models=self.models, seed=self.seed)
         return data
+
+    def candidate_stages(self) -> list[dict[str, Any]]:
+        """Method humpback: the pairs stages that write the fixed candidates
+        (all but the last), the backward stage's ``model:`` removed (the
+        candidates pipeline runs with M_yx as its model)."""
+        out = []
+        for sd in self.pairs_stages[:-1]:
+            sd = json.loads(json.dumps(sd))
+            if sd["stage"] == BACKWARD_STAGE:
+                sd.pop("model", None)
+            out.append(sd)
+        return out
+
+    def given_backward_model(self) -> str | None:
+        """Method humpback without ``backward:``: the M_yx the backward stage names."""
+        return next((sd.get("model") for sd in self.pairs_stages if sd["stage"] == BACKWARD_STAGE), None)
 
     def prompt_writers(self) -> list[dict[str, Any]]:
         """The pairs stages that write each round's prompts few-shot from the
@@ -402,7 +442,7 @@ class LoopConfig:
             if judge is not None and judge != policy and key:
                 sd[key] = judge
             out.append(sd)
-        return out
+        return out if not self.training.fixed_candidates else out[-1:]  # humpback: the rest ran once
 
     def policy_messages(self, prompt: str) -> list[dict[str, str]]:
         """A training prompt as the policy sees it when it samples pairs (the
@@ -429,7 +469,7 @@ def judge_field(sd: dict[str, Any]) -> str | None:
     it in), or None for a stage that judges with no LLM (or not at all)."""
     if sd["stage"] == "onpolicy_pairs" and sd.get("ranker", "llm_judge") == "llm_judge":
         return "ranker_model"
-    if sd["stage"] == "judge_pairs":
+    if sd["stage"] in ("judge_pairs", "self_curate"):  # self_curate: Humpback's curator M_t rates the candidates
         return "model"
     return None
 
@@ -489,7 +529,7 @@ def _carried(value: Any, carry: list[str], n: int, base_dir: Path, source: str) 
 
 
 def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[str], carry: tuple[str, ...] = (),
-                  reader: str = "") -> list:
+                  reader: str = "", fixed_model_stages: tuple[str, ...] = ()) -> list:
     """Each pairs stage against its config schema, then the column flow; the
     last stage's output must have the columns ``needs`` (what the method's
     pair-reading trainers, or its round-data step ``reader``, read; an entry
@@ -511,7 +551,7 @@ def _check_stages(stages: list[dict], base_dir: Path, source: str, needs: list[s
             raise LoopError(f"{source}: {where}: {kind!r} reads data; the loop loads the `prompts` itself, "
                             f"so pairs stages start after it")
         for k in RESERVED_STAGE:
-            if k in sd and not (k == "model" and kind in PROMPT_WRITERS):
+            if k in sd and not (k == "model" and (kind in PROMPT_WRITERS or kind in fixed_model_stages)):
                 raise LoopError(f"{source}: {where}.{k}: set by the loop (the current policy generates, `judge:` "
                                 f"judges; only a prompt-writing stage, {', '.join(PROMPT_WRITERS)}, may name a "
                                 f"fixed model); remove it")
@@ -610,12 +650,14 @@ def _check_method(data: dict, source: str) -> tuple[str, dict[str, dict]]:
     return method, sections
 
 
-def _warmup_note(m: registry.Method) -> str:
-    return (f"the {m.title} warm-up starts from the loop's `policy`, trains on the rows of `sft.pipeline` and writes "
-            f"sft/checkpoint, the round-0 policy")
+def _warmup_note(m: registry.Method, phase: str = WARMUP_PHASE) -> str:
+    what = "the round-0 policy" if phase == WARMUP_PHASE else "the backward model M_yx"
+    phase_name = "warm-up" if phase == WARMUP_PHASE else "backward phase"
+    return (f"the {m.title} {phase_name} starts from the loop's `policy`, "
+            f"trains on the rows of `{phase}.pipeline` and writes {phase}/checkpoint, {what}")
 
 
-def _check_warmup(values: dict, seed: int, base_dir: Path, source: str) -> WarmupConfig:
+def _check_warmup(values: dict, seed: int, base_dir: Path, source: str, phase: str = WARMUP_PHASE) -> WarmupConfig:
     """The ``sft:`` section: its trainer's settings (the registry's warm-up
     method) and its data pipeline (a file or an inline mapping). The
     pipeline itself is checked by :func:`_check_warmup_pipeline` once the
@@ -625,7 +667,7 @@ def _check_warmup(values: dict, seed: int, base_dir: Path, source: str) -> Warmu
 
     sec: SFTSection = build(SFTSection, values)
     m = registry.get(sec.method)
-    settings = _check_step(m, sec.train, source, prefix=("sft", "train"), note=_warmup_note(m))
+    settings = _check_step(m, sec.train, source, prefix=(phase, "train"), note=_warmup_note(m, phase))
     if isinstance(sec.pipeline, str):
         name = sec.pipeline
         if not name.endswith((".yaml", ".yml")) and "/" not in name and not (base_dir / name).exists():
@@ -633,7 +675,7 @@ def _check_warmup(values: dict, seed: int, base_dir: Path, source: str) -> Warmu
         try:
             path = find_file(name, base_dir, "pipeline file", shipped=(shipped_dir("pipelines"),), want="file")
         except (ValueError, FileNotFoundError) as e:
-            raise LoopError(f"{source}: sft.pipeline: {e}") from None
+            raise LoopError(f"{source}: {phase}.pipeline: {e}") from None
         try:
             pdata = yamlio.load_file(path, "pipeline file")
         except yamlio.YAMLInputError as e:
@@ -642,36 +684,36 @@ def _check_warmup(values: dict, seed: int, base_dir: Path, source: str) -> Warmu
             raise LoopError(f"{path}: expected a mapping at the top level, got {type(pdata).__name__}")
         psource, pdir = str(path), path.parent
     else:
-        pdata, psource, pdir = dict(sec.pipeline), f"{source}: sft.pipeline", base_dir
+        pdata, psource, pdir = dict(sec.pipeline), f"{source}: {phase}.pipeline", base_dir
         for k in SFT_PIPELINE_SETS:
             if k in pdata:
-                what = "`sft.model` picks the model that writes the data" if k == "model" else \
+                what = f"`{phase}.model` picks the model that writes the data" if k == "model" else \
                     "the data pipeline runs on the loop's engines"
-                raise LoopError(f"{source}: sft.pipeline.{k}: set by the loop ({what}); remove it")
+                raise LoopError(f"{source}: {phase}.pipeline.{k}: set by the loop ({what}); remove it")
     pdata = {k: v for k, v in pdata.items() if k not in SFT_PIPELINE_SETS}
     return WarmupConfig(method=sec.method, settings={"seed": seed, **dict(m.loop_defaults), **settings},
                         pipeline=pdata, pipeline_source=psource, pipeline_dir=Path(pdir), model=sec.model)
 
 
-def _check_warmup_pipeline(cfg: LoopConfig) -> None:
-    """The warm-up's data pipeline as the loop will run it validates, and its
-    last stage emits the rows its trainer reads."""
+def _check_warmup_pipeline(cfg: LoopConfig, phase: str = WARMUP_PHASE) -> None:
+    """The warm-up's (or ``backward``'s) data pipeline as the loop will run
+    it validates, and its last stage emits the rows its trainer reads."""
     from ..engine.pipeline import Pipeline, PipelineError
 
-    assert cfg.sft is not None
+    w = cfg.warmup(phase)
     try:
-        pipe = Pipeline.from_dict(cfg.sft_pipeline_data(), cfg.sft.pipeline_dir, source=cfg.sft.pipeline_source)
+        pipe = Pipeline.from_dict(cfg.sft_pipeline_data(phase), w.pipeline_dir, source=w.pipeline_source)
         pipe.check_columns()
     except PipelineError as e:
         raise LoopError(str(e)) from None
     cols: list[str] = []
     for st in pipe.stages:
         cols = st.output_columns(cols)
-    m = cfg.sft.trainer
+    m = w.trainer
     lacking = m.missing_columns(cols)
     if lacking:
         want = "; ".join(spec.replace("+", " and ").replace("|", ", or ") for spec in lacking)
-        raise LoopError(f"{cfg.sft.pipeline_source}: the last stage must emit {m.title} rows ({want}); its output "
+        raise LoopError(f"{w.pipeline_source}: the last stage must emit {m.title} rows ({want}); its output "
                         f"has {cols}")
 
 
@@ -738,7 +780,8 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
     else:
         needs = list(dict.fromkeys(c for s in steps if s.data in ("pairs", "sft") for c in s.columns))
     built = _check_stages(lf.pairs.stages, base_dir, source, needs, tuple(lf.carry_columns),
-                          method_entry.round_data)
+                          method_entry.round_data,
+                          (BACKWARD_STAGE,) if method_entry.fixed_candidates else ())  # see _check_fixed_candidates
     if method_entry.round_stages and lf.pairs.stages[-1]["stage"] not in method_entry.round_stages:
         raise LoopError(f"{source}: pairs.stages[{len(lf.pairs.stages) - 1}]: method {method!r} builds its pairs "
                         f"with {' or '.join(method_entry.round_stages)}; end pairs.stages with it")
@@ -749,6 +792,14 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
                             f"remove `judge` (or write `judge: {SELF_JUDGE}`)")
         judge = SELF_JUDGE
     warmup = _check_warmup(data["sft"], lf.seed, base_dir, source) if data.get("sft") is not None else None
+    backward = (_check_warmup(data[BACKWARD_PHASE], lf.seed, base_dir, source, BACKWARD_PHASE)
+                if data.get(BACKWARD_PHASE) is not None else None)
+    if method_entry.fixed_candidates:
+        _check_fixed_candidates(lf.pairs.stages, method, warmup, backward, source)
+    elif backward is not None:
+        users = [k for k, m in registry.loop_methods().items() if m.fixed_candidates]
+        raise LoopError(f"{source}: backward: not used by method {method!r} (only {', '.join(users)} trains a "
+                        f"backward model); remove it")
     prompts = _read_prompts(lf.prompts, lf.prompt_column, lf.limit, base_dir, source, "prompts", "prompt_column")
     extras = _carried(lf.prompts, lf.carry_columns, len(prompts), base_dir, source)
     ev = lf.eval
@@ -783,10 +834,36 @@ def load_loop(path: str | Path | None = None, *, data: dict | None = None, base_
         sections=sections, judge=judge, method=method, rm_pairs=lf.rm_pairs, description=lf.description,
         license=lf.license, backend=lf.backend, backend_options=dict(lf.backend_options), models=dict(lf.models),
         seed=lf.seed, rounds=lf.rounds, chunk_size=lf.pairs.chunk_size, keep_checkpoints=lf.keep_checkpoints,
-        sft=warmup, source=source, base_dir=base_dir, raw=data, prompt_extras=extras, history_rounds=lf.history,
+        sft=warmup, backward=backward, source=source, base_dir=base_dir, raw=data, prompt_extras=extras,
+        history_rounds=lf.history,
     )
     cfg.ranker_templates = _ranker_templates(cfg.pairs_stages, built)
     _check_judges_distinct(cfg, tpl)
     if cfg.sft is not None:
         _check_warmup_pipeline(cfg)
+    if cfg.backward is not None:
+        _check_warmup_pipeline(cfg, BACKWARD_PHASE)
     return cfg
+
+
+def _check_fixed_candidates(stages: list[dict], method: str, warmup: WarmupConfig | None,
+                            backward: WarmupConfig | None, source: str) -> None:
+    """Method humpback: the seed model M_0 is the ``sft:`` warm-up (its rows
+    are also each round's seed share), one ``backtranslate`` stage before the
+    last writes the candidates with M_yx, which ``backward:`` trains or the
+    stage names (``model:``), not both."""
+    if warmup is None:
+        raise LoopError(f"{source}: sft: method {method!r} trains the seed model M_0 in the `sft:` warm-up (its "
+                        f"rows are also the seed share of every round's training rows); add it")
+    at = [i for i, sd in enumerate(stages[:-1]) if sd["stage"] == BACKWARD_STAGE]
+    if len(at) != 1:
+        raise LoopError(f"{source}: pairs.stages: method {method!r} needs one `{BACKWARD_STAGE}` stage before the "
+                        f"last (the backward model writes the candidates' instructions); found {len(at)}")
+    named = stages[at[0]].get("model")
+    if backward is not None and named:
+        raise LoopError(f"{source}: pairs.stages[{at[0]}].model: set by the loop (the `backward:` section trains "
+                        f"M_yx); remove it, or remove `backward:` to use a given M_yx")
+    if backward is None and not named:
+        raise LoopError(f"{source}: backward: method {method!r} writes the candidates with a backward model M_yx: "
+                        f"add a `backward:` section (trained by the loop) or name a given M_yx with "
+                        f"`model:` on pairs.stages[{at[0]}]")

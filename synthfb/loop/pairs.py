@@ -10,7 +10,10 @@ draws (e.g. the few-shot demos of a prompt writer) are fresh each round; the
 engines keep the loop's ``seed``. A prompt-writing stage
 (``self_instruct_bootstrap``, optionally with its own fixed ``model:``)
 writes the round's prompts from the seed prompts; :func:`record_prompts`
-copies them to ``round-NN/prompts.jsonl``.
+copies them to ``round-NN/prompts.jsonl``, and :func:`drop_repeated_prompts`
+takes the pairs of a written prompt that repeats a held-out prompt or an
+earlier round's out of the round's training data (texts compared casefolded,
+whitespace collapsed).
 """
 
 from __future__ import annotations
@@ -45,19 +48,25 @@ def write_prompts(path: Path, prompts: list[Any], extras: list[dict[str, Any]] |
 
 
 def pairs_pipeline(cfg: LoopConfig, k: int, policy: str, prompts_file: Path) -> Pipeline:
-    """The pairs pipeline of round ``k`` with ``policy`` generating."""
+    """The pairs pipeline of round ``k`` with ``policy`` generating. For a
+    method with ``fixed_candidates`` (humpback) ``prompts_file`` is the
+    candidates file (``synthfb/loop/candidates.py``) and the pipeline is
+    its ``load`` plus the last pairs stage (the round's model rates them)."""
+    fixed = cfg.training.fixed_candidates
+    load = ({"stage": "load", "path": str(prompts_file), "id_column": "row_id"} if fixed else
+            {"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]})
     data = {
         "name": f"{cfg.name}-round-{k:02d}",
         "description": (cfg.description + "\n\n" if cfg.description else "")
-        + f"RLAIF round {k}: on-policy pairs from policy {policy}.",
+        + (f"Humpback iteration {k + 1}: the fixed candidates rated by {policy}." if fixed
+           else f"RLAIF round {k}: on-policy pairs from policy {policy}."),
         "backend": cfg.backend,
         "model": policy,
         "backend_options": cfg.backend_options,
         "models": cfg.models,
         "seed": cfg.seed + k,  # fresh random draws each round (engines keep cfg.seed)
         "chunk_size": cfg.chunk_size,
-        "stages": [{"stage": "load", "path": str(prompts_file), "id_column": "id", "require": ["prompt"]}]
-        + cfg.stages_for(policy),
+        "stages": [load] + cfg.stages_for(policy),
     }
     if cfg.license:
         data["license"] = cfg.license
@@ -71,12 +80,25 @@ def run_pairs(cfg: LoopConfig, k: int, policy: str, prompts_file: Path, out: Pat
     return Runner(pipe, out, resume=True, generators=generators, progress=progress).run()
 
 
+# why a written prompt is dropped, checked in this order: it repeats a held-out prompt, or a prompt an earlier
+# round wrote
+REPEAT_REASONS = ("in_heldout", "in_earlier_rounds")
+
+
+def normalize_prompt(text: Any) -> str:
+    """A prompt's text for repeat checks: casefolded, whitespace collapsed."""
+    return " ".join(str(text).casefold().split())
+
+
 def record_prompts(cfg: LoopConfig, k: int, result: RunResult, rdir: Path) -> dict[str, Any] | None:
     """The prompts a prompt-writing stage wrote this round, as ``{"id",
-    "prompt", "demo_ids"}`` JSON lines in ``rdir/prompts.jsonl``, and their
-    record for the round's metrics: the stage, its model, the seed prompts,
-    the prompts written, and how many equal a held-out prompt or an earlier
-    round's (counted, not dropped). None without such a stage."""
+    "prompt", "demo_ids", "dropped"}`` JSON lines in ``rdir/prompts.jsonl``
+    (``dropped``: null, or the reason of :data:`REPEAT_REASONS` when the
+    prompt repeats a held-out prompt or one an earlier round wrote, compared
+    by :func:`normalize_prompt`), and their record for the round's metrics:
+    the stage, its model, the seed prompts, the prompts written, the drops
+    by reason (``in_heldout``, ``in_earlier_rounds``, also under
+    ``dropped``), ``kept`` and ``dropped_ids``. None without such a stage."""
     from ..data.io import read_tables
 
     writers = cfg.prompt_writers()
@@ -87,23 +109,61 @@ def record_prompts(cfg: LoopConfig, k: int, result: RunResult, rdir: Path) -> di
     sdir = result.out_dir / "stages" / f"{w['stage'] + 1:02d}-{w['kind']}"
     table = read_tables(sorted(sdir.glob("chunk-*.parquet")))
     rows = table.to_pylist() if table is not None else []
-    text = "".join(json.dumps({"id": r[ROW_ID], "prompt": r[w["column"]], "demo_ids": r.get("demo_ids")},
-                              ensure_ascii=False) + "\n" for r in rows)
-    path = rdir / "prompts.jsonl"
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        atomic_write_bytes(path, text.encode("utf-8"))
+    heldout = {normalize_prompt(p) for p in cfg.eval.prompts}
     earlier: set[str] = set()
     for j in range(k):
         f = rdir.parent / f"round-{j:02d}" / "prompts.jsonl"
         if f.exists():
-            earlier.update(json.loads(x)["prompt"] for x in f.read_text(encoding="utf-8").splitlines() if x)
-    written = [r[w["column"]] for r in rows]
+            earlier.update(normalize_prompt(json.loads(x)["prompt"])
+                           for x in f.read_text(encoding="utf-8").splitlines() if x)
+    dropped: dict[str, str] = {}  # row id -> reason
+    for r in rows:
+        norm = normalize_prompt(r[w["column"]])
+        reason = "in_heldout" if norm in heldout else "in_earlier_rounds" if norm in earlier else None
+        if reason:
+            dropped[r[ROW_ID]] = reason
+    text = "".join(json.dumps({"id": r[ROW_ID], "prompt": r[w["column"]], "demo_ids": r.get("demo_ids"),
+                               "dropped": dropped.get(r[ROW_ID])}, ensure_ascii=False) + "\n" for r in rows)
+    path = rdir / "prompts.jsonl"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    by_reason = {why: sum(v == why for v in dropped.values()) for why in REPEAT_REASONS}
     model = rec.get("model") or {}
     return {"stage": w["stage"], "kind": w["kind"], "model": model.get("name"), "model_revision": model.get("revision"),
             "fixed_model": w["model"] is not None, "seed_prompts": len(cfg.prompts), "written": len(rows),
-            "seed": result.manifest.get("seed"), "file": str(path),
-            "in_heldout": sum(p in set(cfg.eval.prompts) for p in written),
-            "in_earlier_rounds": sum(p in earlier for p in written)}
+            "seed": result.manifest.get("seed"), "file": str(path), **by_reason, "dropped": by_reason,
+            "kept": len(rows) - len(dropped), "dropped_ids": sorted(dropped)}
+
+
+def drop_repeated_prompts(pm: dict[str, Any], written: dict[str, Any], rdir: Path) -> dict[str, Any]:
+    """The round's pairs without those of the written prompts
+    :func:`record_prompts` dropped (rows matched by row id): written to
+    ``rdir/pairs_kept`` when any is dropped, with the metrics pointing at
+    them (``pairs_built``, ``dataset``, ``fingerprint``) and the drops counted
+    as ``dropped_prompt_<reason>`` (in prompts) and
+    ``dropped_prompt_pairs`` (pairs removed). Unchanged when none is."""
+    import shutil
+
+    import datasets
+
+    from .config import stable_hash
+
+    ids = set(written["dropped_ids"])
+    counts = {f"dropped_prompt_{why}": n for why, n in written["dropped"].items() if n}
+    if not ids:
+        return pm
+    ds = datasets.load_from_disk(pm["dataset"]) if pm["pairs_built"] else None
+    rows = [r for r in ds.to_list() if r.get(ROW_ID) not in ids] if ds is not None else []
+    out_dir, tmp = rdir / "pairs_kept", rdir / "pairs_kept.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if rows:
+        datasets.Dataset.from_list(rows, features=ds.features).save_to_disk(str(tmp))
+        tmp.rename(out_dir)
+    removed = pm["pairs_built"] - len(rows)
+    return {**pm, "pairs_built": len(rows), "dataset": str(out_dir),
+            "counts": {**pm["counts"], **counts, "dropped_prompt_pairs": removed},
+            "fingerprint": stable_hash([pm["fingerprint"], "drop_repeated_prompts", sorted(ids)])}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -20,6 +20,12 @@ of the same name.
   (:func:`synthfb.stages.best_of_n.select_best`), so a pipeline stage and an
   ``rft`` round pick the same winners.
 
+- ``humpback_union`` (instruction backtranslation, Li et al. 2023, arXiv
+  2308.06259, section 2.2 and Algorithm 1): the rows the round's model kept
+  (``self_curate``, A_5^(t): tagged S_w) together with the seed rows of the
+  loop's ``sft:`` warm-up (tagged S_a), one SFT dataset: the next model
+  M_(t+1) is fine-tuned from the base model on seed + A_5^(t) mixed.
+
 Each builder is a pure function of the pipeline's rows and the round number:
 ``(rows, counts)``; :func:`build_round_data` writes the rows next to the
 pairs run (``round-NN/round_data``) and points the round's metrics at them.
@@ -177,6 +183,42 @@ def best_of_n(rows: list[dict[str, Any]], cfg: BestOfNConfig, k: int) -> tuple[l
     return out, counts
 
 
+# -- Humpback: seed + A_5 ---------------------------------------------------------------------------------------
+
+@dataclass
+class HumpbackUnionConfig:
+    """``humpback_union:`` (method ``humpback``): the next model's SFT rows, seed + the round's kept candidates."""
+
+    with_seed: bool = option(True, "mix the seed rows (the `sft:` warm-up's rows, tagged S_a) into every round's rows, "
+                                   "as the paper does (false: train on A_5 only)")
+    prompt_column: str = option("prompt", "SFT prompt column of the curated rows and the seed rows")
+    completion_column: str = option("completion", "SFT completion column of the curated rows and the seed rows")
+
+
+# the columns a training row keeps besides prompt/completion (None where a side lacks them)
+HUMPBACK_KEEP = ("instruction", "output", "source", "system_tag", "curation_score")
+
+
+def humpback_union(rows: list[dict[str, Any]], cfg: HumpbackUnionConfig, k: int,
+                   seed_rows: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """Iteration ``k + 1``'s training rows: the seed rows (``source: seed``)
+    then the round's curated rows A_5^(k+1) (``source: augmented``), each
+    with the prompt/completion columns, the Humpback columns of
+    :data:`HUMPBACK_KEEP` and ``iteration``; counted as ``seed_rows`` and
+    ``curated_rows``."""
+    seed_rows = list(seed_rows or []) if cfg.with_seed else []
+    out = []
+    for r in seed_rows + rows:
+        missing = [c for c in (cfg.prompt_column, cfg.completion_column) if r.get(c) is None]
+        if missing:
+            where = "seed row" if r in seed_rows else "curated row"
+            raise ValueError(f"humpback_union: {where} {r.get(ROW_ID)!r} has no {missing} (columns {sorted(r)})")
+        out.append({ROW_ID: str(r.get(ROW_ID)), "prompt": r[cfg.prompt_column], "completion": r[cfg.completion_column],
+                    **{c: r.get(c) for c in HUMPBACK_KEEP}, "iteration": k,
+                    PROVENANCE: list(r.get(PROVENANCE) or [])})
+    return out, {"seed_rows": len(seed_rows), "curated_rows": len(rows)}
+
+
 # -- the registry of round-data builders ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -187,11 +229,14 @@ class RoundData:
     config: type
     build: Callable[[list[dict[str, Any]], Any, int], tuple[list[dict[str, Any]], dict]]
     reads: tuple[str, ...]  # config fields naming the input columns it needs
+    uses_seed: bool = False  # also reads the rows of the loop's `sft:` warm-up (``seed_rows=``)
 
 
 BUILDERS: dict[str, RoundData] = {
     "spin_pairs": RoundData(SpinPairsConfig, spin_pairs, ("prompt_column", "gold_column", "response_column")),
     "best_of_n": RoundData(BestOfNConfig, best_of_n, ("prompt_column", "responses_column", "scores_column")),
+    "humpback_union": RoundData(HumpbackUnionConfig, humpback_union, ("prompt_column", "completion_column"),
+                                uses_seed=True),
 }
 
 
@@ -202,9 +247,11 @@ def needed_columns(name: str, settings: dict[str, Any]) -> list[str]:
     return [getattr(cfg, f) for f in b.reads]
 
 
-def build_round_data(cfg: LoopConfig, k: int, pairs: dict[str, Any], rdir: Path) -> dict[str, Any]:
+def build_round_data(cfg: LoopConfig, k: int, pairs: dict[str, Any], rdir: Path,
+                     seed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the method's round-data builder (if any) to the round's pairs
-    run; returns the round's data metrics with ``dataset`` and
+    run (``seed``: the warm-up's data record, ``dataset`` and ``fingerprint``,
+    for a builder that mixes in the seed rows); returns the round's data metrics with ``dataset`` and
     ``fingerprint`` pointing at the built rows and ``pairs_built`` their
     number (the pipeline's rows stay in ``pipeline_rows``). Deterministic,
     so a resumed round rebuilds the same rows."""
@@ -216,7 +263,13 @@ def build_round_data(cfg: LoopConfig, k: int, pairs: dict[str, Any], rdir: Path)
     b = BUILDERS[name]
     settings = cfg.sections.get(name, {})
     rows = datasets.load_from_disk(pairs["dataset"]).to_list() if pairs["pairs_built"] else []
-    built, counts = b.build(rows, b.config(**settings), k)
+    if b.uses_seed:
+        if seed is None:
+            raise ValueError(f"round data {name!r} mixes in the seed rows of the loop's `sft:` warm-up; it has none")
+        seed_rows = datasets.load_from_disk(seed["dataset"]).to_list() if seed.get("rows", 1) else []
+        built, counts = b.build(rows, b.config(**settings), k, seed_rows=seed_rows)
+    else:
+        built, counts = b.build(rows, b.config(**settings), k)
     out_dir = rdir / "round_data"
     tmp = rdir / "round_data.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -230,4 +283,6 @@ def build_round_data(cfg: LoopConfig, k: int, pairs: dict[str, Any], rdir: Path)
             "counts": {**pairs["counts"], **{f"{name}_{c}": v for c, v in counts.items()}},
             "round_data": {"builder": name, "settings": asdict(b.config(**settings)), "rows": len(built),
                            "counts": counts},
-            "dataset": str(out_dir), "fingerprint": stable_hash([pairs["fingerprint"], name, settings, k])}
+            "dataset": str(out_dir),
+            "fingerprint": stable_hash([pairs["fingerprint"], name, settings, k]
+                                       + ([seed["fingerprint"]] if b.uses_seed and seed else []))}

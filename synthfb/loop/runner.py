@@ -22,6 +22,17 @@ policy ``P_k`` (``P_0`` = the loop's ``policy`` or the SFT checkpoint,
    and has a fixed judge compare them with ``P_0``'s answers in both orders
    (``synthfb/loop/heldout.py``); that engine then generates round ``k+1``.
 
+Method ``humpback`` (instruction backtranslation, Li et al. 2023) shapes the
+same loop differently (method-registry fields ``fixed_candidates``,
+``policy_start: initial``, ``self_judge``): the ``sft:`` warm-up trains the
+seed model M_0 (the round-0 policy) and a ``backward:`` phase of the same
+shape the backward model M_yx; before round 0 the pairs stages but the last
+run once with M_yx (``synthfb/loop/candidates.py``: the candidate set); round
+``k`` (the paper's iteration ``k+1``) has its policy M_k rate every candidate
+(the last stage, ``self_curate``), mixes the kept A_5 rows with the seed rows
+(round data ``humpback_union``) and trains M_(k+1) by SFT from the loop's
+``policy`` (the base model), not from M_k.
+
 The held-out judge is frozen: one model and template for every comparison,
 set once per loop. With a warm-up, the SFT checkpoint and the final policy
 are also compared with the initial ``policy``. After every round the loop
@@ -45,10 +56,11 @@ from ..data.io import atomic_write_json
 from ..engine.runner import package_versions, scrub
 from ..llm.types import Generator
 from . import heldout
-from .config import LoopConfig, load_loop, stable_hash
+from .config import BACKWARD_PHASE, LoopConfig, load_loop, stable_hash
 from .engines import EnginePool
-from .pairs import pairs_metrics, record_prompts, run_pairs, write_prompts
+from .pairs import drop_repeated_prompts, pairs_metrics, record_prompts, run_pairs, write_prompts
 from .round_data import build_round_data
+from .candidates import backward_model, candidates_file, run_candidates
 from .card import loop_summary, write_card
 from .state import LoopFolder, now, read_json, round_dir
 from .train import TrainingSetup, headline, prepare_training, train_round
@@ -93,12 +105,21 @@ class _Loop:
         prompts_file = write_prompts(self.out / "data" / "prompts.jsonl", cfg.prompts, cfg.prompt_extras)
         start = cfg.policy
         initial_answers = None
+        self.seed_data: dict[str, Any] | None = None  # the warm-up's rows (humpback: each round's seed share)
         if cfg.sft is not None:
             # the initial policy's held-out answers first: its engine is up for the data pipeline anyway
             initial_answers = heldout.answer(cfg, initial, sft_dir(self.out) / "heldout-initial.json", self.log)
             rec = run_warmup(cfg, self.folder, pool, initial, self.progress, self.log)
             pool.release(cfg.policy)
             start = rec["checkpoint"]
+            self.seed_data = rec["metrics"]["data"]
+        if cfg.backward is not None:  # humpback: the backward model M_yx, SFT of `policy` on the reversed seed
+            run_warmup(cfg, self.folder, pool, initial, self.progress, self.log, phase=BACKWARD_PHASE)
+        self.candidates: dict[str, Any] | None = None
+        if cfg.training.fixed_candidates:  # humpback: M_yx writes the candidates once; every round re-rates them
+            self.candidates = run_candidates(cfg, self.folder, pool, backward_model(cfg, self.folder), prompts_file,
+                                             self.progress, self.log)
+            prompts_file = candidates_file(self.out)
         p0 = pool.get(start)
         base = heldout.answer(cfg, p0, self.out / "heldout-base.json", self.log)
         self.folder.update(heldout_base={"model": base["model"], "fingerprint": base["fingerprint"],
@@ -108,7 +129,8 @@ class _Loop:
                                  "the SFT checkpoint vs the initial policy")
             self.folder.update(sft={**self.folder.state["sft"], "eval": heldout.summary(em)})
             self.log(f"sft: held-out win rate vs the initial policy {_rate(em)}")
-        self.training: TrainingSetup = prepare_training(cfg, self.out, p0.info.path)
+        self.training: TrainingSetup = prepare_training(cfg, self.out, p0.info.path,
+                                                        (initial.info.path, initial.info.revision))
         cfg_fp = cfg.fingerprint()
         policy = start
         rounds: list[dict[str, Any]] = []
@@ -143,6 +165,10 @@ class _Loop:
                  "eval_judge": eval_judge.info.revision, "base": base["fingerprint"]}
         if cfg.fixed_stage_models():  # e.g. Self-Rewarding's fixed prompt writer
             parts["stage_models"] = [pool.get(n).info.revision for n in cfg.fixed_stage_models()]
+        if self.candidates is not None:  # humpback: what M_yx wrote, and the seed rows mixed in
+            parts["candidates"] = self.candidates["fingerprint"]
+            parts["base_model"] = self.training.base[1] if self.training.base else None
+            parts["seed_data"] = (self.seed_data or {}).get("fingerprint")
         fp = stable_hash({**parts, **self.training.round_parts(cfg, earlier_pairs)})
         rec = self.folder.round(k)
         ckpt = (rdir / "checkpoint").resolve()
@@ -158,9 +184,9 @@ class _Loop:
                         {n: pool.get(n) for n in cfg.round_models(policy_name)}, self.progress)
         pm = pairs_metrics(res)
         written = record_prompts(cfg, k, res, rdir)  # a prompt writer's prompts -> round-NN/prompts.jsonl
-        if written is not None:
-            pm["written_prompts"] = written
-        pm = build_round_data(cfg, k, pm, rdir)  # the method's round data (spin, rft) or the pairs
+        if written is not None:  # pairs of prompts that repeat a held-out or an earlier round's prompt: out
+            pm = {**drop_repeated_prompts(pm, written, rdir), "written_prompts": written}
+        pm = build_round_data(cfg, k, pm, rdir, self.seed_data)  # the method's round data (spin, rft, humpback)
         pool.release(policy_name)  # free its memory for training (a pinned judge stays)
         t1 = time.time()
         tm = train_round(cfg, self.training, policy.info.path, policy.info.revision, pm, earlier_pairs, rdir,
@@ -179,13 +205,36 @@ class _Loop:
             "eval": heldout.summary(em),
             "seconds": {"pairs": round(t1 - t0, 3), "train": round(t2 - t1, 3), "eval": round(time.time() - t2, 3)},
         }
+        if self.candidates is not None:
+            metrics["curation"] = curation_record(k, policy.info.to_dict(), self.candidates, pm, tm,
+                                                  new.info.to_dict(), cfg.pairs_stages[-1].get("min_score", 4.5))
         atomic_write_json(rdir / "metrics.json", metrics)
         self.folder.set_round(k, {"status": "finished", "fingerprint": fp, "policy": policy.info.to_dict(),
                                   "checkpoint": str(ckpt), "metrics": metrics, "finished": now()})
         trained = f"{cfg.method}: " + ", ".join(f"{k} {v}" for k, v in headline(tm).items())
-        self.log(f"round {k}: {pm['pairs_built']} pairs, {trained}, held-out win rate vs round 0 {_rate(em)}")
+        cur = metrics.get("curation")
+        built = (f"{cur['curator']} kept {cur['kept']} of {cur['candidates']} candidates, {pm['pairs_built']} "
+                 f"training rows" if cur else f"{pm['pairs_built']} pairs")
+        self.log(f"round {k}: {built}, {trained}, held-out win rate vs round 0 {_rate(em)}")
         write_card(self.out, self.folder.state)
         return metrics
+
+
+def curation_record(k: int, curator: dict[str, Any], candidates: dict[str, Any], pm: dict[str, Any],
+                    tm: dict[str, Any], trained: dict[str, Any], min_score: float) -> dict[str, Any]:
+    """What a Humpback round did, in the paper's names: iteration ``k + 1``'s
+    curator M_k rated the fixed candidates (written by M_yx), kept A_5^(k+1),
+    and M_(k+1) was trained from the base model on seed + A_5^(k+1) (A_4 for
+    ``min_score`` 4: the kept set is named after the rating it asks for)."""
+    import math
+
+    counts = (pm.get("round_data") or {}).get("counts") or {}
+    return {"iteration": k + 1, "curator": f"M_{k}", "curator_model": curator,
+            "candidates": pm.get("prompts"), "candidates_by": candidates.get("backward_model"),
+            "kept": counts.get("curated_rows", pm.get("pipeline_rows")),
+            "kept_name": f"A_{math.ceil(min_score)}^({k + 1})",
+            "seed_rows": counts.get("seed_rows"), "trained": f"M_{k + 1}", "trained_model": trained,
+            "trained_from": (tm.get("init") or {}), "training_rows": pm.get("pairs_built")}
 
 
 def _rate(em: dict[str, Any]) -> str:

@@ -11,6 +11,8 @@ Layout::
     OUT/sft/heldout-initial.json   warm-up: the initial `policy`'s held-out answers
     OUT/sft/eval.json              warm-up: the SFT checkpoint vs the initial `policy` (held-out win rate)
     OUT/final-eval.json            warm-up: the last round's policy vs the initial `policy`
+    OUT/backward/                  method humpback: the backward model M_yx's phase (data/, train.json, checkpoint/)
+    OUT/candidates/, OUT/data/candidates.jsonl  method humpback: the candidates M_yx wrote once (run folder, rows)
     OUT/heldout-base.json          round-0 policy responses to the held-out prompts (generated once)
     OUT/round-00/pairs/            the round's pairs run (a synthfb run folder: run.json, stages/, dataset/)
     OUT/round-00/prompts.jsonl     with a prompt-writing pairs stage: the prompts it wrote this round
@@ -90,7 +92,7 @@ class LoopFolder:
         """(Re)open the state for a run: header fields replaced, the records
         of the warm-up and the rounds kept."""
         rounds = self.state.get("rounds", [])
-        kept = {k: self.state[k] for k in ("sft",) if k in self.state}
+        kept = {k: self.state[k] for k in ("sft", "backward", "candidates") if k in self.state}
         self.state = {**header, **kept, "rounds": rounds, "status": "running",
                       "started": self.state.get("started", now())}
         self.save()

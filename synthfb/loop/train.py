@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write_json
-from .config import DEFAULT_METHOD, LoopConfig, LoopError, stable_hash
+from .config import DEFAULT_METHOD, WARMUP_PHASE, LoopConfig, LoopError, stable_hash
 from .state import read_json
 
 
@@ -95,6 +95,7 @@ class TrainingSetup:
 
     prompts_file: Path | None = None
     inits: dict[str, tuple[str, str]] = field(default_factory=dict)
+    base: tuple[str, str] | None = None  # the loop's `policy` (path, revision): where `policy_start: initial` starts
 
     def round_parts(self, cfg: LoopConfig, earlier_pairs: list[dict[str, Any]]) -> dict[str, Any]:
         """What a round's fingerprint adds for training besides the loop's settings."""
@@ -123,13 +124,16 @@ def uses_earlier_pairs(cfg: LoopConfig) -> bool:
     return cfg.rm_pairs == "all_rounds" and any(s.produces == "reward_model" for s in cfg.steps)
 
 
-def prepare_training(cfg: LoopConfig, out: Path, initial_policy: str) -> TrainingSetup:
+def prepare_training(cfg: LoopConfig, out: Path, initial_policy: str,
+                     base: tuple[str, str] | None = None) -> TrainingSetup:
     """Write the chat-turn prompts file if a step samples from prompts, and
     resolve the initial weights of non-policy steps (their section's
-    ``model``, default the round-0 policy ``initial_policy``)."""
+    ``model``, default the round-0 policy ``initial_policy``); ``base`` is
+    the loop's ``policy`` (path, revision), where a method with
+    ``policy_start: initial`` starts every round's policy step."""
     from ..llm.models import model_revision, resolve_model
 
-    setup = TrainingSetup()
+    setup = TrainingSetup(base=base)
     for step in cfg.steps:
         if step.data == "prompts" and setup.prompts_file is None:
             setup.prompts_file = ppo_prompts_file(cfg, out / "data" / "ppo_prompts.jsonl")
@@ -162,7 +166,11 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
     own = step.produces == "policy"
     out_dir = rdir / ("checkpoint" if own else step.produces)
     settings = {**cfg.sections[step.section], **rollout_settings(cfg, step)}
-    start = policy if own else setup.inits[step.section]
+    from_base = own and cfg.training.policy_start == "initial"  # Humpback: every M_t from the base model
+    if from_base and setup.base is None:
+        raise LoopError(f"{rdir.name}: method {cfg.method!r} trains each round from the loop's `policy`, which the "
+                        f"loop did not hand to the training setup")
+    start = (setup.base if from_base else policy) if own else setup.inits[step.section]
     values: dict[str, Any] = {**settings, "model": start[0], "output_dir": str(out_dir), "resume": True}
     parts: dict[str, Any] = {step.section: settings, "start": start[1]}
     if step.data in ROUND_DATA_KINDS:
@@ -200,7 +208,7 @@ def _train_step(cfg: LoopConfig, step, setup: TrainingSetup, policy: tuple[str, 
             + (f" (resuming at step {resumed_from})" if resumed_from else ""))
         out = step.train(tcfg, rows)
         metrics = _summary(step, out, tcfg, resumed_from)
-        if not own:
+        if not own or from_base:
             metrics["init"] = {"path": start[0], "revision": start[1]}
         if step.data in ROUND_DATA_KINDS:
             metrics.update(pairs=n, pair_datasets=[p["dataset"] for p in pair_sets])
@@ -282,26 +290,28 @@ def _drop_resume_states(ckpt: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def train_warmup(cfg: LoopConfig, start: tuple[str, str], data: dict[str, Any], sdir: Path, log) -> dict[str, Any]:
-    """The warm-up trainer of ``sft:`` (a registry method with ``warmup``) on
-    the rows of the warm-up's data pipeline (``data``: its dataset folder,
-    fingerprint and row count), from the loop's initial policy ``start``
-    (path, revision) into ``sdir/checkpoint``: a resumable step with its
-    marker ``sdir/train.json``, like a round's training."""
-    assert cfg.sft is not None
-    step = cfg.sft.trainer
+def train_warmup(cfg: LoopConfig, start: tuple[str, str], data: dict[str, Any], sdir: Path, log,
+                 warmup=None, phase: str = WARMUP_PHASE) -> dict[str, Any]:
+    """The warm-up trainer of ``sft:`` (a registry method with ``warmup``;
+    or of ``backward:`` with ``warmup``/``phase``) on the rows of the
+    phase's data pipeline (``data``: its dataset folder, fingerprint and row
+    count), from the loop's initial policy ``start`` (path, revision) into
+    ``sdir/checkpoint``: a resumable step with its marker
+    ``sdir/train.json``, like a round's training."""
+    w = warmup or cfg.warmup(phase)
+    step = w.trainer
     out_dir = sdir / "checkpoint"
-    settings = dict(cfg.sft.settings)
+    settings = dict(w.settings)
     values: dict[str, Any] = {**settings, "model": start[0], "dataset": data["dataset"], "output_dir": str(out_dir),
                               "resume": True}
     fp = stable_hash({"method": step.name, "settings": settings, "start": start[1], "data": data["fingerprint"]})
 
     def run(resumed_from: int) -> dict[str, Any]:
         if not data["rows"]:
-            raise LoopError(f"sft: the data pipeline wrote no rows to train on (stage counts: {data['counts']}); "
-                            f"see {Path(data['dataset']).parent / 'run.json'}")
-        tcfg = _load(step.config, values, f"{cfg.source}: sft.train")
-        log(f"sft: {step.title} on {data['rows']} rows from {start[0]}"
+            raise LoopError(f"{phase}: the data pipeline wrote no rows to train on (stage counts: "
+                            f"{data['counts']}); see {Path(data['dataset']).parent / 'run.json'}")
+        tcfg = _load(step.config, values, f"{cfg.source}: {phase}.train")
+        log(f"{phase}: {step.title} on {data['rows']} rows from {start[0]}"
             + (f" (resuming at step {resumed_from})" if resumed_from else ""))
         out = step.train(tcfg, None)
         metrics = _summary(step, out, tcfg, resumed_from)

@@ -17,6 +17,12 @@ and templates), the trainer settings and the revisions of the initial policy
 and the data model. A finished phase with the same fingerprint and its
 checkpoint on disk is reused untouched; otherwise the runner and the training
 resume where they stopped.
+
+Method ``humpback`` runs a second phase of the same shape, ``backward``
+(``OUT/backward/``): its data pipeline (the reversed seed pairs) and SFT of
+the loop's ``policy`` into the backward model M_yx; that checkpoint writes
+the candidates' instructions (``synthfb/loop/candidates.py``), not the
+round-0 policy.
 """
 
 from __future__ import annotations
@@ -27,19 +33,19 @@ from typing import Any
 
 from ..engine import Pipeline, Runner, RunResult
 from ..llm.types import Generator
-from .config import LoopConfig, stable_hash
+from .config import WARMUP_PHASE, LoopConfig, stable_hash
 from .state import LoopFolder, now
 from .train import train_warmup
 
 
-def sft_dir(out: Path) -> Path:
-    return Path(out) / "sft"
+def sft_dir(out: Path, phase: str = WARMUP_PHASE) -> Path:
+    return Path(out) / phase
 
 
-def data_pipeline(cfg: LoopConfig) -> Pipeline:
-    """The warm-up's data pipeline as the loop runs it."""
-    assert cfg.sft is not None
-    return Pipeline.from_dict(cfg.sft_pipeline_data(), cfg.sft.pipeline_dir, source=cfg.sft.pipeline_source)
+def data_pipeline(cfg: LoopConfig, phase: str = WARMUP_PHASE) -> Pipeline:
+    """The warm-up's (or ``backward``'s) data pipeline as the loop runs it."""
+    w = cfg.warmup(phase)
+    return Pipeline.from_dict(cfg.sft_pipeline_data(phase), w.pipeline_dir, source=w.pipeline_source)
 
 
 def data_metrics(result: RunResult) -> dict[str, Any]:
@@ -56,46 +62,49 @@ def data_metrics(result: RunResult) -> dict[str, Any]:
     }
 
 
-def fingerprint(cfg: LoopConfig, pipe: Pipeline, initial: Generator, data_model: Generator) -> str:
-    """Everything that shapes the warm-up's checkpoint."""
-    assert cfg.sft is not None
+def fingerprint(cfg: LoopConfig, pipe: Pipeline, initial: Generator, data_model: Generator,
+                phase: str = WARMUP_PHASE) -> str:
+    """Everything that shapes the warm-up's (or ``backward``'s) checkpoint."""
+    w = cfg.warmup(phase)
     stages = [{"kind": st.kind,
                "data_files": {k: d for k, (_, d) in getattr(st, "data_files", {}).items()},
                "templates": {k: t.sha256 for k, t in getattr(st, "prompt_templates", {}).items()}}
               for st in pipe.stages]
-    return stable_hash({"pipeline": cfg.sft_pipeline_data(), "stages": stages, "method": cfg.sft.method,
-                        "settings": cfg.sft.settings, "initial": initial.info.revision,
+    return stable_hash({"pipeline": cfg.sft_pipeline_data(phase), "stages": stages, "method": w.method,
+                        "settings": w.settings, "initial": initial.info.revision,
                         "data_model": data_model.info.revision})
 
 
 def run_warmup(cfg: LoopConfig, folder: LoopFolder, pool, initial: Generator, progress: bool,
-               log) -> dict[str, Any]:
-    """Run (or reuse, or resume) the warm-up; returns its record
-    (``checkpoint``, ``metrics``)."""
-    assert cfg.sft is not None
-    sdir = sft_dir(folder.out)
+               log, phase: str = WARMUP_PHASE) -> dict[str, Any]:
+    """Run (or reuse, or resume) the warm-up (or the ``backward`` phase);
+    returns its record (``checkpoint``, ``metrics``), kept in ``loop.json``
+    under the phase's name."""
+    w = cfg.warmup(phase)
+    sdir = sft_dir(folder.out, phase)
     ckpt = (sdir / "checkpoint").resolve()
-    pipe = data_pipeline(cfg)
-    data_name = cfg.data_model()
+    pipe = data_pipeline(cfg, phase)
+    data_name = cfg.data_model(phase)
     data_gen = pool.get(data_name)
-    fp = fingerprint(cfg, pipe, initial, data_gen)
-    rec = folder.state.get("sft") or {}
+    fp = fingerprint(cfg, pipe, initial, data_gen, phase)
+    rec = folder.state.get(phase) or {}
     if (rec.get("status") == "finished" and rec.get("fingerprint") == fp and (ckpt / "config.json").exists()
             and (sdir / "train.json").exists()):
-        log("sft: finished before with the same settings; reusing it")
+        log(f"{phase}: finished before with the same settings; reusing it")
         return rec
-    folder.update(sft={"status": "running", "fingerprint": fp, "started": now()})
+    folder.update(**{phase: {"status": "running", "fingerprint": fp, "started": now()}})
     t0 = time.time()
-    log(f"sft: data pipeline {pipe.name} ({len(pipe.stages)} stages) with {data_name}")
+    log(f"{phase}: data pipeline {pipe.name} ({len(pipe.stages)} stages) with {data_name}")
     res = Runner(pipe, sdir / "data", resume=True, generators={data_name: data_gen}, progress=progress).run()
     dm = data_metrics(res)
     pool.release(data_name)  # free its memory for training (a pinned judge stays)
     t1 = time.time()
-    tm = train_warmup(cfg, (initial.info.path, initial.info.revision), dm, sdir, log)
+    tm = train_warmup(cfg, (initial.info.path, initial.info.revision), dm, sdir, log, w, phase)
     metrics = {"data": dm, "train": tm,
                "seconds": {"data": round(t1 - t0, 3), "train": round(time.time() - t1, 3)}}
     rec = {"status": "finished", "fingerprint": fp, "checkpoint": str(ckpt), "data_model": data_gen.info.to_dict(),
            "initial_policy": initial.info.to_dict(), "metrics": metrics, "finished": now()}
-    folder.update(sft=rec)
-    log(f"sft: {dm['rows']} rows, {tm['steps']} steps, final loss {tm.get('final_loss')}; round-0 policy {ckpt}")
+    folder.update(**{phase: rec})
+    what = "round-0 policy" if phase == WARMUP_PHASE else "backward model M_yx"
+    log(f"{phase}: {dm['rows']} rows, {tm['steps']} steps, final loss {tm.get('final_loss')}; {what} {ckpt}")
     return rec

@@ -32,14 +32,41 @@ from ..data.io import InputError, read_user_file
 from ..data.trl import ranks_of as trl_ranks_of
 
 
-def load_rows(path: str) -> list[dict[str, Any]]:
+# The columns that make a row's training format (TRL's names); the datasets of a `dataset:` list must agree on them.
+FORMAT_COLUMNS = ("prompt", "completion", "messages", "chosen", "rejected", "label", "completions", "ranks")
+
+
+def load_rows(path: str | list[str]) -> list[dict[str, Any]]:
     """Rows of a ``save_to_disk`` folder, a .jsonl/.json/.csv or a .parquet
-    file; an empty dataset is an error (there is nothing to train on), said
-    before any model is loaded."""
+    file, or of a list of them (concatenated in order; see
+    :func:`concat_rows`); an empty dataset is an error (there is nothing to
+    train on), said before any model is loaded."""
+    if isinstance(path, (list, tuple)):
+        return concat_rows([(str(p), load_rows(p)) for p in path])
     table = read_user_file(path)
     if table.num_rows == 0:
         raise InputError(f"{path}: the dataset is empty (0 rows); nothing to train on (config field `dataset`)")
     return table.to_pylist()
+
+
+def concat_rows(parts: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The rows of several datasets ``(name, rows)`` as one, in order. Every
+    dataset must have the same training columns (:data:`FORMAT_COLUMNS`:
+    prompt/completion, messages, chosen/rejected, ...), so two formats are
+    never mixed silently; other columns may differ (a row keeps its own)."""
+    if not parts:
+        raise InputError("dataset: an empty list; name at least one dataset")
+
+    def fmt(rows: list[dict[str, Any]]) -> list[str]:
+        return sorted({c for r in rows for c in r} & set(FORMAT_COLUMNS))
+
+    first, want = parts[0][0], fmt(parts[0][1])
+    for name, rows in parts[1:]:
+        got = fmt(rows)
+        if got != want:
+            raise InputError(f"{name}: training columns {got} differ from {want} of {first}; every dataset of the "
+                             f"`dataset` list must hold the same format")
+    return [r for _, rows in parts for r in rows]
 
 
 def _is_messages(x: Any) -> bool:

@@ -52,8 +52,12 @@ class TrainConfig:
     """Fields shared by every trainer."""
 
     model: str = _f("", "path of the HF checkpoint to start from", path=True, required=True, schema=_NON_EMPTY)
-    dataset: str = _f("", "training data: a save_to_disk folder (what `synthfb run` emits), .jsonl, .json or .parquet",
-                      required=True, schema=_NON_EMPTY)
+    dataset: str | list[str] = _f(
+        "", "training data: a save_to_disk folder (what `synthfb run` emits), .jsonl, .json or .parquet; or a list of "
+            "them, trained on as one dataset (their rows concatenated in order, e.g. Humpback's seed + A_5; each must "
+            "have the same training columns)", required=True,
+        schema={"anyOf": [{"type": "string", "minLength": 1},
+                          {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}]})
     output_dir: str = _f("", "where checkpoints, the final model and metrics.jsonl go", required=True,
                          schema=_NON_EMPTY)
     max_length: int = _f(1024, "max tokens per sequence (prompt + completion); longer prompts are cut from the left",

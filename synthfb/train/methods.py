@@ -68,6 +68,13 @@ class Method:
     history: int = 0  # earlier rounds whose round data the policy step also trains on (SPIN: 1; -1: all)
     self_judge: bool = False  # the round's judge is the round's policy (the loop sets `judge: policy`)
     round_stages: tuple[str, ...] = ()  # stage kinds the pairs pipeline may end with (empty: any that fits)
+    # where the policy step starts: "round" (the round's policy) or "initial" (the loop's `policy`, the base
+    # model, every round: Humpback fine-tunes each M_t from the base on seed + A_5^(t-1))
+    policy_start: Literal["round", "initial"] = "round"
+    # the pairs stages before the last run once, before round 0, into a fixed candidate set that every round's
+    # last stage reads again (Humpback: M_yx writes the candidates once, each round's model re-rates them all);
+    # the method also needs the loop's `sft:` warm-up, whose rows are mixed into each round's training rows
+    fixed_candidates: bool = False
     cite: tuple[str, ...] = ()  # the papers a loop card cites for this method
 
     @property
@@ -207,6 +214,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
               "arXiv:2304.06767",
               "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models (section 3.2.3, rejection "
               "sampling), arXiv:2307.09288"),
+    ),
+    Method(
+        "humpback", "instruction backtranslation (Humpback, Li et al. 2023): a backward model M_yx (`backward:`) "
+                    "writes an instruction for every segment once; each round's model (M_0 = the `sft:` warm-up on "
+                    "the seed, then M_1, ...) rates all those candidates (self_curate), and the next model is SFT of "
+                    "the base `policy` on the seed rows + the kept ones (A_5)",
+        steps=("sft",), loop=True, round_data="humpback_union", self_judge=True, round_stages=("self_curate",),
+        policy_start="initial", fixed_candidates=True,
+        cite=("Li et al. 2023, Self-Alignment with Instruction Backtranslation, arXiv:2308.06259 (ICLR 2024)",),
     ),
 )}
 
