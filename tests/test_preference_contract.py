@@ -239,7 +239,7 @@ def test_rm_task_uses_the_soft_labels(monkeypatch):
 
     tok = WordTokenizer()
     rewards = torch.tensor([1.5, -0.5, 0.5, 0.5])  # chosen 1.5, -0.5; rejected 0.5, 0.5
-    monkeypatch.setattr(rm, "reward_scores", lambda model, ids, mask: rewards)
+    monkeypatch.setattr(rm, "pair_scores", lambda model, b: rewards)  # chosen rows first, shared prompt or not
     for col, want in ((None, -math.log(_sig(1.0)) - math.log(_sig(-1.0))),
                       ("p_chosen", -(0.9 * math.log(_sig(1.0)) + 0.1 * math.log(_sig(-1.0)))
                                    - (0.6 * math.log(_sig(-1.0)) + 0.4 * math.log(_sig(1.0))))):
