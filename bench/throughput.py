@@ -19,10 +19,12 @@ Tokens/s counts completion tokens (sampling makes lengths differ a little).
 The judge path: pairwise A/B contexts (``pairwise_judge.jinja`` on the
 generated responses, both options " (A)" and " (B)") scored by log-prob:
 synthfb's ``OptionScorer.logprobs`` (one ``Generator.score`` call: chat
-template, tokenization, ``prompt_logprobs``) vs one raw
-``llm.generate(..., SamplingParams(max_tokens=1, prompt_logprobs=0))`` on
-the same token ids (tokenized outside the window); tokens/s counts scored
-prompt tokens. Each side runs ``--reps`` times, alternating, after a
+template, tokenization, ``prompt_logprobs``) vs the raw caller's same work:
+the contexts and the two options tokenized with the same Hugging Face
+tokenizer (each context once), joined, and one
+``llm.generate(..., SamplingParams(max_tokens=1, prompt_logprobs=0))``; both
+sides score the same token ids (checked); tokens/s counts scored prompt
+tokens. Each side runs ``--reps`` times, alternating, after a
 warm-up; the best of each is compared. The ratios are printed last:
 synthfb/raw (goal >= 0.97) and synthfb/HF (goal >= 2.0) for generation,
 synthfb/raw for the judge.
@@ -148,12 +150,20 @@ def main() -> None:
     items = [items[j] for i in keep for j in (i, i + 1)]
     jsp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
+    htok = gen.tokenizer.tok  # the same Hugging Face tokenizer object vLLM was given
+
     def raw_judge():
+        # the raw caller's own work: tokenize each context once and the two options, join them, know where the
+        # option starts, one prompt-logprobs call, sum the option's log-probs
         t = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in items], jsp, use_tqdm=False)
-        lps = [sum(o.prompt_logprobs[k][ids[k]].logprob for k in range(s, len(ids))) for (ids, s), o in zip(items, outs)]
+        ctx_ids = htok(contexts)["input_ids"]
+        opt_ids = htok(list(scorer.options), add_special_tokens=False)["input_ids"]
+        joined = [(c + o, len(c)) for c in ctx_ids for o in opt_ids]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in joined], jsp, use_tqdm=False)
+        lps = [sum(o.prompt_logprobs[k][ids[k]].logprob for k in range(s, len(ids))) for (ids, s), o in zip(joined, outs)]
         dt = time.perf_counter() - t
-        return dt, sum(len(ids) for ids, _ in items), lps
+        assert [ids for ids, _ in joined] == [ids for ids, _ in items]  # the same token ids as synthfb scores
+        return dt, sum(len(ids) for ids, _ in joined), lps
 
     def ours_judge():
         before = gen.usage.prompt_tokens
