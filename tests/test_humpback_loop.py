@@ -176,6 +176,12 @@ def test_two_iterations_m0_then_m1_rerate_the_same_candidates(tmp_path, tiny_mod
     asked = (len(myx.requests), len(m0.requests), len(m1.requests))
     run_loop(LOOP, out, engines=engines, progress=False, overrides={"policy": str(tiny_model)}, resume=True)
     assert (len(myx.requests), len(m0.requests), len(m1.requests)) == asked
+    # --overwrite clears what the loop wrote, M_yx's phase and the candidates included (nothing left over)
+    from synthfb.loop.state import LoopFolder
+
+    with LoopFolder(out, resume=False, overwrite=True):
+        pass
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".synthfb")) == []
 
 
 @pytest.mark.timeout(600)

@@ -171,6 +171,7 @@ def test_self_judging_loop_on_transformers_backend(tmp_path, tiny_model):
             .replace("prompts: data/", f"prompts: {REPO}/pipelines/data/"))
     res = run_loop(_write(tmp_path, text), tmp_path / "out", progress=False,
                    overrides={"policy": str(tiny_model), "limit": 2})
+    assert (tmp_path / "out" / "logs" / "engine.log").is_file()  # engine/library output of the loop itself
     ck0 = tmp_path / "out" / "round-00" / "checkpoint"
     for k, policy in ((0, tiny_model), (1, ck0)):
         ds = datasets.load_from_disk(str(tmp_path / "out" / f"round-{k:02d}" / "pairs" / "dataset"))

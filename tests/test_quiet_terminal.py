@@ -44,6 +44,30 @@ def test_console_sends_fd_output_to_the_log_and_its_own_lines_to_the_terminal(tm
     assert "after" in out and "after" in err
 
 
+def test_nested_consoles_a_loop_and_its_runs(tmp_path, capfd):
+    """A loop's console holds the terminal; a pipeline run inside it logs to its own file and still
+    writes its lines to the terminal; when it closes, engine output goes to the loop's log again."""
+    loop_log, run_log = tmp_path / "logs" / "engine.log", tmp_path / "run" / "logs" / "engine.log"
+    with Console(loop_log) as outer:
+        _child_prints("engine starts")
+        print("loop line", file=outer.out, flush=True)
+        with Console(run_log) as inner:
+            _child_prints("run engine noise")
+            print("run progress line", file=inner.out, flush=True)
+        _child_prints("engine closes")
+        print("loop line 2", file=outer.out, flush=True)
+    out, err = capfd.readouterr()
+    terminal = out + err
+    assert "loop line" in terminal and "run progress line" in terminal and "loop line 2" in terminal
+    assert not any(x in terminal for x in ("engine starts", "run engine noise", "engine closes"))
+    assert "engine starts" in loop_log.read_text() and "engine closes" in loop_log.read_text()
+    assert "run engine noise" in run_log.read_text() and "run engine noise" not in loop_log.read_text()
+    assert "run progress line" not in loop_log.read_text() + run_log.read_text()
+    _child_prints("after")
+    out, err = capfd.readouterr()
+    assert "after" in out and "after" in err
+
+
 def test_verbose_console_shows_engine_output_and_still_logs_it(tmp_path, capfd):
     log = tmp_path / "engine.log"
     with Console(log, verbose=True):

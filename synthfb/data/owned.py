@@ -43,7 +43,7 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "run": ("run.json", "stages", "dataset", "README.md", "plots", "publish", "logs"),
     "publish": ("README.md", "data", "plots"),
     "loop": ("loop.json", "data", "heldout-base.json", "round-[0-9][0-9]", "round-[0-9][0-9][0-9]", "sft",
-             "README.md", "final-eval.json"),
+             "README.md", "final-eval.json", "backward", "candidates", "logs"),
     "train": ("metrics.jsonl", "train_config.yaml", "ref_logps-*.pt", "rollout-policy", "value_head.pt"),
 }
 

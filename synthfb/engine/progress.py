@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
+_OPEN: list["Console"] = []  # consoles open in this process, innermost last
+
+
 class Console:
     """Redirect fd 1/2 into ``log_path`` until :meth:`close` (a context manager).
 
     ``out`` writes to the terminal the run started with. ``verbose`` also
     shows the engine output on it. ``enabled=False`` leaves the descriptors
-    alone (``out`` is then plain ``sys.stderr``)."""
+    alone (``out`` is then plain ``sys.stderr``). Consoles nest (a loop's
+    console, then each pipeline run's inside it): an inner one logs to its
+    own file and writes its lines to the outer one's terminal."""
 
     def __init__(self, log_path: str | Path, *, verbose: bool = False, enabled: bool = True):
         self.log_path = Path(log_path)
@@ -60,14 +65,17 @@ class Console:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        term_fd = os.dup(self._saved[1])
+        outer = next((c for c in reversed(_OPEN) if c.enabled and c._saved), None)
+        # the terminal: the outer console's (fd 2 now points at its log file), else fd 2 as it was
+        self._term = outer._term if outer is not None else self._saved[1]
+        term_fd = os.dup(self._term)
         self.out = io.TextIOWrapper(io.FileIO(term_fd, "w", closefd=True), line_buffering=True,
                                     encoding=getattr(sys.stderr, "encoding", None) or "utf-8", errors="replace")
         self._isatty = os.isatty(term_fd)
         if self.verbose:
             r, w = os.pipe()
             self._pipe_w = w
-            self._pump = threading.Thread(target=_pump, args=(r, log_fd, self._saved[1]), daemon=True)
+            self._pump = threading.Thread(target=_pump, args=(r, log_fd, self._term), daemon=True)
             self._pump.start()
             target = w
         else:
@@ -80,6 +88,7 @@ class Console:
         self._sys = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), line_buffering=True,
                                                    encoding="utf-8", errors="replace") for fd in (1, 2))
+        _OPEN.append(self)
 
     def isatty(self) -> bool:
         return getattr(self, "_isatty", False) if self.enabled else _isatty(self.out)
@@ -87,6 +96,8 @@ class Console:
     def close(self) -> None:
         if not self.enabled or not self._saved:
             return
+        if self in _OPEN:
+            _OPEN.remove(self)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -29,7 +29,8 @@ def _cmd_loop(args: argparse.Namespace) -> int:
         from .runner import run_loop
 
         result = run_loop(config_path(args.loop), args.out, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds})
+                          progress=not args.quiet, overrides={"policy": args.policy, "rounds": args.rounds},
+                          verbose=args.verbose)
     except (ConfigError, FolderError, RunError) as e:
         print(f"synthfb: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
@@ -80,5 +81,8 @@ def add_loop_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", help="override the round-0 policy (alias, local folder or hub id)")
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the engine and library logs on the terminal (they are always written to "
+                        "OUT/logs/engine.log, and each pipeline run's to its own logs/engine.log)")
     p.set_defaults(func=_cmd_loop)
     return p

@@ -73,7 +73,8 @@ class EnginePool:
     judges) are never closed before :meth:`close`."""
 
     def __init__(self, backend: str, backend_options: dict[str, Any], models: dict[str, dict[str, Any]], seed: int,
-                 *, given: dict[str, Generator] | None = None, progress: bool = True):
+                 *, given: dict[str, Generator] | None = None, progress: bool = True, out: Any = None):
+        self.out = out  # where progress lines go (the loop console's terminal); None: stderr
         self.backend = backend
         self.backend_options = dict(backend_options)
         self.models = dict(models)
@@ -85,7 +86,7 @@ class EnginePool:
 
     def _log(self, msg: str) -> None:
         if self.progress:
-            print(f"synthfb loop: {msg}", file=sys.stderr, flush=True)
+            print(f"synthfb loop: {msg}", file=self.out or sys.stderr, flush=True)
 
     def options(self, name: str) -> dict[str, Any]:
         """Backend options for ``name``, as the pipeline runner computes them."""

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write_json
+from ..engine.progress import Console
 from ..engine.runner import package_versions, scrub
 from ..llm.types import Generator
 from . import heldout
@@ -78,13 +79,15 @@ class LoopResult:
 
 
 class _Loop:
-    def __init__(self, cfg: LoopConfig, folder: LoopFolder, pool: EnginePool, progress: bool):
+    def __init__(self, cfg: LoopConfig, folder: LoopFolder, pool: EnginePool, progress: bool,
+                 console: Console | None = None):
         self.cfg, self.folder, self.pool, self.progress = cfg, folder, pool, progress
         self.out = folder.out
+        self.console = console
 
     def log(self, msg: str) -> None:
         if self.progress:
-            print(f"synthfb loop: {msg}", file=sys.stderr, flush=True)
+            print(f"synthfb loop: {msg}", file=self.console.out if self.console else sys.stderr, flush=True)
 
     def run(self) -> LoopResult:
         cfg, pool = self.cfg, self.pool
@@ -253,6 +256,7 @@ def run_loop(
     engines: dict[str, Generator] | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> LoopResult:
     """Run an RLAIF loop (a :class:`LoopConfig` or a loop YAML path) into
     ``out`` (default ``runs/NAME``).
@@ -261,13 +265,18 @@ def run_loop(
     reused); ``overwrite`` starts afresh. ``engines`` hands in started
     generators keyed by model name (e.g. the round-0 policy in tests); they
     are used as given and never closed here. ``overrides`` replace top-level
-    loop-file keys (``policy``, ``rounds``) before validation.
+    loop-file keys (``policy``, ``rounds``) before validation. While the loop
+    runs, what the engine libraries print goes to ``OUT/logs/engine.log``
+    (each pipeline run's to its own ``logs/engine.log``); ``verbose`` shows
+    it on the terminal too.
     """
     cfg = loop if isinstance(loop, LoopConfig) else load_loop(loop, overrides=overrides)
     out = Path(out) if out is not None else Path("runs") / cfg.name
     with LoopFolder(out, resume=resume, overwrite=overwrite) as folder:
-        pool = EnginePool(cfg.backend, cfg.backend_options, cfg.models, cfg.seed, given=engines, progress=progress)
-        try:
-            return _Loop(cfg, folder, pool, progress).run()
-        finally:
-            pool.close()
+        with Console(folder.out / "logs" / "engine.log", verbose=verbose) as console:
+            pool = EnginePool(cfg.backend, cfg.backend_options, cfg.models, cfg.seed, given=engines,
+                              progress=progress, out=console.out)
+            try:
+                return _Loop(cfg, folder, pool, progress, console).run()
+            finally:
+                pool.close()  # engines shut down while their output still goes to the log
