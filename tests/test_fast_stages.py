@@ -483,7 +483,8 @@ def test_shipped_cai_sft(tmp_path):
     assert m["stages"][2]["counts"]["failed_requests"] == 1 and m["stages"][2]["counts"]["helpful_samples"] == 1
     rs = rows(out)
     check_columns(rs, {"id", "helpful", "prompt", "completion", "initial_response", "revision_step", "cai_steps"})
-    assert sorted(r["row_id"] for r in rs) == ["hp-01", "rt-01", "rt-03"]
+    # shipped `emit: all`: the paper trains on the revisions of every step, one SFT row each (row_id/k)
+    assert sorted(r["row_id"] for r in rs) == ["hp-01"] + [f"{i}/{k}" for i in ("rt-01", "rt-03") for k in range(1, 5)]
     for r in rs:
         [user] = r["prompt"]
         assert user["role"] == "user" and user["content"] in prompts
@@ -492,8 +493,9 @@ def test_shipped_cai_sft(tmp_path):
             assert r["row_id"] == "hp-01" and r["revision_step"] == 0 and r["cai_steps"] == []
             assert r["completion"] == [{"role": "assistant", "content": r["initial_response"]}]
             continue
-        assert r["completion"] == [{"role": "assistant", "content": r["initial_response"] + " [rev]" * 4}]
-        assert r["revision_step"] == 4 and len(r["cai_steps"]) == 4
+        k = int(r["row_id"].split("/")[1])
+        assert r["completion"] == [{"role": "assistant", "content": r["initial_response"] + " [rev]" * k}]
+        assert r["revision_step"] == k and len(r["cai_steps"]) == 4
         assert {s["principle_id"] for s in r["cai_steps"]} <= ids
         # the critique ran on into "Revision request:", which the stop string cut
         assert all(s["critique"] == "The response could be more considerate." for s in r["cai_steps"])
@@ -502,7 +504,7 @@ def test_shipped_cai_sft(tmp_path):
     fake.failures = []
     full, retried = resume_retries_then_reuses(d, out, fake, retried_stage=2)
     assert len(retried) == 2 * 4 * 2  # the failed row's chunk (2 rows), 4 rounds of critique + revision
-    assert len(full) == 4
+    assert len(full) == 1 + 3 * 4  # hp-01, and 4 revision rows for each of rt-01, rt-02, rt-03
 
 
 def test_cai_transcript_grows_round_by_round(tmp_path):
@@ -511,7 +513,7 @@ def test_cai_transcript_grows_round_by_round(tmp_path):
     and each revision request is the critique request it follows plus the critique."""
     d, fake = scripted_runs.cai_sft()
     stage_cfg(d, "load")["limit"] = 2
-    stage_cfg(d, "cai_revise")["rounds"] = 3
+    stage_cfg(d, "cai_revise").update(rounds=3, emit="final")
     rs = by_id(rows_of(run, d, tmp_path / "run", fake))
     reqs = [r for r in fake.requests if r.prompt is not None]
     for rid in ("rt-01", "rt-02"):
@@ -543,7 +545,7 @@ def test_cai_separate_style_is_the_former_one(tmp_path):
     no few-shot turns by default, no stop strings: the requests of the stage before the transcript style."""
     d, fake = scripted_runs.cai_sft()
     cfg = stage_cfg(d, "cai_revise")
-    cfg["style"] = "separate"
+    cfg.update(style="separate", emit="final")
     del cfg["few_shot"]
     stage_cfg(d, "load")["limit"] = 3
     rs = by_id(rows_of(run, d, tmp_path / "run", fake))
