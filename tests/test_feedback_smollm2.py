@@ -37,10 +37,12 @@ def test_cai_sft_on_smollm2(tmp_path, vllm_smol):
     pipe = _small("cai_sft", 2, 48)
     res = run_pipeline(pipe, tmp_path / "sft", generators={pipe.model: vllm_smol}, progress=False)
     ds = datasets.load_from_disk(str(res.dataset_dir))
-    assert len(ds) == 2
+    assert len(ds) == 2 * 4  # the shipped `emit: all`: one SFT row per revision step
+    assert sorted(row["row_id"] for row in ds) == sorted(f"{r}/{k}" for r in {x["row_id"].split("/")[0] for x in ds}
+                                                         for k in range(1, 5))
     for row in ds:
         assert len(row["cai_steps"]) == 4  # the shipped default: 4 critique/revision rounds
-        assert row["completion"][0]["content"] == row["cai_steps"][-1]["revision"]
+        assert row["completion"][0]["content"] == row["cai_steps"][row["revision_step"] - 1]["revision"]
         # a 135M model sampled at T>0 writes a critique that is real text most of the time
         assert sum(_real_text(s["critique"]) for s in row["cai_steps"]) >= 2, row["cai_steps"]
         assert all(s["critique"].strip() and s["revision"].strip() for s in row["cai_steps"])
