@@ -137,6 +137,8 @@ def test_killed_loop_resumes_mid_round(tiny_loop, tiny_model, vllm_tiny):
     assert proc.poll() is None, f"the loop ended before the kill: {log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the engines the loop started wrote to OUT/logs/engine.log, not to the terminal (stderr)
+    assert "vllm" not in log.read_text().lower(), log.read_text()[-2000:]
     assert not (r1 / "eval.json").exists() and json.loads((out / "loop.json").read_text())["status"] == "running"
     train = json.loads((r1 / "train.json").read_text())
     assert train["finished"] and train["metrics"]["resumed_from_step"] == 1  # resumed from checkpoint-1
