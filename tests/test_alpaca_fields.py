@@ -96,7 +96,7 @@ def test_fields_output_ends_at_a_repeated_field_header(tmp_path):
     assert c["outputs"] == c["parsed"] == 4 and not c.get("dropped_malformed_block")
     assert {r["output"] for r in sr.rows(tmp_path / "run")} == {"The first answer."}
     out = [r for r in fake.requests if r.prompt.endswith("\n4. Output:\n")]
-    assert {"\n4. Input", "\n4. Output"} <= set(out[0].params.stop)
+    assert {"\n4. Input:", "\n4. Output:"} <= set(out[0].params.stop)  # not "4. Output the result ..."
 
 
 def test_fields_needs_completion_mode():

@@ -102,6 +102,8 @@ def test_loop_file_rules():
         _load(pairs={"stages": [stages[0], stages[1], stages[1], stages[2]]})
     with pytest.raises(LoopError, match=r"pairs.stages\[2\].model: set by the loop"):
         _load(pairs={"stages": [stages[0], stages[1], {**stages[2], "model": "x"}]})
+    with pytest.raises(LoopError, match=r"pairs.stages\[2\].drop: false would train on every candidate"):
+        _load(pairs={"stages": [stages[0], stages[1], {**stages[2], "drop": False}]})
     with pytest.raises(LoopError, match="backward: not used by method 'rft'"):
         rft = yaml.safe_load((PIPELINES / "rft_tiny.yaml").read_text())
         load_loop("rft_tiny.yaml", data={**rft, "backward": {"pipeline": "humpback_backward.yaml"}},
@@ -231,6 +233,12 @@ def test_dataset_list_concatenates_in_order_and_names_a_mismatched_dataset(tmp_p
     with pytest.raises(InputError, match=rf"^{c}: training columns \['messages'\] differ from \['completion', "
                                          rf"'prompt'\] of {a}; every dataset of the `dataset` list"):
         load_rows([str(a), str(c)])
+    # an empty part (an iteration that kept no A_5 row) adds nothing; all empty is the one-line error
+    e = tmp_path / "empty.jsonl"
+    e.write_text("")
+    assert [r["prompt"] for r in load_rows([str(a), str(e)])] == ["Q1"]
+    with pytest.raises(InputError, match="every dataset of the list is empty"):
+        load_rows([str(e), str(e)])
     cfg = load_config(SFTConfig, {"model": "m", "dataset": [str(a), str(b)], "output_dir": "o"})
     assert cfg.dataset == [str(a), str(b)]
     from synthfb.train.config import ConfigError

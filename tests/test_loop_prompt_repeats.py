@@ -101,3 +101,17 @@ def test_no_repeat_no_change(tmp_path):
     pm = {"pairs_built": 3, "dataset": "d", "counts": {}, "fingerprint": "f"}
     rec = {"dropped": {"in_heldout": 0, "in_earlier_rounds": 0}, "dropped_ids": []}
     assert drop_repeated_prompts(pm, rec, tmp_path) is pm
+
+
+def test_pairs_made_several_per_prompt_are_dropped_too(tmp_path):
+    """A stage that makes several rows of one prompt names them ``id/k`` (generate with explode,
+    onpolicy_pairs, best_of_n): every one of a dropped prompt leaves, and no other."""
+    rows = [{"row_id": rid, "prompt": rid, "chosen": "c", "rejected": "r"}
+            for rid in ("w-1/0", "w-1/1", "w-10/0", "w-2", "w-3/0")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    pm = {"pairs_built": len(rows), "dataset": str(tmp_path / "ds"), "counts": {}, "fingerprint": "f"}
+    written = {"dropped_ids": ["w-1", "w-2"], "dropped": {"in_heldout": 1, "in_earlier_rounds": 1}}
+    out = drop_repeated_prompts(pm, written, tmp_path)
+    kept = [r["row_id"] for r in datasets.load_from_disk(out["dataset"])]
+    assert kept == ["w-10/0", "w-3/0"] and out["pairs_built"] == 2
+    assert out["counts"]["dropped_prompt_pairs"] == 3

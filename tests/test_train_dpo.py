@@ -99,6 +99,29 @@ def test_shared_prompt_trains_the_same_model(small, tmp_path, gc):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_shared_prompt_only_where_attention_takes_the_mask(small, monkeypatch):
+    """Eager attention adds a boolean 4D mask as 0/1 (masking nothing): such a model repeats the prompt
+    instead of sharing it, with the same result; sdpa shares it."""
+    from transformers import AutoModelForCausalLM
+
+    from synthfb.train import dpo
+    from synthfb.train.logprobs import takes_4d_mask
+
+    shared_with = []
+    real = dpo.shared_prompt_logps
+    monkeypatch.setattr(dpo, "shared_prompt_logps", lambda m, b: shared_with.append(m) or real(m, b))
+    sdpa = AutoModelForCausalLM.from_pretrained(small)
+    eager = AutoModelForCausalLM.from_pretrained(small, attn_implementation="eager")
+    assert takes_4d_mask(sdpa) and not takes_4d_mask(eager)
+    cfg = DPOConfig(model=str(small), dataset="-", output_dir="unused")
+    tok = loop.load_tokenizer(str(small))
+    ex = build_examples(cfg, tok, pairs(6, 7))
+    for e in ex:
+        e["ref_chosen"] = e["ref_rejected"] = 0.0
+    assert preference_accuracy(eager, tok, ex, cfg) == preference_accuracy(sdpa, tok, ex, cfg)
+    assert shared_with and all(m is sdpa for m in shared_with)
+
+
 def test_reference_logps_cached_and_model_not_needed_again(small, tmp_path, monkeypatch):
     cfg = DPOConfig(model=str(small), dataset="-", output_dir=str(tmp_path), ref_batch_size=3)
     tok, ex = prepare(cfg, pairs(7, 3))

@@ -31,8 +31,10 @@ class Console:
     ``out`` writes to the terminal the run started with. ``verbose`` also
     shows the engine output on it. ``enabled=False`` leaves the descriptors
     alone (``out`` is then plain ``sys.stderr``). Consoles nest (a loop's
-    console, then each pipeline run's inside it): an inner one logs to its
-    own file and writes its lines to the outer one's terminal."""
+    console, then each pipeline run's inside it): an inner one changes
+    nothing, so the engine output of the whole loop goes to the outer log
+    (engine workers keep the descriptors they started with, whichever run
+    started them), and its lines go to the outer one's terminal."""
 
     def __init__(self, log_path: str | Path, *, verbose: bool = False, enabled: bool = True):
         self.log_path = Path(log_path)
@@ -53,6 +55,12 @@ class Console:
     def open(self) -> None:
         if not self.enabled:
             return
+        outer = next((c for c in reversed(_OPEN) if c.enabled and c._saved), None)
+        if outer is not None:  # inside another console: its log and terminal serve this one too
+            self._outer = outer
+            self.out = outer.out
+            self._isatty = outer.isatty()
+            return
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -65,17 +73,14 @@ class Console:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        outer = next((c for c in reversed(_OPEN) if c.enabled and c._saved), None)
-        # the terminal: the outer console's (fd 2 now points at its log file), else fd 2 as it was
-        self._term = outer._term if outer is not None else self._saved[1]
-        term_fd = os.dup(self._term)
+        term_fd = os.dup(self._saved[1])
         self.out = io.TextIOWrapper(io.FileIO(term_fd, "w", closefd=True), line_buffering=True,
                                     encoding=getattr(sys.stderr, "encoding", None) or "utf-8", errors="replace")
         self._isatty = os.isatty(term_fd)
         if self.verbose:
             r, w = os.pipe()
             self._pipe_w = w
-            self._pump = threading.Thread(target=_pump, args=(r, log_fd, self._term), daemon=True)
+            self._pump = threading.Thread(target=_pump, args=(r, log_fd, self._saved[1]), daemon=True)
             self._pump.start()
             target = w
         else:
@@ -94,6 +99,10 @@ class Console:
         return getattr(self, "_isatty", False) if self.enabled else _isatty(self.out)
 
     def close(self) -> None:
+        if getattr(self, "_outer", None) is not None:
+            self._outer = None
+            self.out = sys.stderr
+            return
         if not self.enabled or not self._saved:
             return
         if self in _OPEN:

@@ -83,6 +83,6 @@ def add_loop_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show the engine and library logs on the terminal (they are always written to "
-                        "OUT/logs/engine.log, and each pipeline run's to its own logs/engine.log)")
+                        "OUT/logs/engine.log, the loop's pipeline runs included)")
     p.set_defaults(func=_cmd_loop)
     return p

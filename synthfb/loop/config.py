@@ -867,3 +867,6 @@ def _check_fixed_candidates(stages: list[dict], method: str, warmup: WarmupConfi
         raise LoopError(f"{source}: backward: method {method!r} writes the candidates with a backward model M_yx: "
                         f"add a `backward:` section (trained by the loop) or name a given M_yx with "
                         f"`model:` on pairs.stages[{at[0]}]")
+    if stages[-1].get("drop") is False:
+        raise LoopError(f"{source}: pairs.stages[{len(stages) - 1}].drop: false would train on every candidate, "
+                        f"not on the curated A_5 that method {method!r} keeps; remove it")

@@ -137,7 +137,8 @@ def record_prompts(cfg: LoopConfig, k: int, result: RunResult, rdir: Path) -> di
 
 def drop_repeated_prompts(pm: dict[str, Any], written: dict[str, Any], rdir: Path) -> dict[str, Any]:
     """The round's pairs without those of the written prompts
-    :func:`record_prompts` dropped (rows matched by row id): written to
+    :func:`record_prompts` dropped (rows matched by row id, or ``id/k`` where a stage
+    made several rows of one prompt): written to
     ``rdir/pairs_kept`` when any is dropped, with the metrics pointing at
     them (``pairs_built``, ``dataset``, ``fingerprint``) and the drops counted
     as ``dropped_prompt_<reason>`` (in prompts) and
@@ -153,7 +154,11 @@ def drop_repeated_prompts(pm: dict[str, Any], written: dict[str, Any], rdir: Pat
     if not ids:
         return pm
     ds = datasets.load_from_disk(pm["dataset"]) if pm["pairs_built"] else None
-    rows = [r for r in ds.to_list() if r.get(ROW_ID) not in ids] if ds is not None else []
+    def written_by(rid: Any) -> bool:  # a pair of a dropped prompt: its id, or id/k where a stage made several
+        rid = str(rid)
+        return rid in ids or any(rid.startswith(f"{i}/") for i in ids)
+
+    rows = [r for r in ds.to_list() if not written_by(r.get(ROW_ID))] if ds is not None else []
     out_dir, tmp = rdir / "pairs_kept", rdir / "pairs_kept.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.io import atomic_write_json
-from ..engine.progress import Console
+from ..engine.progress import Console, TerminalLogHandler
 from ..engine.runner import package_versions, scrub
 from ..llm.types import Generator
 from . import heldout
@@ -274,9 +274,13 @@ def run_loop(
     out = Path(out) if out is not None else Path("runs") / cfg.name
     with LoopFolder(out, resume=resume, overwrite=overwrite) as folder:
         with Console(folder.out / "logs" / "engine.log", verbose=verbose) as console:
+            # synthfb's own warnings (e.g. a served judge's retries) stay on the terminal
+            shown = TerminalLogHandler.install(lambda line: print(line, file=console.out, flush=True))
             pool = EnginePool(cfg.backend, cfg.backend_options, cfg.models, cfg.seed, given=engines,
                               progress=progress, out=console.out)
             try:
                 return _Loop(cfg, folder, pool, progress, console).run()
             finally:
                 pool.close()  # engines shut down while their output still goes to the log
+                if shown is not None:
+                    shown.remove()

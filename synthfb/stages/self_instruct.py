@@ -338,7 +338,7 @@ class AlpacaBootstrapStage(SelfInstructBootstrapStage):
                       # a field header the model writes again ends the output, as the line end ends the
                       # instruction: the block keeps its three fields
                       p, n=1, stop=("\n###", "###", f"\n{n}. Instruction", f"\n{n + 1}. Instruction",
-                                    f"\n{n}. Input", f"\n{n}. Output")))]
+                                    f"\n{n}. Input:", f"\n{n}. Output:")))]
         system = self.config.system
         docs = [f"{system}\n\n{x}" if system else x for x in prompts]  # as text_request sends it
         texts, finish, errors = [""] * len(prompts), ["stop"] * len(prompts), [None] * len(prompts)

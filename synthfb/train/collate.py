@@ -42,7 +42,12 @@ def load_rows(path: str | list[str]) -> list[dict[str, Any]]:
     :func:`concat_rows`); an empty dataset is an error (there is nothing to
     train on), said before any model is loaded."""
     if isinstance(path, (list, tuple)):
-        return concat_rows([(str(p), load_rows(p)) for p in path])
+        # an empty part (e.g. an iteration that kept no row) adds nothing; all of them empty is an error
+        parts = [(str(p), read_user_file(p).to_pylist()) for p in path]
+        if not any(rows for _, rows in parts):
+            raise InputError(f"{', '.join(str(p) for p in path)}: every dataset of the list is empty (0 rows); "
+                             "nothing to train on (config field `dataset`)")
+        return concat_rows([(name, rows) for name, rows in parts if rows])
     table = read_user_file(path)
     if table.num_rows == 0:
         raise InputError(f"{path}: the dataset is empty (0 rows); nothing to train on (config field `dataset`)")

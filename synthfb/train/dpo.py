@@ -27,7 +27,7 @@ from . import loop
 from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
 from .config import TrainConfig, _f
 from . import losses as L
-from .logprobs import sequence_logps, shared_prompt_logps
+from .logprobs import sequence_logps, shared_prompt_logps, takes_4d_mask
 
 from .losses import dpo_loss  # noqa: F401  (its public home used to be here)
 
@@ -136,8 +136,9 @@ class DPOConfig(TrainConfig):
                                      "loss types)", path=True)
     ref_batch_size: int = _f(16, "batch size for the one-time reference log-prob pass", ge=1)
     share_prompt: bool = _f(True, "compute each pair's prompt once: chosen and rejected attend to one copy of it "
-                                  "(prefix sharing, Wang et al. 2024); false: the prompt is repeated per completion, "
-                                  "as TRL does (same log-probs up to float rounding)")
+                                  "(prefix sharing, Wang et al. 2024; decoder-only models with sdpa or flex "
+                                  "attention, others repeat the prompt); false: the prompt is repeated per "
+                                  "completion, as TRL does (same log-probs up to float rounding)")
     learning_rate: float = _f(5e-7, "peak learning rate (AdamW)", gt=0)
 
     @property
@@ -250,7 +251,7 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tu
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"]))
     for s in range(0, len(order), cfg.ref_batch_size):
         idx = order[s:s + cfg.ref_batch_size]
-        b = _pair_batch([examples[i] for i in idx], tok.pad_token_id, cfg.share_prompt)
+        b = _pair_batch([examples[i] for i in idx], tok.pad_token_id, cfg.share_prompt and takes_4d_mask(model))
         lp, n = pair_logps(model, _to(b, dev))
         k = len(idx)
         logps[idx, 0], logps[idx, 1] = lp[:k].float().cpu(), lp[k:].float().cpu()
@@ -267,7 +268,11 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tu
     return logps, lengths
 
 
-def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
+def dpo_task(tok, cfg: DPOConfig, share_prompt: bool | None = None) -> loop.Task:
+    """The DPO-family training task; ``share_prompt`` (default ``cfg.share_prompt``): the batch layout, which
+    the caller turns off for a model whose attention cannot take the shared row's mask."""
+    share = cfg.share_prompt if share_prompt is None else share_prompt
+
     def loss(model, b):
         lp, n = pair_logps(model, b)
         k = lp.shape[0] // 2
@@ -282,7 +287,7 @@ def dpo_task(tok, cfg: DPOConfig) -> loop.Task:
         return losses.sum(), ms
 
     return loop.Task(
-        collate=lambda items: _pair_batch(items, tok.pad_token_id, cfg.share_prompt),
+        collate=lambda items: _pair_batch(items, tok.pad_token_id, share),
         count=lambda b: float(b["eps"].shape[0]),
         loss=loss,
         tokens=lambda b: int(b["pair_tokens"]),
@@ -313,7 +318,7 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
     right = 0
     for s in range(0, len(examples), batch_size):
         items = examples[s:s + batch_size]
-        b = _pair_batch(items, tok.pad_token_id, cfg.share_prompt)
+        b = _pair_batch(items, tok.pad_token_id, cfg.share_prompt and takes_4d_mask(model))
         lp, n = pair_logps(model, _to(b, dev))
         k = len(items)
         lp, n = lp.float().cpu(), n.float().cpu()
@@ -332,7 +337,7 @@ def train_dpo(cfg: DPOConfig, rows: list[dict] | None = None) -> dict:
     resuming = loop.resume_path(cfg) is not None
     # before any update the policy is the reference; after a resume it is not, so load the reference
     tok, ex = prepare(cfg, rows, None if resuming else model)
-    summary = loop.run(cfg, model, tok, ex, dpo_task(tok, cfg))
+    summary = loop.run(cfg, model, tok, ex, dpo_task(tok, cfg, cfg.share_prompt and takes_4d_mask(model)))
     summary["model"] = model
     summary["examples"] = ex
     summary["tokenizer"] = tok

@@ -21,6 +21,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+MASK_ATTENTION = ("sdpa", "flex_attention")
+"""Attention implementations that read a 4D boolean ``attention_mask`` as a mask (eager attention would add it
+as 0/1 and mask nothing; flash-attention takes no 4D mask)."""
+
+
+def takes_4d_mask(model) -> bool:
+    """Whether ``model``'s attention applies a 4D boolean mask (packed SFT rows, prefix-shared pairs)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in MASK_ATTENTION
+
+
 def _needs_full_logits(model) -> bool:
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "final_logit_softcapping", None)) or not hasattr(model, "get_decoder")

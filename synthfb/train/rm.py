@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import loop
 from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
 from .config import TrainConfig, _f
-from .logprobs import last_token_index, position_ids_from_mask
+from .logprobs import last_token_index, position_ids_from_mask, takes_4d_mask
 
 
 @dataclass
@@ -39,7 +39,8 @@ class RMConfig(TrainConfig):
                                              "on the soft target, -(p log s(d) + (1-p) log s(-d)) (Bai et al. 2022)")
     center_rewards_coef: float = _f(0.0, "reward centering (Eisenstein et al. 2023): adds coef * mean((r_c + r_r)^2)", ge=0)
     share_prompt: bool = _f(True, "pairwise rows: compute each pair's prompt once, the rejected tokens masked from "
-                                  "the chosen ones (prefix sharing, Wang et al. 2024); false: the prompt repeated per "
+                                  "the chosen ones (prefix sharing, Wang et al. 2024; decoder-only models with sdpa "
+                                  "or flex attention, others repeat the prompt); false: the prompt repeated per "
                                   "completion, as TRL does (same scores up to float rounding)")
     ranked: bool = _f(False, "rows are ranked lists of K >= 2 completions per prompt (`prompt`, `completions`, and "
                              "`ranks` (1 = best, equal = tie) or `scores` (higher = better)); the loss is `ranked_loss`")
@@ -200,7 +201,9 @@ def _batch(items: list[dict], pad_id: int, ranked: bool, share_prompt: bool = Fa
     return b
 
 
-def rm_task(tok, cfg: RMConfig) -> loop.Task:
+def rm_task(tok, cfg: RMConfig, share_prompt: bool | None = None) -> loop.Task:
+    share = cfg.share_prompt if share_prompt is None else share_prompt
+
     def loss(model, b):
         if cfg.ranked:
             r = reward_scores(model, b["input_ids"], b["attention_mask"])
@@ -237,7 +240,7 @@ def rm_task(tok, cfg: RMConfig) -> loop.Task:
     def count(b):
         return float(b["list_mask"].shape[0] if cfg.ranked else b["margin"].shape[0])
 
-    return loop.Task(lambda items: _batch(items, tok.pad_token_id, cfg.ranked, cfg.share_prompt), count, loss,
+    return loop.Task(lambda items: _batch(items, tok.pad_token_id, cfg.ranked, share), count, loss,
                      lambda b: int(b["pair_tokens"]) if "pair_tokens" in b else int(b["attention_mask"].sum()))
 
 
@@ -324,6 +327,6 @@ def train_rm(cfg: RMConfig, rows: list[dict] | None = None) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ex = build_examples(cfg, tok, rows)
-    summary = loop.run(cfg, model, tok, ex, rm_task(tok, cfg))
+    summary = loop.run(cfg, model, tok, ex, rm_task(tok, cfg, cfg.share_prompt and takes_4d_mask(model)))
     summary.update(model=model, tokenizer=tok, examples=ex, skipped_all_tied=len(rows) - len(ex))
     return summary

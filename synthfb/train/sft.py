@@ -15,7 +15,7 @@ from typing import Literal
 from . import loop
 from .collate import Tokenizer, collate_packed, collate_sft, load_rows, pack
 from .config import TrainConfig, _f
-from .logprobs import token_logps
+from .logprobs import takes_4d_mask, token_logps
 
 
 @dataclass
@@ -64,6 +64,11 @@ def train_sft(cfg: SFTConfig, rows: list[dict] | None = None) -> dict:
     tok = loop.load_tokenizer(cfg.model)
     items = build_examples(cfg, tok, rows)
     model = loop.load_causal_lm(cfg.model, cfg)
+    if cfg.packing and not takes_4d_mask(model):
+        from .config import ConfigError
+
+        raise ConfigError(f"packing: {cfg.model} uses {model.config._attn_implementation} attention, which cannot "
+                          "keep packed examples apart (it needs sdpa or flex_attention); set packing: false")
     return loop.run(cfg, model, tok, items, sft_task(tok, cfg))
 
 
