@@ -105,9 +105,13 @@ def test_overwrite_deletes_only_what_synthfb_wrote(project: Path):
     assert synthfb("run", project / "p.yaml", "--out", out, "--quiet").returncode == 0
     (out / "notes.txt").write_text("user notes")
     (out / "stages" / "..keep").write_text("")  # inside a synthfb entry: synthfb's to replace
+    (out / "logs" / "job.txt").write_text("a scheduler's output")  # the log folder is shared: kept
+    (out / "logs" / "engine.log").write_text("OLD ENGINE LOG\n")
     res = synthfb("run", project / "p.yaml", "--out", out, "--overwrite", "--quiet")
     assert res.returncode == 0, res.stderr
     assert (out / "notes.txt").read_text() == "user notes"
+    assert (out / "logs" / "job.txt").read_text() == "a scheduler's output"
+    assert "OLD ENGINE LOG" not in (out / "logs" / "engine.log").read_text()  # synthfb's own log was replaced
     again = one_line_error(synthfb("run", project / "p.yaml", "--out", out))
     assert "--resume" in again and "--overwrite" in again
 

@@ -47,6 +47,9 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "train": ("metrics.jsonl", "train_config.yaml", "ref_logps-*.pt", "rollout-policy", "value_head.pt"),
 }
 
+LOG_DIR, LOG_FILES = "logs", ("engine.log",)
+"""A run's or loop's log folder: ``--overwrite`` deletes synthfb's files in it, not the folder with a user's."""
+
 WHAT = {"run": "pipeline run", "publish": "published dataset", "loop": "loop", "train": "training output"}
 
 _HELD: dict[Path, "OwnedFolder"] = {}  # folders this process holds the lock of
@@ -267,6 +270,16 @@ class OwnedFolder:
 
     def _clear(self, marker: dict[str, Any]) -> None:
         for p in self.owned_paths(marker):
+            if p.name == LOG_DIR and p.is_dir() and not p.is_symlink():
+                # the log folder is shared with the user (`> OUT/logs/job.txt`, a scheduler's output):
+                # only synthfb's own log files go, the folder only when nothing else is left in it
+                for name in LOG_FILES:
+                    (p / name).unlink(missing_ok=True)
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+                continue
             remove(p)
 
     def clear(self) -> None:
