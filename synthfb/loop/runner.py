@@ -267,7 +267,7 @@ def run_loop(
     are used as given and never closed here. ``overrides`` replace top-level
     loop-file keys (``policy``, ``rounds``) before validation. While the loop
     runs, what the engine libraries print goes to ``OUT/logs/engine.log``
-    (each pipeline run's to its own ``logs/engine.log``); ``verbose`` shows
+    (the loop's pipeline runs included); ``verbose`` shows
     it on the terminal too.
     """
     cfg = loop if isinstance(loop, LoopConfig) else load_loop(loop, overrides=overrides)
