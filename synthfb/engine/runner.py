@@ -139,7 +139,8 @@ class Runner:
 
     While it runs, the engine libraries' output (vLLM and its workers,
     transformers, torch, warnings) goes to ``logs/engine.log`` in the run
-    folder (also to the terminal with ``verbose``); the terminal shows one
+    folder (inside a ``synthfb loop``: the loop's; also to the terminal with
+    ``verbose``); the terminal shows one
     progress line per stage and a summary table (:mod:`.progress`).
     ``progress=False`` keeps only the final status line.
     """
