@@ -54,6 +54,19 @@ def shipped(name: str) -> dict[str, Any]:
     return yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
 
 
+def shipped_loop(name: str, **edits: Any):
+    """A shipped loop file loaded with top-level keys replaced (``None`` removes a key)."""
+    from synthfb.loop import load_loop
+
+    data = shipped(name)
+    for k, v in edits.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    return load_loop(f"{name}.yaml", data=data, base_dir=PIPELINES)
+
+
 def stage_cfg(d: dict[str, Any], kind: str) -> dict[str, Any]:
     [cfg] = [s for s in d["stages"] if s["stage"] == kind]
     return cfg

@@ -35,13 +35,7 @@ LOOP = PIPELINES / "humpback_loop_tiny.yaml"
 
 
 def _load(name: str = "humpback_loop_tiny", **edits):
-    data = yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
-    for k, v in edits.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return load_loop(f"{name}.yaml", data=data, base_dir=PIPELINES)
+    return sr.shipped_loop(name, **edits)
 
 
 # -- fast tier ---------------------------------------------------------------------------------------------------

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
 
-from synthfb.llm.models import model_revision
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ has no __init__.py
+import scripted_runs as sr  # noqa: E402
+
+from synthfb.llm.models import model_revision  # noqa: E402
 from synthfb.loop import LoopError, load_loop, run_loop
 from synthfb.loop.round_data import BestOfNConfig, SpinPairsConfig, best_indices, best_of_n, spin_pairs
 from synthfb.rank.aggregate import pick_pair
@@ -137,14 +141,7 @@ def test_tiny_loop_files_validate(name, capsys):
     assert "ok (2 rounds, method " in capsys.readouterr().out
 
 
-def _load(name: str, **edits):
-    data = yaml.safe_load((PIPELINES / f"{name}.yaml").read_text())
-    for k, v in edits.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    return load_loop(f"{name}.yaml", data=data, base_dir=PIPELINES)
+_load = sr.shipped_loop
 
 
 def test_self_rewarding_judges_with_the_policy_and_evaluates_with_a_frozen_judge():

@@ -374,3 +374,18 @@ def collate_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], rej
     mask4 = mask4 | (eye & (~real)[:, None, :, None])  # pads see themselves (no all-masked softmax row)
     return {"input_ids": ids, "attention_mask": mask4, "position_ids": pad(pos, 0), "prev": pad(prev, -1),
             "side": pad(side, 0), "ends": torch.tensor(ends, dtype=torch.long)}
+
+
+def collate_pairs(items: list[dict], pad_id: int, share_prompt: bool) -> dict[str, torch.Tensor]:
+    """A batch of preference examples (``prompt_ids``, ``chosen_ids``, ``rejected_ids``): with
+    ``share_prompt`` one row per pair (:func:`collate_shared_prompt`), else the B chosen rows then the
+    B rejected rows, each with its own copy of the prompt (right padding). ``pair_tokens``: the pairs'
+    tokens counted with the prompt twice (the same figure either way)."""
+    prompts = [e["prompt_ids"] for e in items]
+    chosen, rejected = [e["chosen_ids"] for e in items], [e["rejected_ids"] for e in items]
+    if share_prompt:
+        b = collate_shared_prompt(prompts, chosen, rejected, pad_id)
+    else:
+        b = collate_sequences(prompts * 2, chosen + rejected, pad_id, "right")
+    b["pair_tokens"] = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    return b

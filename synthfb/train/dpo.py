@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from . import loop
-from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
+from .collate import Tokenizer, collate_pairs, load_rows
 from .config import TrainConfig, _f
 from . import losses as L
 from .logprobs import sequence_logps, shared_prompt_logps, takes_4d_mask
@@ -185,18 +185,8 @@ def build_examples(cfg: DPOConfig, tok, rows: list[dict] | None = None) -> list[
 
 
 def _pair_batch(items: list[dict], pad_id: int, share_prompt: bool = False) -> dict:
-    """A batch of pairs: with ``share_prompt`` one row per pair (prompt + chosen + rejected,
-    :func:`~.collate.collate_shared_prompt`), else the B chosen rows then the B rejected rows, each
-    with its own copy of the prompt. ``pair_tokens``: the pairs' tokens counted with the prompt twice
-    (the same figure either way)."""
-    prompts = [e["prompt_ids"] for e in items]
-    if share_prompt:
-        b = collate_shared_prompt(prompts, [e["chosen_ids"] for e in items], [e["rejected_ids"] for e in items],
-                                  pad_id)
-    else:
-        comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
-        b = collate_sequences(prompts * 2, comps, pad_id, "right")
-    b["pair_tokens"] = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in items)
+    """:func:`~.collate.collate_pairs` plus the cached reference log-probs and the label smoothing."""
+    b = collate_pairs(items, pad_id, share_prompt)
     for k in ("ref_chosen", "ref_rejected"):
         if k in items[0]:
             b[k] = torch.tensor([e[k] for e in items], dtype=torch.float32)
@@ -221,10 +211,6 @@ def pair_logps(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if "prev" in b:
         return shared_prompt_logps(model, b)
     return sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
-
-
-def _to(b: dict, dev) -> dict:
-    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
 @torch.no_grad()
@@ -252,7 +238,7 @@ def reference_logps(cfg: DPOConfig, examples: list[dict], tok, model=None) -> tu
     for s in range(0, len(order), cfg.ref_batch_size):
         idx = order[s:s + cfg.ref_batch_size]
         b = _pair_batch([examples[i] for i in idx], tok.pad_token_id, cfg.share_prompt and takes_4d_mask(model))
-        lp, n = pair_logps(model, _to(b, dev))
+        lp, n = pair_logps(model, loop.to_device(b, dev))
         k = len(idx)
         logps[idx, 0], logps[idx, 1] = lp[:k].float().cpu(), lp[k:].float().cpu()
         lengths[idx, 0], lengths[idx, 1] = n[:k].float().cpu(), n[k:].float().cpu()
@@ -319,7 +305,7 @@ def preference_accuracy(model, tok, examples: list[dict], cfg: DPOConfig, batch_
     for s in range(0, len(examples), batch_size):
         items = examples[s:s + batch_size]
         b = _pair_batch(items, tok.pad_token_id, cfg.share_prompt and takes_4d_mask(model))
-        lp, n = pair_logps(model, _to(b, dev))
+        lp, n = pair_logps(model, loop.to_device(b, dev))
         k = len(items)
         lp, n = lp.float().cpu(), n.float().cpu()
         wc, wr = implicit_rewards(cfg, lp[:k], lp[k:], n[:k], n[k:], b.get("ref_chosen"), b.get("ref_rejected"))

@@ -35,6 +35,11 @@ def device_of(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def to_device(b: dict, dev) -> dict:
+    """A batch with its tensors on ``dev`` (other values as they are)."""
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -274,7 +279,7 @@ def accumulate(model, task: Task, batches: list, dev) -> tuple[float, float, dic
     loss_total = 0.0
     ntok = 0
     for b in batches:
-        b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        b = to_device(b, dev)
         loss_sum, ms = task.loss(model, b)
         (loss_sum / max(norm, 1e-8)).backward()
         loss_total += float(loss_sum.detach())

@@ -599,7 +599,7 @@ def score(ro: Rollout, reward_fn: Callable[[list, list[str]], list[float]],
 
 def _micro_batch(ro: Rollout, rows: list[int], pad_id: int, dev) -> dict:
     b = rollout_batch([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id)
-    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    return loop.to_device(b, dev)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import loop
-from .collate import Tokenizer, collate_sequences, collate_shared_prompt, load_rows
+from .collate import Tokenizer, collate_pairs, collate_sequences, load_rows
 from .config import TrainConfig, _f
 from .logprobs import last_token_index, position_ids_from_mask, takes_4d_mask
 
@@ -188,14 +188,7 @@ def _batch(items: list[dict], pad_id: int, ranked: bool, share_prompt: bool = Fa
         b["list_mask"] = torch.tensor(real).view(len(items), K)
         b["ranks"] = torch.tensor(ranks, dtype=torch.long).view(len(items), K)
         return b
-    prompts = [e["prompt_ids"] for e in items]
-    if share_prompt:
-        b = collate_shared_prompt(prompts, [e["chosen_ids"] for e in items], [e["rejected_ids"] for e in items],
-                                  pad_id)
-    else:
-        comps = [e["chosen_ids"] for e in items] + [e["rejected_ids"] for e in items]
-        b = collate_sequences(prompts * 2, comps, pad_id, "right")
-    b["pair_tokens"] = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in items)
+    b = collate_pairs(items, pad_id, share_prompt)
     b["margin"] = torch.tensor([e.get("margin", 0.0) for e in items], dtype=torch.float32)
     b["p_chosen"] = torch.tensor([e.get("p_chosen", 1.0) for e in items], dtype=torch.float32)
     return b
@@ -293,7 +286,7 @@ def pair_accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> flo
     for s in range(0, len(examples), batch_size):
         items = examples[s:s + batch_size]
         b = _batch(items, tok.pad_token_id, False)
-        r = pair_scores(model, {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
+        r = pair_scores(model, loop.to_device(b, dev))
         right += int((r[: len(items)] > r[len(items):]).sum())
     model.train(was)
     return right / max(1, len(examples))
