@@ -46,6 +46,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def write_text_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` atomically unless the file already holds exactly it (a resumed
+    step then sees the same file, with its fingerprint and modification time)."""
+    path = Path(path)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

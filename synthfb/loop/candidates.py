@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data.io import atomic_write_bytes
+from ..data.io import write_text_if_changed
 from ..engine import Pipeline, Runner
 from .config import LoopConfig, LoopError
 from .state import LoopFolder, now
@@ -66,9 +66,7 @@ def candidates_pipeline(cfg: LoopConfig, myx: str, prompts_file: Path) -> Pipeli
 def write_candidates(path: Path, rows: list[dict[str, Any]]) -> Path:
     """The candidates as JSON lines, rewritten only when they changed."""
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in rows)
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        atomic_write_bytes(path, text.encode("utf-8"))
-    return path
+    return write_text_if_changed(path, text)
 
 
 def run_candidates(cfg: LoopConfig, folder: LoopFolder, pool, myx: str, prompts_file: Path, progress: bool,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ROW_ID
-from ..data.io import atomic_write_bytes
+from ..data.io import write_text_if_changed
 from ..engine import Pipeline, Runner, RunResult
 from ..llm.types import Generator
 from .config import LoopConfig
@@ -41,10 +41,7 @@ def write_prompts(path: Path, prompts: list[Any], extras: list[dict[str, Any]] |
     extras = extras or [{} for _ in prompts]
     text = "".join(json.dumps({"id": f"p{i:05d}", "prompt": p, **e}, ensure_ascii=False) + "\n"
                    for i, (p, e) in enumerate(zip(prompts, extras)))
-    path = Path(path)
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        atomic_write_bytes(path, text.encode("utf-8"))
-    return path
+    return write_text_if_changed(Path(path), text)
 
 
 def pairs_pipeline(cfg: LoopConfig, k: int, policy: str, prompts_file: Path) -> Pipeline:
@@ -124,9 +121,7 @@ def record_prompts(cfg: LoopConfig, k: int, result: RunResult, rdir: Path) -> di
             dropped[r[ROW_ID]] = reason
     text = "".join(json.dumps({"id": r[ROW_ID], "prompt": r[w["column"]], "demo_ids": r.get("demo_ids"),
                                "dropped": dropped.get(r[ROW_ID])}, ensure_ascii=False) + "\n" for r in rows)
-    path = rdir / "prompts.jsonl"
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        atomic_write_bytes(path, text.encode("utf-8"))
+    path = write_text_if_changed(rdir / "prompts.jsonl", text)
     by_reason = {why: sum(v == why for v in dropped.values()) for why in REPEAT_REASONS}
     model = rec.get("model") or {}
     return {"stage": w["stage"], "kind": w["kind"], "model": model.get("name"), "model_revision": model.get("revision"),
