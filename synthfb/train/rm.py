@@ -70,32 +70,31 @@ def load_reward_model(path: str, dtype: str = "float32", device=None):
     return model, tok
 
 
-def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B,) scores at the last real token of each row (any padding side)."""
-    pos = position_ids_from_mask(attention_mask)
-    h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+def _scores_at(model, input_ids, attention_mask, position_ids, rows, cols) -> torch.Tensor:
+    """The score head on the last hidden states at (``rows``, ``cols``)."""
+    h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False)
     h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
-    idx = last_token_index(attention_mask)
-    last = h[torch.arange(h.shape[0], device=h.device), idx]
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
         raise ValueError(f"{type(model).__name__} has no `score` head")
-    return head(last)[:, 0].float()
+    return head(h[rows.to(h.device), cols.to(h.device)])[:, 0].float()
+
+
+def reward_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) scores at the last real token of each row (any padding side)."""
+    rows = torch.arange(input_ids.shape[0])
+    return _scores_at(model, input_ids, attention_mask, position_ids_from_mask(attention_mask), rows,
+                      last_token_index(attention_mask))
 
 
 def shared_prompt_scores(model, b: dict) -> torch.Tensor:
     """(2B,) scores of a prefix-shared pair batch (:func:`~.collate.collate_shared_prompt`): the B chosen
     sequences first, then the B rejected, as :func:`reward_scores` gives them for the prompt repeated."""
-    h = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         position_ids=b["position_ids"], use_cache=False)
-    h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
     ends = b["ends"]
-    rows = torch.arange(ends.shape[0], device=h.device)
-    last = torch.cat([h[rows, ends[:, 0]], h[rows, ends[:, 1]]])
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no `score` head")
-    return head(last)[:, 0].float()
+    rows = torch.arange(ends.shape[0])
+    return _scores_at(model, b["input_ids"], b["attention_mask"], b["position_ids"], torch.cat([rows, rows]),
+                      torch.cat([ends[:, 0], ends[:, 1]]))
 
 
 def pair_scores(model, b: dict) -> torch.Tensor:
