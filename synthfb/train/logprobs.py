@@ -48,6 +48,21 @@ def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> t
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def _logps_at(model, input_ids, attention_mask, position_ids, rows, src, cols):
+    """Log-prob of token ``input_ids[rows, cols]`` under the prediction of the hidden state at
+    (``rows``, ``src``); the vocabulary projection only there. Returns (log-probs, float logits, logsumexp)."""
+    if _needs_full_logits(model):
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = position_ids_from_mask(attention_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[rows, src].float()
+    else:
+        h = hidden_states(model, input_ids, attention_mask, position_ids)
+        logits = model.get_output_embeddings()(h[rows, src]).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, input_ids[rows, cols][:, None])[:, 0] - lse, logits, lse
+
+
 def token_logps(model, input_ids, attention_mask, loss_mask, position_ids=None, return_entropy=False):
     """Log-prob of each ``input_ids[:, t]`` under the model, for t where ``loss_mask`` is 1.
 
@@ -61,16 +76,7 @@ def token_logps(model, input_ids, attention_mask, loss_mask, position_ids=None, 
     rows, cols = target.nonzero(as_tuple=True)
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     ent = torch.zeros_like(out) if return_entropy else None
-    if _needs_full_logits(model):
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            position_ids = position_ids_from_mask(attention_mask)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-        logits = logits[rows, cols - 1].float()
-    else:
-        h = hidden_states(model, input_ids, attention_mask, position_ids)
-        logits = model.get_output_embeddings()(h[rows, cols - 1]).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    lp = logits.gather(-1, input_ids[rows, cols][:, None])[:, 0] - lse
+    lp, logits, lse = _logps_at(model, input_ids, attention_mask, position_ids, rows, cols - 1, cols)
     out = out.index_put((rows, cols), lp)
     if return_entropy:
         p = torch.softmax(logits, dim=-1)
@@ -118,14 +124,7 @@ def shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     B = ids.shape[0]
     target = (prev >= 0) & (side > 0)
     rows, cols = target.nonzero(as_tuple=True)
-    src = prev[rows, cols]
-    if _needs_full_logits(model):
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                       use_cache=False).logits[rows, src].float()
-    else:
-        h = hidden_states(model, ids, batch["attention_mask"], batch["position_ids"])
-        logits = model.get_output_embeddings()(h[rows, src]).float()
-    lp = logits.gather(-1, ids[rows, cols][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    lp, _, _ = _logps_at(model, ids, batch["attention_mask"], batch["position_ids"], rows, prev[rows, cols], cols)
     slot = rows + B * (side[rows, cols] - 1)  # chosen -> row, rejected -> B + row
     out = torch.zeros(2 * B, dtype=lp.dtype, device=lp.device).index_add(0, slot, lp)
     n = torch.zeros(2 * B, dtype=torch.long, device=lp.device).index_add(0, slot, torch.ones_like(slot))
