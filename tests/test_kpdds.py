@@ -266,3 +266,27 @@ def test_score_under_constraint_asks_for_json(tmp_path):
     kept = rows(tmp_path / "run")
     assert all(r["question_score"] == 0.9 and "number 2:" in r["question"] for r in kept)
     assert sc["rows_out"] == len(kept) == sc["rows_in"] - sc["counts"].get("dropped_score_below_threshold", 0)
+
+
+def test_a_question_cut_at_max_tokens_is_a_truncation_not_a_parse_failure(tmp_path):
+    from fakes import Reply
+
+    d, fake = kpdds()
+    d["stages"] = d["stages"][:3]  # load -> extract -> questions
+    made = iter(range(1000))
+
+    def question(req, k):
+        i = next(made)
+        if i == 0:
+            return Reply("<Q>A problem that never", "length")
+        return "No tags here." if i == 1 else f"<Q>Practice problem number {i}: combine them.</Q>"
+
+    fake.rules = [(m, question if m == "mathematics teacher helping students" else f) for m, f in fake.rules]
+    res = run(d, tmp_path / "run", fake)
+    st = {s["kind"]: s for s in res.manifest["stages"]}["kpdds_questions"]
+    c = st["counts"]
+    assert c["dropped_truncated_question"] == 1 and c["truncated_outputs"] == 1
+    assert c["dropped_no_question_tags"] == 1
+    n = c["outputs"]  # every question answer (10 extract requests came first) but the cut one
+    assert n == len(fake.requests) - 10 - 1 and st["parse"] == {"outputs": n, "parsed": n - 1,
+                                                               "rate": round((n - 1) / n, 4)}

@@ -24,9 +24,15 @@ fractions, else normalised strings). Rows whose routes disagree, or where a
 route gives no answer (no ``Answer:`` line, no program, an execution error
 or a timeout) are dropped with a reason; ``agreement_checked`` counts the
 rows where both routes answered and ``agreed`` those that agreed; the card
-shows their ratio as the stage's agreement rate. ``outputs`` / ``parsed``
-(the parse figure) count the two replies per row and those whose answer or
-program could be read. Kept rows are SFT rows
+shows their ratio as the stage's agreement rate. A finished text solution
+without an ``Answer:`` line gets a second, greedy prompt asking for the number
+alone (``extract_answer``, Kojima et al. 2022 answer extraction,
+:mod:`synthfb.stages.answer_extraction`); the solution then ends with
+``Answer: <number>`` and the row says so (``answer_extracted``).
+``outputs`` / ``parsed`` (the parse figure) count the replies per row (a reply
+cut at ``max_tokens`` before anything could be read is a truncation,
+``truncated_solutions``, not an output) and those whose answer or program
+could be read. Kept rows are SFT rows
 (``prompt`` = the question, or with ``sft_prompt: rendered`` the route's
 prompt as asked; ``completion`` = the ``target`` route's trace),
 with both traces and answers as metadata.
@@ -47,6 +53,8 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import sft_row
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext
+from .answer_extraction import follow_up, needs_extraction, read_extracted
+from .kpdds import constrained
 from .sandbox import run_python
 
 # -- answers -----------------------------------------------------------------------------------------------
@@ -158,6 +166,13 @@ class ConsistencyConfig(ModelConfig):
         "help": "mode two_solvers: route 2 template (variable: question), a differently prompted solver ending with "
                 "'Answer: <value>'"})
     system: str | None = field(default=None, metadata={"help": "system message for both routes"})
+    extract_answer: bool = field(default=True, metadata={
+        "help": "a finished text solution without an 'Answer:' line gets a second, greedy prompt asking only for "
+                "the number (Kojima et al. 2022 answer extraction); the solution then ends with 'Answer: <number>' "
+                "and the row marks it (`answer_extracted`)"})
+    constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
+        "help": "answer extraction's reply: json = decoded under a number schema (vLLM structured outputs, or "
+                "response_format on a served model); none = free text, its first number; auto: json on vllm/vllm-cpu"})
     chat: bool = field(default=True, metadata={"help": "send the prompts as chat user turns (false: raw prompts)"})
     timeout: float = field(default=5.0, metadata={"help": "mode program: wall-clock seconds a program may run (> 0); "
                                                           "a program that runs longer is killed and its row dropped"})
@@ -184,7 +199,7 @@ class ConsistencyStage(ModelStage):
     Config = ConsistencyConfig
     sampling_defaults = {"temperature": 0.0, "max_tokens": 512}
     adds = ("prompt", "completion", "answer", "first_solution", "first_answer", "second_solution", "second_answer",
-            "program_status", "answers_agree")
+            "answer_extracted", "program_status", "answers_agree")
 
     def __init__(self, config: ConsistencyConfig, base_dir):
         super().__init__(config, base_dir)
@@ -215,15 +230,35 @@ class ConsistencyStage(ModelStage):
             raise ValueError(f"row {row.get(ROW_ID)}: column {cfg.question_column!r} must be a non-empty string")
         vars_ = {"question": q.strip()}
         texts = [self.first.render(vars_, row.get(ROW_ID)), self.second.render(vars_, row.get(ROW_ID))]
-        res = yield Ask([self.chat(t, self.params, cfg.system, cfg.chat) for t in texts], call="solutions")
-        first, second = (r.completions[0].text if r.completions else "" for r in res)
-        a1 = final_answer(first)
+        asked = [self.chat(t, self.params, cfg.system, cfg.chat) for t in texts]
+        res = yield Ask(asked, call="solutions")
+        replies = [r.completions[0].text if r.completions else "" for r in res]
+        answers = [final_answer(replies[0]), final_answer(replies[1]) if cfg.mode != "program" else None]
+        # routes whose reply is a finished text solution without a readable answer: ask for the number alone
+        todo = [k for k in ((0,) if cfg.mode == "program" else (0, 1))
+                if answers[k] is None and res[k].completions and needs_extraction(res[k].completions[0])]
+        extracted = False
+        if cfg.extract_answer and todo:
+            as_json = constrained(cfg.constrain, ctx.generator(self.model_name()).info.backend)
+            got = yield Ask([follow_up(asked[k], replies[k], as_json) for k in todo], call="answer_extraction",
+                            partial=True)
+            ctx.stats.add("extraction_asked", len(todo))
+            for k, r in zip(todo, got):
+                a = read_extracted(r.completions[0]) if r.completions and not r.error else None
+                if a is not None:
+                    replies[k], answers[k] = f"{replies[k].rstrip()}\nAnswer: {a}", a
+                    extracted = True
+                    ctx.stats.add("answers_extracted")
+        first, second = replies
+        a1, a2 = answers
         code = extract_program(second) if cfg.mode == "program" else None
-        a2 = final_answer(second) if cfg.mode != "program" else None
         # parse figure: a reply parsed when its answer (route 1, two_solvers' route 2) or its program could be
-        # read; a program that fails or prints nothing, and disagreeing answers, are drops, not parse failures
-        ctx.stats.add("outputs", 2)
-        ctx.stats.add("parsed", int(a1 is not None) + int((code if cfg.mode == "program" else a2) is not None))
+        # read; a program that fails or prints nothing, and disagreeing answers, are drops, not parse failures;
+        # a reply cut at max_tokens with nothing read is a truncation (truncated_solutions), as in every stage
+        read = [a1 is not None, (code if cfg.mode == "program" else a2) is not None]
+        cut = [not ok and bool(r.completions) and r.completions[0].finish_reason == "length" for ok, r in zip(read, res)]
+        ctx.stats.add("outputs", 2 - sum(cut))
+        ctx.stats.add("parsed", sum(read))
         status = None
         if cfg.mode == "program":
             if code is None:
@@ -255,7 +290,7 @@ class ConsistencyStage(ModelStage):
         user = q.strip() if cfg.sft_prompt == "question" else texts[0 if cfg.target == "first" else 1]
         return {**sft_row(user, completion, cfg.system, cfg.format),
                 "answer": answer, "first_solution": first, "first_answer": a1, "second_solution": second,
-                "second_answer": a2, "program_status": status, "answers_agree": True,
+                "second_answer": a2, "answer_extracted": extracted, "program_status": status, "answers_agree": True,
                 PROVENANCE: {"finish_reason": ",".join(r.completions[0].finish_reason or "" for r in res)}}
 
 

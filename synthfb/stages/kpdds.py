@@ -14,7 +14,9 @@ AAAI 2025; specs/methods-2.md section 1), as four stages:
 3. ``kpdds_score``: the teacher scores each question in [0, 1] (KPs present,
    no logical or factual error); kept at >= 0.85;
 4. ``kpdds_solve``: 10 solutions per question (T 0.75, top_p 0.95), few-shot
-   with the question's practice problems; solutions with an arithmetic error
+   with the question's practice problems (a finished solution without a
+   boxed answer gets a second prompt asking for the number alone, Kojima et
+   al. 2022's answer extraction, ``extract_answer``); solutions with an arithmetic error
    (re-evaluated in Python) leave; questions with more than 3 sub-questions
    leave; the Consensus Score Vector vote keeps every solution tied at the
    highest CS > 1/m, as SFT rows (:func:`synthfb.data.trl.sft_row`) with the
@@ -37,8 +39,9 @@ from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import sft_row
-from ..engine.stage import Drop, IterativeStage, ModelConfig, ModelStage, StageContext
+from ..engine.stage import Ask, Drop, IterativeStage, ModelConfig, ModelStage, StageContext
 from ..llm.prompts import text_request
+from . import answer_extraction as extraction
 from . import kpdds_core as core
 
 SFT_INSTRUCTION = "Please reason step by step and put the final answer in \\boxed{}."
@@ -275,6 +278,11 @@ class KpddsQuestionsStage(IterativeStage):
                 continue
             comp = res.completions[0]
             question = parse_question(comp.text, as_json)
+            if question is None and comp.finish_reason == "length":
+                # cut at max_tokens (also counted as truncated_outputs): a truncation, as in every stage's parse
+                # figure, not an answer that failed to parse
+                ctx.stats.add("dropped_truncated_question")
+                continue
             ctx.stats.add("outputs")
             if question is None:
                 ctx.stats.add("dropped_no_question_json" if as_json else "dropped_no_question_tags")
@@ -378,6 +386,12 @@ class KpddsSolveConfig(ModelConfig):
         "help": "drop solutions whose 'a op b = c' equations do not hold when re-evaluated in Python"})
     prompt: str = field(default="kpdds_solve.jinja", metadata={"help": "solving template (question, examples)"})
     chat: bool = field(default=True, metadata={"help": "send the prompt as a chat turn"})
+    extract_answer: bool = field(default=True, metadata={
+        "help": "a finished solution without a \\boxed{} or 'The answer is' answer gets a second, greedy prompt "
+                "asking only for the number (Kojima et al. 2022 answer extraction); the number is appended to "
+                "the solution as a boxed final line and the row marks it (`answer_extracted`)"})
+    constrain: Literal["auto", "json", "none"] = field(default="auto", metadata={
+        "help": "answer extraction's reply: " + CONSTRAIN_HELP})
     sft_instruction: str = field(default=SFT_INSTRUCTION, metadata={
         "help": "appended (after a blank line) to the question in the SFT prompt; '' for the bare question"})
     format: Literal["conversational", "standard"] = field(default="conversational", metadata={
@@ -390,8 +404,8 @@ class KpddsSolveStage(ModelStage):
     kind = "kpdds_solve"
     Config = KpddsSolveConfig
     sampling_defaults = {"temperature": 0.75, "top_p": 0.95, "max_tokens": 1024}
-    adds = ("prompt", "completion", "solution", "answer", "agreement", "consensus_scores", "num_solutions",
-            "num_sampled")
+    adds = ("prompt", "completion", "solution", "answer", "answer_extracted", "agreement", "consensus_scores",
+            "num_solutions", "num_sampled")
 
     def __init__(self, config: KpddsSolveConfig, base_dir):
         super().__init__(config, base_dir)
@@ -407,35 +421,67 @@ class KpddsSolveStage(ModelStage):
         text = self.tpl.render({"question": row["question"], "examples": row["practice"]}, row[ROW_ID])
         return self.chat(text, self.params, chat=self.config.chat)
 
+    def run(self, row: dict[str, Any], ctx: StageContext):
+        c = self.config
+        asked = self.requests(row, ctx)
+        res = yield asked
+        texts = [comp.text for comp in res.completions]
+        answers = [core.extract_answers(t) for t in texts]
+        extracted = [False] * len(texts)
+        todo = [i for i, comp in enumerate(res.completions) if not answers[i] and extraction.needs_extraction(comp)]
+        if c.extract_answer and todo:
+            as_json = constrained(c.constrain, ctx.generator(self.model_name()).info.backend)
+            got = yield Ask([extraction.follow_up(asked, texts[i], as_json) for i in todo], call="answer_extraction",
+                            partial=True)
+            ctx.stats.add("extraction_asked", len(todo))
+            for i, r in zip(todo, got):
+                a = extraction.read_extracted(r.completions[0]) if r.completions and not r.error else None
+                if a is not None:
+                    texts[i] = f"{texts[i].rstrip()}\n\nThe final answer is $\\boxed{{{a}}}$."
+                    answers[i], extracted[i] = [a], True
+                    ctx.stats.add("answers_extracted")
+        return self._vote(row, res, texts, answers, extracted, ctx)
+
     def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
+        """The vote on the solutions as sampled (no answer extraction)."""
+        texts = [comp.text for comp in res.completions]
+        return self._vote(row, res, texts, [core.extract_answers(t) for t in texts], [False] * len(texts), ctx)
+
+    def _vote(self, row: dict[str, Any], res: Any, texts: list[str], answers: list[list[str]],
+              extracted: list[bool], ctx: StageContext) -> Any:
         c = self.config
         sols = []
-        for comp in res.completions:
-            ans = core.extract_answers(comp.text)
+        for comp, text, ans, ext in zip(res.completions, texts, answers, extracted):
+            if not ans and comp.finish_reason == "length":
+                # cut at max_tokens before any answer: a truncation (counted by the context as
+                # truncated_outputs), as in every stage's parse figure, not a reply that failed to parse
+                ctx.stats.add("solutions_cut_without_answer")
+                continue
             ctx.stats.add("outputs")
             if not ans:
                 ctx.stats.add("solutions_without_answer")
                 continue
             ctx.stats.add("parsed")  # an answer was read (the arithmetic check is a filter, not a parse failure)
-            if c.arithmetic_check and core.arithmetic_errors(comp.text):
+            if c.arithmetic_check and core.arithmetic_errors(text):
                 ctx.stats.add("solutions_with_arithmetic_error")
                 continue
-            sols.append((comp.text, ans))
+            sols.append((text, ans, ext))
         if len(sols) < 2:
             return Drop("too_few_valid_solutions")
-        counts = [len(a) for _, a in sols]
+        counts = [len(a) for _, a, _ in sols]
         n_sub = max(set(counts), key=lambda k: (counts.count(k), -k))
         if n_sub > c.max_subquestions:
             return Drop("too_many_subquestions")
-        keep, cs = core.vote([a for _, a in sols], c.cs_reduce)
+        keep, cs = core.vote([a for _, a, _ in sols], c.cs_reduce)
         if not keep:
             return Drop("no_consensus")
         user = row["question"] + (f"\n\n{c.sft_instruction}" if c.sft_instruction else "")
         out = []
         for i in keep:
-            text, ans = sols[i]
-            out.append({**sft_row(user, text, None, c.format), "solution": text, "answer": ans, "agreement": cs[i],
-                        "consensus_scores": cs, "num_solutions": len(sols), "num_sampled": len(res.completions)})
+            text, ans, ext = sols[i]
+            out.append({**sft_row(user, text, None, c.format), "solution": text, "answer": ans,
+                        "answer_extracted": ext, "agreement": cs[i], "consensus_scores": cs,
+                        "num_solutions": len(sols), "num_sampled": len(res.completions)})
         ctx.stats.add("questions_voted")
         ctx.stats.add("solutions_kept", len(out))
         return out if len(out) > 1 else out[0]

@@ -1,0 +1,97 @@
+"""Answer extraction: a second prompt for a finished solution whose final answer cannot be read.
+
+Kojima et al. 2022 ("Large Language Models are Zero-Shot Reasoners", arXiv:2205.11916, section 3) answer
+in two stages: *reasoning extraction* (the model writes its solution) and *answer extraction*: the question,
+the model's own solution and a prompt that asks only for the answer in the required form ("Therefore, the
+answer (arabic numerals) is"), decoded greedily. The maths stages (``kpdds_solve``, ``consistency``) ask for
+the answer inside the solution (``\\boxed{}``, ``Answer: <number>``) and read it with a rule; a small model
+often finishes a solution without that line. For such a solution (finished, not cut at ``max_tokens``: a cut
+solution is left as it is) they ask this second question, and read the number from its reply.
+
+The follow-up is a chat turn after the solution (a raw prompt gets Kojima's sentence appended instead). Where
+the stage decodes under a schema (``constrain``: vLLM's structured outputs, or ``response_format`` on a served
+model), the reply is a JSON object whose ``answer`` is a number, so the model cannot answer in prose or with a
+placeholder; otherwise the first number of the reply is read. The extracted answer is a reading of the model's
+own solution, never a correction: the stage's vote or cross-check still decides, and the rows say which
+answers were extracted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from ..llm.types import Completion, GenerationRequest, SamplingParams
+
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "number"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+"""The follow-up's reply under ``constrain``: one number."""
+
+FOLLOW_UP = "Therefore, what is the final answer? Reply with the number only."
+"""The chat follow-up turn (Kojima et al.'s answer trigger, as a question)."""
+
+RAW_TRIGGER = "\nTherefore, the answer (arabic numerals) is"
+"""Appended to a raw (completion-mode) prompt and its solution: Kojima et al.'s trigger for numbers."""
+
+EXTRACTION_PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
+"""Greedy, as in the paper; a number (or ``{"answer": <number>}``) fits well within 24 tokens."""
+
+_FIRST_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
+
+
+def needs_extraction(completion: Completion) -> bool:
+    """Only a solution the model finished gets a follow-up (one cut at ``max_tokens`` is left unread)."""
+    return completion.finish_reason == "stop"
+
+
+def follow_up(asked: GenerationRequest, solution: str, constrained: bool) -> GenerationRequest:
+    """The answer-extraction request for ``solution``, the reply to ``asked``."""
+    if asked.messages is not None:
+        turn = FOLLOW_UP + (' Answer in JSON: {"answer": <number>}.' if constrained else "")
+        messages = [*asked.messages, {"role": "assistant", "content": solution}, {"role": "user", "content": turn}]
+        return GenerationRequest(messages=messages, params=EXTRACTION_PARAMS,
+                                 json_schema=ANSWER_SCHEMA if constrained else None)
+    prompt = f"{asked.prompt}{solution}{RAW_TRIGGER}"
+    if constrained:
+        prompt += ' (in JSON, {"answer": <number>}):'
+    return GenerationRequest(prompt=prompt, params=EXTRACTION_PARAMS, json_schema=ANSWER_SCHEMA if constrained else None)
+
+
+def format_number(x: float | int) -> str:
+    """``12`` for 12.0, ``0.25`` for 0.25 (no exponent for ordinary sizes)."""
+    if isinstance(x, bool) or not math.isfinite(float(x)):
+        raise ValueError(f"not a finite number: {x!r}")
+    if float(x) == int(x) and abs(x) < 1e15:
+        return str(int(x))
+    return repr(float(x))
+
+
+def read_extracted(completion: Completion) -> str | None:
+    """The number the follow-up's reply gives, as text; None when it gives none. A JSON reply is read by its
+    ``answer``; free text by its first number (thousands commas dropped)."""
+    obj = completion.parsed
+    if obj is None and completion.text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(completion.text, strict=False)
+        except json.JSONDecodeError:
+            obj = None
+    if isinstance(obj, dict):
+        v = obj.get("answer")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            return format_number(v)
+        return None
+    for m in _FIRST_NUMBER.finditer(completion.text):
+        s = m.group(0).replace(",", "")
+        if any(ch.isdigit() for ch in s):
+            return s.lstrip("+")
+    return None
+
+
+__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "RAW_TRIGGER", "follow_up", "format_number",
+           "needs_extraction", "read_extracted"]
