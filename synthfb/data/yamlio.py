@@ -158,6 +158,69 @@ def safe_load(text: str) -> Any:
         loader.dispose()
 
 
+# -- a native fast path for large files ---------------------------------------------------------------
+
+FAST_MIN_CHARS = 1_000_000
+"""Files at least this long (characters) may be read by ``yaml_rs`` (the ``fast-yaml`` extra): a native
+YAML parser that builds the Python objects itself, 20-30x faster than libyaml plus PyYAML's Python
+constructor. Shorter files (every ordinary pipeline file) always take :func:`safe_load`."""
+
+# Where YAML 1.2 (yaml_rs) and YAML 1.1 as PyYAML reads it (with our exponent floats) may give different
+# values, or the strict loader has checks of its own: a match of any of these anywhere in the text sends the
+# whole file to :func:`safe_load`. Each pattern over-approximates (a match inside a quoted string or a comment
+# only costs speed), so a file that yaml_rs reads holds none of the constructs whose meaning differs. Every
+# pattern starts with a literal or a small set of characters, then looks back for the place where a plain
+# scalar can start (the text is scanned with a newline in front): one pass each at memchr-like speed, not a
+# backtracking search at every position.
+_WHOLE = r"(?=[ \t]*(?:$|[,\]}:#]))"  # where a plain scalar can end
+_NOT_FAST = [re.compile(p, re.MULTILINE) for p in (
+    r"[&*!](?<=[\s\[{,].)",                         # anchors, aliases (alias bombs), tags
+    r"<<", r"\t",                                    # merge keys; tabs (libyaml refuses them in indentation)
+    r"\?(?<=[\s\[{,].)", r"[\]}][ \t]*:",              # complex keys, collections as keys
+    r":(?<=[\s\[{,]:)", r":[,\[\]{}]",                # empty keys and values next to flow indicators (`: v`,
+                                                     # `[1:]`: libyaml refuses some that yaml_rs reads)
+    r"[|>](?<=[\s\[{,].)",                           # block scalars (the parsers differ on blank ones)
+    r"\n(?:%|(?:---|\.\.\.)(?:\s|$))",                # directives, several documents
+    r"=(?<=[\s\[{,].)" + _WHOLE,                     # the YAML 1.1 value tag
+    r":(?<=\d:)\d",                                  # sexagesimal numbers (1:20 is 80 in YAML 1.1)
+    r"-(?<=\d{4}-)\d",                               # dates and timestamps
+    # YAML 1.1 booleans (`on: x` is {True: x}); bool and null keys (1 and true are one key to a dict)
+    r"[oOnNyYtTfF~](?<=[\s\[{,].)(?:(?:(?<=[oO])(?:[nN]|[fF][fF])|(?<=[nN])[oO]|(?<=[yY])[eE][sS])" + _WHOLE
+    + r"|(?:(?<=[tT])[rR][uU][eE]|(?<=[fF])[aA][lL][sS][eE]|(?<=[nN])[uU][lL][lL]|(?<=~))[ \t]*:(?:\s|$))",
+    # numbers: octal (010 is 8 in YAML 1.1), 0o/0b/0x, exponents (1.5e3 is a string in YAML 1.1), digit
+    # separators, -.5 (a string in YAML 1.1); keys that start like a number
+    r"[-+.\d](?<=[\s\[{,].)(?:(?<=0)[0-9_oObBxX]|(?<=[-+])[0.]|[\d.]*(?<=[\d.])[eE_]"
+    r"|[^\s:,\[\]{}#]*[ \t]*:(?:\s|$))",
+)]
+
+
+def _fast_load(text: str) -> tuple[bool, Any]:
+    """(True, data) when yaml_rs read ``text`` (installed, a large text, no construct whose meaning
+    differs between the parsers); (False, None) otherwise, and on any yaml_rs error: the strict loader
+    then reads the file and reports its problem with its own line and wording."""
+    if len(text) < FAST_MIN_CHARS:
+        return False, None
+    try:
+        import yaml_rs
+    except ImportError:
+        return False, None
+    scan = "\n" + text
+    if any(p.search(scan) for p in _NOT_FAST):
+        return False, None
+    try:
+        return True, yaml_rs.loads(text, parse_datetime=False,
+                                   duplicate_key_policy=yaml_rs.DuplicateKeyPolicy.Error)
+    except Exception:  # noqa: BLE001 - whatever it is, the strict loader says it properly
+        return False, None
+
+
+def load_text(text: str) -> Any:
+    """YAML text as data, exactly as :func:`safe_load` reads it (raises ``yaml.YAMLError``); large texts
+    through the native fast path where it gives the same data."""
+    ok, data = _fast_load(text)
+    return data if ok else safe_load(text)
+
+
 def describe(err: yaml.YAMLError) -> str:
     """``line L, column C: problem`` for a YAML error (one line)."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
@@ -180,6 +243,6 @@ def load_file(path: str | Path, what: str = "file") -> Any:
     except OSError as e:
         raise YAMLInputError(f"{p}: cannot read {what} ({e.strerror or e})") from None
     try:
-        return safe_load(text)
+        return load_text(text)
     except yaml.YAMLError as e:
         raise YAMLInputError(f"{p}: {describe(e)}") from None
