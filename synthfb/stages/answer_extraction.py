@@ -10,8 +10,9 @@ solution is left as it is) they ask this second question, and read the number fr
 
 The follow-up is a chat turn after the solution (a raw prompt gets Kojima's sentence appended instead). Where
 the stage decodes under a schema (``constrain``: vLLM's structured outputs, or ``response_format`` on a served
-model), the reply is a JSON object whose ``answer`` is a number, so the model cannot answer in prose or with a
-placeholder; otherwise the first number of the reply is read. The extracted answer is a reading of the model's
+model), the reply is a JSON object whose ``answer`` is a decimal number of bounded length (a string under a
+pattern, so it always closes), and the model cannot answer in prose or with a placeholder; otherwise the
+first number of the reply is read. A reply cut at ``max_tokens`` gives no answer. The extracted answer is a reading of the model's
 own solution, never a correction: the stage's vote or cross-check still decides, and the rows say which
 answers were extracted.
 """
@@ -25,13 +26,17 @@ from typing import Any
 
 from ..llm.types import Completion, GenerationRequest, SamplingParams
 
+NUMBER_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$"
+"""A decimal number of bounded length: a constrained reply always closes within its tokens (an unbounded JSON
+number lets a model write digits until ``max_tokens``)."""
+
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"answer": {"type": "number"}},
+    "properties": {"answer": {"type": "string", "pattern": NUMBER_PATTERN}},
     "required": ["answer"],
     "additionalProperties": False,
 }
-"""The follow-up's reply under ``constrain``: one number."""
+"""The follow-up's reply under ``constrain``: one number, written as a bounded decimal string."""
 
 FOLLOW_UP = "Therefore, what is the final answer? Reply with the number only."
 """The chat follow-up turn (Kojima et al.'s answer trigger, as a question)."""
@@ -73,16 +78,21 @@ def format_number(x: float | int) -> str:
 
 
 def read_extracted(completion: Completion) -> str | None:
-    """The number the follow-up's reply gives, as text; None when it gives none. A JSON reply is read by its
-    ``answer``; free text by its first number (thousands commas dropped)."""
+    """The number the follow-up's reply gives, as text; None when it gives none, or was cut at ``max_tokens``
+    (a cut number is not the model's answer). A JSON reply is read by its ``answer`` (a number, or a string
+    that is one); free text by its first number (thousands commas dropped)."""
+    if completion.finish_reason == "length":
+        return None
     obj = completion.parsed
     if obj is None and completion.text.lstrip().startswith("{"):
         try:
             obj = json.loads(completion.text, strict=False)
         except json.JSONDecodeError:
-            obj = None
+            return None  # a JSON answer that does not parse gives no number (not its first digits)
     if isinstance(obj, dict):
         v = obj.get("answer")
+        if isinstance(v, str) and re.fullmatch(NUMBER_PATTERN, v.strip()):
+            v = float(v) if "." in v else int(v)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             return format_number(v)
         return None
@@ -93,5 +103,5 @@ def read_extracted(completion: Completion) -> str | None:
     return None
 
 
-__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "RAW_TRIGGER", "follow_up", "format_number",
+__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "follow_up", "format_number",
            "needs_extraction", "read_extracted"]
