@@ -789,7 +789,8 @@ def test_shipped_kpdds(tmp_path):
     for r in solve:
         check_params(r, n=10, temperature=0.75, top_p=0.95, max_tokens=512)
     rs = rows(out)
-    check_columns(rs, {"prompt", "completion", "solution", "question", "answer", "agreement", "consensus_scores",
+    check_columns(rs, {"prompt", "completion", "solution", "question", "answer", "answer_extracted", "agreement",
+                       "consensus_scores",
                        "num_solutions", "num_sampled", "question_score", "topics", "key_points", "kp_prompt",
                        "practice", "practice_ids", "step"})
     check_provenance(rs, fake)
@@ -846,8 +847,8 @@ def test_shipped_consistency(tmp_path):
     for r in rs:
         assert r["answers_agree"] and r["program_status"] == "ok"
         assert float(r["first_answer"]) == float(r["second_answer"]) == float(gold[r["question"]])
-    check_columns(rs, {"id", "prompt", "completion", "question", "answer", "answers_agree", "first_answer",
-                       "first_solution", "program_status", "second_answer", "second_solution"})
+    check_columns(rs, {"id", "prompt", "completion", "question", "answer", "answers_agree", "answer_extracted",
+                       "first_answer", "first_solution", "program_status", "second_answer", "second_solution"})
     check_provenance(rs, fake)
 
 
