@@ -87,6 +87,17 @@ def test_fast_path_gives_the_strict_loaders_data_or_leaves_the_file_to_it(monkey
     "1: a\n1.0: b\n", "1: a\ntrue: b\n",       # one key to a Python dict
     "a:\n\t- 1\n",                             # tab indentation
     "a: 1\r\nb: [x, y]\r\n",                   # CRLF
+    # found in review: each read differently by the two parsers before the scan knew them
+    "\ufeffk: v\n", "\ufeffyes\n", "a: 1\n\ufeffyes: 2\n",  # a byte-order mark
+    "k: _3\n", "k: -_200\n", "k: _1e5\n", "- _58:\n",   # leading underscores
+    '{"a":yes}\n', '{"a":010}\n', '{"a":1.5e3}\n', '{"a":-.5}\n', '{"a":!!binary aGk=}\n', '{"a":!foo x}\n',
+    '{"a":=}\n', '{"a":|}\n',                 # values right after a quoted key
+    'k: a\x01b\n', 'k: a\x7fb\n', 'k: a\x80b\n', 'k: a\ufffeb\n', 'a: 1\x00\nb: 2\n',  # control characters
+    'k: "\\ud83d\\ude00"\n', 'k: "\\x41\\N\\_"\n',  # escapes
+    'k: a\u2028b\n', 'k: a\x85b\n', "k: 'a\x85b'\n", 'a: 1\u2028\n', 'a: 1\u2029\n',  # other line breaks
+    '{a\n b: 1}\n', '{"a\n b": 1}\n', 'x: {a\n  b: 1}\n', 'x: [a,\n  b]\n',  # flow over several lines
+    "- {k: [], '\n \n ': http://x}\n", "k: [a, {b: c}\n  ]\n",
+    'k: yes\r\n', 'k: no\r', 'k: =\r\n', 'a: 1\r---\rb: 2\r',  # CR
 ])
 def test_errors_and_special_files_match_the_strict_loader(monkeypatch, text):
     monkeypatch.setattr(yamlio, "FAST_MIN_CHARS", 0)
@@ -97,6 +108,16 @@ def test_errors_and_special_files_match_the_strict_loader(monkeypatch, text):
         with pytest.raises(yaml.YAMLError) as strict_err:
             yamlio.safe_load(text)
         assert str(fast_err.value) == str(strict_err.value)  # the same message, line and column
+
+
+def test_an_alias_bomb_behind_quoted_keys_is_still_refused(monkeypatch):
+    monkeypatch.setattr(yamlio, "FAST_MIN_CHARS", 0)
+    levels = ['"l0":&a0 {"x":1}'] + [
+        f'"l{i}":&a{i} {{' + ", ".join(f'"k{j}":*a{i - 1}' for j in range(10)) + "}" for i in range(1, 6)]
+    text = "{" + ", ".join(levels) + "}\n"
+    assert yamlio._fast_load(text)[0] is False
+    with pytest.raises(yaml.YAMLError, match="aliases expand this document"):
+        yamlio.load_text(text)
 
 
 def test_a_large_plain_file_takes_the_fast_path_and_a_yaml11_one_does_not(tmp_path):
@@ -116,3 +137,29 @@ def test_a_large_plain_file_takes_the_fast_path_and_a_yaml11_one_does_not(tmp_pa
     f.write_text(plain + "name: again\n")
     with pytest.raises(yamlio.YAMLInputError, match=r"big\.yaml: line \d+, column 1: invalid YAML: duplicate key 'name' \(first on line 1\)"):
         yamlio.load_file(f)
+
+
+TOKENS = ["a", "k", "x y", "1", "12", "1.5", "0.", ".5", "yes", "on", "no", "true", "null", "~", ":", ": ", " ", "  ",
+          "\n", "\n  ", "\n    ", "- ", "-", "[", "]", "{", "}", ", ", ",", "#", " #c", "'", '"', "'q'", '"d"', '"\\n"',
+          "\\", "?", "!", "&", "*", "|", ">", "%", "@", "`", "...", "---", "\u00e9", "\U0001F600", "\u00a0", "\u3000",
+          "=", "a:b", '"a":', '"a":b', "'a':1", '""', "''", '"a\n b"', "'a\n\n b'", "a\n b", ":x", "-1", "+1", "0x",
+          "1_", "_1", "e", "e5", ".", "..", "<<", "\r", "\ufeff", "\x85"]
+
+
+def test_random_texts_read_alike_wherever_the_fast_path_takes_them(monkeypatch):
+    """Random texts of YAML's indicators, scalars and odd characters: wherever the fast path reads one, the
+    strict loader reads the same data (or both refuse it)."""
+    import random
+
+    monkeypatch.setattr(yamlio, "FAST_MIN_CHARS", 0)
+    rng = random.Random(0)
+    taken, differ = 0, []
+    for _ in range(6000):
+        text = "".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 10)))
+        ok, data = yamlio._fast_load(text)
+        if ok:
+            taken += 1
+            if ("ok", _canon(data)) != _strict(text):
+                differ.append(text)
+    assert not differ, differ[:10]
+    assert taken > 500

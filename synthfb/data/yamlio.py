@@ -19,10 +19,10 @@ Errors are ``yaml.MarkedYAMLError``; :func:`describe` turns one into
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 
@@ -163,33 +163,41 @@ def safe_load(text: str) -> Any:
 FAST_MIN_CHARS = 1_000_000
 """Files at least this long (characters) may be read by ``yaml_rs`` (the ``fast-yaml`` extra): a native
 YAML parser that builds the Python objects itself, 20-30x faster than libyaml plus PyYAML's Python
-constructor. Shorter files (every ordinary pipeline file) always take :func:`safe_load`."""
+constructor. Shorter files (every ordinary pipeline file) always take :func:`safe_load`, and so does every
+file when the environment sets ``SYNTHFB_YAML_FAST=0``."""
 
 # Where YAML 1.2 (yaml_rs) and YAML 1.1 as PyYAML reads it (with our exponent floats) may give different
 # values, or the strict loader has checks of its own: a match of any of these anywhere in the text sends the
 # whole file to :func:`safe_load`. Each pattern over-approximates (a match inside a quoted string or a comment
 # only costs speed), so a file that yaml_rs reads holds none of the constructs whose meaning differs. Every
 # pattern starts with a literal or a small set of characters, then looks back for the place where a plain
-# scalar can start (the text is scanned with a newline in front): one pass each at memchr-like speed, not a
-# backtracking search at every position.
+# scalar can start (after a space, a flow indicator or a colon: `{"a":yes}`; the text is scanned with a
+# newline in front): one pass each at memchr-like speed, not a backtracking search at every position.
+_AT = r"(?<=[\s\[{,:].)"  # the character just matched starts a plain scalar (or may)
 _WHOLE = r"(?=[ \t]*(?:$|[,\]}:#]))"  # where a plain scalar can end
+_NOT_FAST_TEXT = ("&", "!", "<<", "\\")
+"""Anchors (hence aliases and alias bombs), tags, merge keys, backslashes (double-quoted escapes, surrogate
+pairs among them): found by ``in`` at memory speed."""
+_ASCII_OK = bytes(range(0x20, 0x7F)) + b"\n"
+_ODD_CHARS = re.compile("[^\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
+"""Characters the parsers treat differently: anything but a line feed, printable ASCII and the printable
+planes (tabs, CR, NEL, the line and paragraph separators, a BOM, C0/C1 controls, U+FFFE/U+FFFF)."""
 _NOT_FAST = [re.compile(p, re.MULTILINE) for p in (
-    r"[&*!](?<=[\s\[{,].)",                         # anchors, aliases (alias bombs), tags
-    r"<<", r"\t",                                    # merge keys; tabs (libyaml refuses them in indentation)
-    r"\?(?<=[\s\[{,].)", r"[\]}][ \t]*:",              # complex keys, collections as keys
-    r":(?<=[\s\[{,]:)", r":[,\[\]{}]",                # empty keys and values next to flow indicators (`: v`,
+    r"\?" + _AT, r"[\]}][ \t]*:",                     # complex keys, collections as keys
+    r":(?<=[\s\[{,:]:)", r":[,\[\]{}]",                # empty keys and values next to flow indicators (`: v`,
                                                      # `[1:]`: libyaml refuses some that yaml_rs reads)
-    r"[|>](?<=[\s\[{,].)",                           # block scalars (the parsers differ on blank ones)
+    r"[|>]" + _AT,                                   # block scalars (the parsers differ on blank ones)
     r"\n(?:%|(?:---|\.\.\.)(?:\s|$))",                # directives, several documents
-    r"=(?<=[\s\[{,].)" + _WHOLE,                     # the YAML 1.1 value tag
+    r"=" + _AT + _WHOLE,                             # the YAML 1.1 value tag
     r":(?<=\d:)\d",                                  # sexagesimal numbers (1:20 is 80 in YAML 1.1)
     r"-(?<=\d{4}-)\d",                               # dates and timestamps
+    r"_(?<=[\s\[{,:\-+.]_)",                          # a leading underscore (yaml_rs reads `_3` as 3)
     # YAML 1.1 booleans (`on: x` is {True: x}); bool and null keys (1 and true are one key to a dict)
-    r"[oOnNyYtTfF~](?<=[\s\[{,].)(?:(?:(?<=[oO])(?:[nN]|[fF][fF])|(?<=[nN])[oO]|(?<=[yY])[eE][sS])" + _WHOLE
+    r"[oOnNyYtTfF~]" + _AT + r"(?:(?:(?<=[oO])(?:[nN]|[fF][fF])|(?<=[nN])[oO]|(?<=[yY])[eE][sS])" + _WHOLE
     + r"|(?:(?<=[tT])[rR][uU][eE]|(?<=[fF])[aA][lL][sS][eE]|(?<=[nN])[uU][lL][lL]|(?<=~))[ \t]*:(?:\s|$))",
     # numbers: octal (010 is 8 in YAML 1.1), 0o/0b/0x, exponents (1.5e3 is a string in YAML 1.1), digit
     # separators, -.5 (a string in YAML 1.1); keys that start like a number
-    r"[-+.\d](?<=[\s\[{,].)(?:(?<=0)[0-9_oObBxX]|(?<=[-+])[0.]|[\d.]*(?<=[\d.])[eE_]"
+    r"[-+.\d]" + _AT + r"(?:(?<=0)[0-9_oObBxX]|(?<=[-+])[0._]|[\d.]*(?<=[\d.])[eE_]"
     r"|[^\s:,\[\]{}#]*[ \t]*:(?:\s|$))",
 )]
 
@@ -198,12 +206,23 @@ def _fast_load(text: str) -> tuple[bool, Any]:
     """(True, data) when yaml_rs read ``text`` (installed, a large text, no construct whose meaning
     differs between the parsers); (False, None) otherwise, and on any yaml_rs error: the strict loader
     then reads the file and reports its problem with its own line and wording."""
-    if len(text) < FAST_MIN_CHARS:
+    if len(text) < FAST_MIN_CHARS or os.environ.get("SYNTHFB_YAML_FAST", "1") == "0":
         return False, None
     try:
         import yaml_rs
     except ImportError:
         return False, None
+    if any(t in text for t in _NOT_FAST_TEXT):
+        return False, None
+    if text.isascii():
+        if text.encode("ascii").translate(None, _ASCII_OK):  # a control character, tab or CR
+            return False, None
+    elif _ODD_CHARS.search(text):
+        return False, None
+    if text.count("[") + text.count("{") != text.count("]") + text.count("}") or any(
+            line.count("[") + line.count("{") != line.count("]") + line.count("}")
+            for line in text.split("\n") if "[" in line or "{" in line or "]" in line or "}" in line):
+        return False, None  # a flow collection over several lines (the parsers differ on multi-line keys there)
     scan = "\n" + text
     if any(p.search(scan) for p in _NOT_FAST):
         return False, None
