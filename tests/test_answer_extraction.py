@@ -27,13 +27,24 @@ def test_read_extracted_numbers_json_and_text():
     assert ax.read_extracted(_comp('{"answer": "x"}', {"answer": "x"})) is None
     assert ax.read_extracted(_comp('{"answer": "-12.50"}', {"answer": "-12.50"})) == "-12.5"
     assert ax.read_extracted(_comp('{"answer": "0042"}', {"answer": "0042"})) == "42"
-    # cut at max_tokens: no answer, whatever digits it holds; broken JSON gives none either
+    # a JSON reply cut at max_tokens gives no answer, whatever digits it holds; broken JSON gives none either
     cut = Completion(text='{"answer": "12345', finish_reason="length", num_tokens=24)
     assert ax.read_extracted(cut) is None and ax.read_extracted(_comp('{"answer": 12')) is None
-    assert ax.read_extracted(Completion(text="It is 5", finish_reason="length", num_tokens=24)) is None
+    # free text is read by its first number even when the model talked on past max_tokens (as Kojima et al.)
+    assert ax.read_extracted(Completion(text="12. Because first we add", finish_reason="length", num_tokens=24)) == "12"
+    # LaTeX, exponents, ratios, signs, percentages: a number standing alone, or none
+    for text, want in [("\\frac{3}{4}", "3/4"), ("\\boxed{\\frac{3}{4}}", "3/4"), ("so \\boxed{12} apples", "12"),
+                       ("2^{10}", None), ("1e-3", "1e-3"), ("n/2", None), ("50%", "50%"), ("\u22127", "-7"),
+                       ("x_1 = 4", "4"), ("It is 5, not 6", "5")]:
+        assert ax.read_extracted(_comp(text)) == want, text
+    # only a finished reply that computes something is followed up
+    assert ax.needs_extraction(_comp("so it is 4 apples")) and not ax.needs_extraction(_comp(""))
+    assert not ax.needs_extraction(_comp("I do not know.")) and not ax.needs_extraction(
+        Completion(text="4 + 4 = 8 and", finish_reason="length", num_tokens=9))
     assert ax.read_extracted(_comp('{"answer": true}', {"answer": True})) is None
     assert ax.read_extracted(_comp("The answer is 1,250 dollars.")) == "1250"
     assert ax.read_extracted(_comp(" -3.5")) == "-3.5"
+    assert ax.read_extracted(_comp('{"answer": "0.1666666667"}', {"answer": "0.1666666667"})) == "0.1666666667"
     assert ax.read_extracted(_comp(" 3/4 of it")) == "3/4"
     assert ax.read_extracted(_comp("I cannot tell.")) is None
     # a JSON reply the backend did not parse (no schema) is still read by its answer, not its first digit
@@ -181,3 +192,44 @@ def test_extraction_on_vllm_reads_a_number_even_from_a_random_model(tmp_path, vl
     # every follow-up closed (the bounded number pattern) and was read, none was cut at its 24 tokens
     assert c["extraction_asked"] >= 1 and c.get("answers_extracted") == c["extraction_asked"], c
     assert "truncated_answer_extraction" not in c, c
+
+
+def test_kpdds_extracted_single_answers_leave_the_vote_of_a_multipart_question(tmp_path):
+    from scripted_runs import kpdds
+
+    d, fake = kpdds()
+
+    def solve(req, k):  # 6 solutions box two answers (7 and 2); 4 finish without a box (follow-ups say 7)
+        return "3 + 4 = 7 and 1 + 1 = 2, so \\boxed{7} and \\boxed{2}." if k < 6 else "3 + 4 = 7 in total."
+
+    is_follow_up = lambda r: bool(r.messages) and r.messages[-1]["content"].startswith(ax.FOLLOW_UP)  # noqa: E731
+    fake.rules = [(is_follow_up, "7")] + [
+        (m, solve if m == "Solve the problem step by step" else f) for m, f in fake.rules]
+    res = run(d, tmp_path / "run", fake)
+    st = {s["kind"]: s for s in res.manifest["stages"]}
+    nq = st["kpdds_score"]["rows_out"]
+    c = st["kpdds_solve"]["counts"]
+    assert c["answers_extracted"] == 4 * nq and c["extracted_answers_of_multipart_questions"] == 4 * nq
+    out = rows(tmp_path / "run")
+    assert len(out) == 6 * nq and all(r["answer"] == ["7", "2"] and not r["answer_extracted"] for r in out)
+
+
+def test_consistency_flags_the_target_routes_extraction_only(tmp_path):
+    d, _ = scripted_runs.consistency()
+    stage_cfg(d, "load")["limit"] = 2
+    stage_cfg(d, "consistency").update(mode="two_solvers", target="second")
+    answers = consistency_answers()
+
+    def reply(req, k):
+        if req.messages and len(req.messages) > 2 and req.messages[-2]["role"] == "assistant":
+            return req.messages[-2]["content"].split()[-1]
+        a = answers[_problem(req)]
+        if "list every quantity" in last_user(req):  # the second solver (the target) answers properly
+            return f"Quantities...\nAnswer: {a}"
+        return f"So it comes to {a}"  # the first solver needs the follow-up
+
+    res = run(d, tmp_path / "run", FakeGenerator(reply))
+    out = rows(tmp_path / "run")
+    assert res.manifest["stages"][1]["counts"]["answers_extracted"] == 2
+    assert len(out) == 2 and all(r["answer_extracted"] is False and r["first_solution"].endswith(
+        f"Answer: {r['first_answer']}") for r in out)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..llm.types import Completion, GenerationRequest, SamplingParams
 
-NUMBER_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$"
+NUMBER_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,10})?$"
 """A decimal number of bounded length: a constrained reply always closes within its tokens (an unbounded JSON
 number lets a model write digits until ``max_tokens``)."""
 
@@ -47,24 +47,30 @@ RAW_TRIGGER = "\nTherefore, the answer (arabic numerals) is"
 EXTRACTION_PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
 """Greedy, as in the paper; a number (or ``{"answer": <number>}``) fits well within 24 tokens."""
 
-_FIRST_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
+# a number standing alone in free text: not part of a word, an exponent (2^{10}), a LaTeX group or a ratio's
+# second half (n/2); thousands commas, decimals, an exponent, a fraction a/b and a percent sign belong to it
+_FREE_NUMBER = re.compile(r"(?<![\w.^/\\{}])([-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+                          r"(?:/\d+)?%?)(?![\w^{}/])")
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def needs_extraction(completion: Completion) -> bool:
-    """Only a solution the model finished gets a follow-up (one cut at ``max_tokens`` is left unread)."""
-    return completion.finish_reason == "stop"
+    """Only a solution the model finished (one cut at ``max_tokens`` is left unread) and that computes
+    something (at least one digit: an empty or number-free reply has no answer to read) gets a follow-up."""
+    return completion.finish_reason == "stop" and any(ch.isdigit() for ch in completion.text)
 
 
 def follow_up(asked: GenerationRequest, solution: str, constrained: bool) -> GenerationRequest:
     """The answer-extraction request for ``solution``, the reply to ``asked``."""
     if asked.messages is not None:
-        turn = FOLLOW_UP + (' Answer in JSON: {"answer": <number>}.' if constrained else "")
+        turn = FOLLOW_UP + (' Answer in JSON: {"answer": "<number>"}.' if constrained else "")
         messages = [*asked.messages, {"role": "assistant", "content": solution}, {"role": "user", "content": turn}]
         return GenerationRequest(messages=messages, params=EXTRACTION_PARAMS,
                                  json_schema=ANSWER_SCHEMA if constrained else None)
     prompt = f"{asked.prompt}{solution}{RAW_TRIGGER}"
     if constrained:
-        prompt += ' (in JSON, {"answer": <number>}):'
+        prompt += ' (in JSON, {"answer": "<number>"}):'
     return GenerationRequest(prompt=prompt, params=EXTRACTION_PARAMS, json_schema=ANSWER_SCHEMA if constrained else None)
 
 
@@ -78,17 +84,19 @@ def format_number(x: float | int) -> str:
 
 
 def read_extracted(completion: Completion) -> str | None:
-    """The number the follow-up's reply gives, as text; None when it gives none, or was cut at ``max_tokens``
-    (a cut number is not the model's answer). A JSON reply is read by its ``answer`` (a number, or a string
-    that is one); free text by its first number (thousands commas dropped)."""
-    if completion.finish_reason == "length":
-        return None
+    """The number the follow-up's reply gives, as text; None when it gives none. A JSON reply is read by its
+    ``answer`` (a number, or a string that is one), and gives none when cut at ``max_tokens`` or broken (not
+    its first digits); free text by its first number standing alone (Kojima et al. read the first number; a
+    ``\\frac{a}{b}`` reads as a/b, a ``\\boxed{}`` first; a number inside LaTeX, an exponent or a ratio is
+    not read, so ``2^{10}`` gives none rather than 2)."""
     obj = completion.parsed
     if obj is None and completion.text.lstrip().startswith("{"):
+        if completion.finish_reason == "length":
+            return None
         try:
             obj = json.loads(completion.text, strict=False)
         except json.JSONDecodeError:
-            return None  # a JSON answer that does not parse gives no number (not its first digits)
+            return None
     if isinstance(obj, dict):
         v = obj.get("answer")
         if isinstance(v, str) and re.fullmatch(NUMBER_PATTERN, v.strip()):
@@ -96,11 +104,12 @@ def read_extracted(completion: Completion) -> str | None:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             return format_number(v)
         return None
-    for m in _FIRST_NUMBER.finditer(completion.text):
-        s = m.group(0).replace(",", "")
-        if any(ch.isdigit() for ch in s):
-            return s.lstrip("+")
-    return None
+    text = _FRAC.sub(r"\1/\2", completion.text)
+    boxed = _BOXED.search(text)
+    m = _FREE_NUMBER.search(boxed.group(1) if boxed else text)
+    if m is None and boxed:
+        m = _FREE_NUMBER.search(text)
+    return m.group(1).replace(",", "").replace("\u2212", "-") if m else None
 
 
 __all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "follow_up", "format_number",

@@ -28,7 +28,8 @@ shows their ratio as the stage's agreement rate. A finished text solution
 without an ``Answer:`` line gets a second, greedy prompt asking for the number
 alone (``extract_answer``, Kojima et al. 2022 answer extraction,
 :mod:`synthfb.stages.answer_extraction`); the solution then ends with
-``Answer: <number>`` and the row says so (``answer_extracted``).
+``Answer: <number>``, and ``answer_extracted`` says whether the row's completion (the ``target`` route)
+ends with such an extracted answer.
 ``outputs`` / ``parsed`` (the parse figure) count the replies per row (a reply
 cut at ``max_tokens`` before anything could be read is a truncation,
 ``truncated_solutions``, not an output) and those whose answer or program
@@ -237,7 +238,7 @@ class ConsistencyStage(ModelStage):
         # routes whose reply is a finished text solution without a readable answer: ask for the number alone
         todo = [k for k in ((0,) if cfg.mode == "program" else (0, 1))
                 if answers[k] is None and res[k].completions and needs_extraction(res[k].completions[0])]
-        extracted = False
+        extracted = [False, False]
         if cfg.extract_answer and todo:
             as_json = constrained(cfg.constrain, ctx.generator(self.model_name()).info.backend)
             got = yield Ask([follow_up(asked[k], replies[k], as_json) for k in todo], call="answer_extraction",
@@ -247,7 +248,7 @@ class ConsistencyStage(ModelStage):
                 a = read_extracted(r.completions[0]) if r.completions and not r.error else None
                 if a is not None:
                     replies[k], answers[k] = f"{replies[k].rstrip()}\nAnswer: {a}", a
-                    extracted = True
+                    extracted[k] = True
                     ctx.stats.add("answers_extracted")
         first, second = replies
         a1, a2 = answers
@@ -290,7 +291,8 @@ class ConsistencyStage(ModelStage):
         user = q.strip() if cfg.sft_prompt == "question" else texts[0 if cfg.target == "first" else 1]
         return {**sft_row(user, completion, cfg.system, cfg.format),
                 "answer": answer, "first_solution": first, "first_answer": a1, "second_solution": second,
-                "second_answer": a2, "answer_extracted": extracted, "program_status": status, "answers_agree": True,
+                "second_answer": a2, "answer_extracted": extracted[0 if cfg.target == "first" else 1],
+                "program_status": status, "answers_agree": True,
                 PROVENANCE: {"finish_reason": ",".join(r.completions[0].finish_reason or "" for r in res)}}
 
 

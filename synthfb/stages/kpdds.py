@@ -466,10 +466,15 @@ class KpddsSolveStage(ModelStage):
                 ctx.stats.add("solutions_with_arithmetic_error")
                 continue
             sols.append((text, ans, ext))
+        # the number of sub-questions as the solutions that boxed their own answers count them (an extracted
+        # answer is one number); for a several-part question the extracted single answers leave the vote
+        counts = [len(a) for _, a, ext in sols if not ext] or [1]
+        n_sub = max(set(counts), key=lambda k: (counts.count(k), -k))
+        if n_sub > 1 and any(ext for _, _, ext in sols):
+            ctx.stats.add("extracted_answers_of_multipart_questions", sum(ext for _, _, ext in sols))
+            sols = [x for x in sols if not x[2]]
         if len(sols) < 2:
             return Drop("too_few_valid_solutions")
-        counts = [len(a) for _, a, _ in sols]
-        n_sub = max(set(counts), key=lambda k: (counts.count(k), -k))
         if n_sub > c.max_subquestions:
             return Drop("too_many_subquestions")
         keep, cs = core.vote([a for _, a, _ in sols], c.cs_reduce)
