@@ -44,8 +44,9 @@ FOLLOW_UP = "Therefore, what is the final answer? Reply with the number only."
 RAW_TRIGGER = "\nTherefore, the answer (arabic numerals) is"
 """Appended to a raw (completion-mode) prompt and its solution: Kojima et al.'s trigger for numbers."""
 
-EXTRACTION_PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
-"""Greedy, as in the paper; a number (or ``{"answer": <number>}``) fits well within 24 tokens."""
+EXTRACTION_PARAMS = SamplingParams(temperature=0.0, max_tokens=48)
+"""Greedy, as in the paper; the longest constrained reply (``{"answer": "`` and 23 digits, a point, ``"}``)
+fits within 48 tokens even at one token per character."""
 
 # a number standing alone in free text: not part of a word, an exponent (2^{10}), a LaTeX group or a ratio's
 # second half (n/2); thousands commas, decimals, an exponent, a fraction a/b and a percent sign belong to it
