@@ -481,3 +481,26 @@ def test_config_errors_name_the_field():
     _stage(d, "alpaca_bootstrap")["max_machine_demos"] = 1  # not an Alpaca setting
     with pytest.raises(ValueError, match="max_machine_demos"):
         Pipeline.from_dict(d, PIPELINES, "x.yaml")
+
+
+def test_instances_cut_before_a_whole_instance_is_a_truncation_not_a_parse_failure(tmp_path):
+    from fakes import FakeGenerator, Reply
+
+    from fakes import last_user
+
+    def task(name):
+        return lambda r: last_user(r).rstrip().endswith(name)
+
+    fake = FakeGenerator(rules=[
+        (task("more politely"), Reply("\nExample 1\nInput: a rude sentence that goes on", "length")),
+        (task("summary of the text"), "\nI would rather not.\n"),
+    ], default="\nExample 1\nInput: a\nOutput: b\n")
+    tasks = [{"id": "t1", "instruction": "Rewrite the sentence more politely", "is_classification": False},
+             {"id": "t2", "instruction": "Write a summary of the text", "is_classification": False},
+             {"id": "t3", "instruction": "Translate the word into French", "is_classification": False}]
+    res = _fake_run(tmp_path, tasks, [{"stage": "self_instruct_instances"}], fake)
+    st = res.manifest["stages"][-1]
+    c = st["counts"]
+    assert c["truncated_outputs"] == 1 and c["completions_without_instances"] == 2
+    # t1 was cut before its first whole instance: a truncation; t2 finished without one: a parse failure
+    assert st["parse"] == {"outputs": 2, "parsed": 1, "rate": 0.5}

@@ -145,9 +145,12 @@ class SelfInstructInstancesStage(ModelStage):
         comp = res.completions[0]
         parsed = (parse_output_first if clf else parse_input_first)(comp.text, comp.finish_reason == "length")
         ctx.stats.add("instances_parsed", len(parsed))
-        # the task's completion parsed when it gave at least one instance (the filters below are drops)
-        ctx.stats.add("outputs")
-        ctx.stats.add("parsed", int(bool(parsed)))
+        # the task's completion parsed when it gave at least one instance (the filters below are drops); one cut
+        # at max_tokens before its first instance was whole is a truncation (truncated_outputs), as in every
+        # stage's parse figure, not an output that failed to parse
+        if parsed or comp.finish_reason != "length":
+            ctx.stats.add("outputs")
+            ctx.stats.add("parsed", int(bool(parsed)))
         if not parsed:
             ctx.stats.add("completions_without_instances")
         counts: dict[str, int] = {}
