@@ -28,6 +28,9 @@ def test_read_extracted_numbers_json_and_text():
     assert ax.read_extracted(_comp('{"answer": "x"}', {"answer": "x"})) is None
     assert ax.read_extracted(_comp('{"answer": "-12.50"}', {"answer": "-12.50"})) == "-12.5"
     assert ax.read_extracted(_comp('{"answer": "0042"}', {"answer": "0042"})) == "42"
+    for written, want in [("123456789012.1234567891", "123456789012.1234567891"), ("-0.000", "0"), ("-0.50", "-0.5"),
+                          ("7.0", "7"), ("000", "0")]:  # the digits as written, no float rounding
+        assert ax.read_extracted(_comp('{"answer": "%s"}' % written, {"answer": written})) == want
     # a JSON reply cut at max_tokens gives no answer, whatever digits it holds; broken JSON gives none either
     cut = Completion(text='{"answer": "12345', finish_reason="length", num_tokens=24)
     assert ax.read_extracted(cut) is None and ax.read_extracted(_comp('{"answer": 12')) is None

@@ -12,9 +12,10 @@ The follow-up is a chat turn after the solution (a raw prompt gets Kojima's sent
 the stage decodes under a schema (``constrain``: vLLM's structured outputs, or ``response_format`` on a served
 model), the reply is a JSON object whose ``answer`` is a decimal number of bounded length (a string under a
 pattern, so it always closes), and the model cannot answer in prose or with a placeholder; otherwise the
-first number of the reply is read. A reply cut at ``max_tokens`` gives no answer. The extracted answer is a reading of the model's
-own solution, never a correction: the stage's vote or cross-check still decides, and the rows say which
-answers were extracted.
+first number standing alone in the reply is read (also when the model talked on past ``max_tokens``, as
+Kojima et al. read the first number; a JSON reply must be whole). The extracted answer is a reading of the
+model's own solution, never a correction: the stage's vote or cross-check still decides, and the rows say
+which answers were extracted.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def follow_up(asked: GenerationRequest, solution: str, constrained: bool) -> Gen
     prompt = f"{asked.prompt}{solution}{RAW_TRIGGER}"
     if constrained:
         prompt += ' (in JSON, {"answer": "<number>"}):'
-    return GenerationRequest(prompt=prompt, params=EXTRACTION_PARAMS, json_schema=ANSWER_SCHEMA if constrained else None)
+    return GenerationRequest(prompt=prompt, params=EXTRACTION_PARAMS,
+                             json_schema=ANSWER_SCHEMA if constrained else None)
 
 
 def format_number(x: float | int) -> str:
@@ -101,7 +103,9 @@ def read_extracted(completion: Completion) -> str | None:
     if isinstance(obj, dict):
         v = obj.get("answer")
         if isinstance(v, str) and re.fullmatch(NUMBER_PATTERN, v.strip()):
-            v = float(v) if "." in v else int(v)
+            sign, (whole, _, frac) = ("-" if v.strip().startswith("-") else ""), v.strip().lstrip("-").partition(".")
+            whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")  # the digits as written: no float rounding
+            return ("" if whole == "0" and not frac else sign) + whole + (f".{frac}" if frac else "")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             return format_number(v)
         return None
@@ -113,5 +117,5 @@ def read_extracted(completion: Completion) -> str | None:
     return m.group(1).replace(",", "").replace("\u2212", "-") if m else None
 
 
-__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "follow_up", "format_number",
-           "needs_extraction", "read_extracted"]
+__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "follow_up",
+           "format_number", "needs_extraction", "read_extracted"]
