@@ -162,7 +162,7 @@ def safe_load(text: str) -> Any:
 
 FAST_MIN_CHARS = 1_000_000
 """Files at least this long (characters) may be read by ``yaml_rs`` (the ``fast-yaml`` extra): a native
-YAML parser that builds the Python objects itself, 20-30x faster than libyaml plus PyYAML's Python
+YAML parser that builds the Python objects itself, 10-25x faster than libyaml plus PyYAML's Python
 constructor. Shorter files (every ordinary pipeline file) always take :func:`safe_load`, and so does every
 file when the environment sets ``SYNTHFB_YAML_FAST=0``."""
 
