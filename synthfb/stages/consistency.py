@@ -54,8 +54,7 @@ from typing import Any, Literal
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import sft_row
 from ..engine.stage import Ask, Drop, ModelConfig, ModelStage, StageContext
-from .answer_extraction import follow_up, needs_extraction, read_extracted
-from .kpdds import constrained
+from .answer_extraction import extract_missing
 from .sandbox import run_python
 
 # -- answers -----------------------------------------------------------------------------------------------
@@ -235,23 +234,14 @@ class ConsistencyStage(ModelStage):
         res = yield Ask(asked, call="solutions")
         replies = [r.completions[0].text if r.completions else "" for r in res]
         answers = [final_answer(replies[0]), final_answer(replies[1]) if cfg.mode != "program" else None]
-        # routes whose reply is a finished text solution without a readable answer: ask for the number alone
-        todo = [k for k in ((0,) if cfg.mode == "program" else (0, 1))
-                if answers[k] is None and res[k].completions and needs_extraction(res[k].completions[0])]
-        extracted = [False, False]
-        if cfg.extract_answer and todo:
-            as_json = constrained(cfg.constrain, ctx.generator(self.model_name()).info.backend)
-            got = yield Ask([follow_up(asked[k], replies[k], as_json) for k in todo], call="answer_extraction",
-                            partial=True)
-            ctx.stats.add("extraction_asked", len(todo))
-            for k, r in zip(todo, got):
-                a = read_extracted(r.completions[0]) if r.completions and not r.error else None
-                if a is not None:
-                    replies[k], answers[k] = f"{replies[k].rstrip()}\nAnswer: {a}", a
-                    extracted[k] = True
-                    ctx.stats.add("answers_extracted")
+        found: list[str | None] = [None, None]
+        if cfg.extract_answer:  # text routes whose finished solution gives no answer: ask for the number alone
+            replies, found = yield from extract_missing(
+                asked, [r.completions[0] if r.completions else None for r in res], replies,
+                [answers[0] is None, cfg.mode != "program" and answers[1] is None], lambda a: f"\nAnswer: {a}",
+                cfg.constrain, self.model_name(), ctx)
         first, second = replies
-        a1, a2 = answers
+        a1, a2 = (a if f is None else f for a, f in zip(answers, found))
         code = extract_program(second) if cfg.mode == "program" else None
         # parse figure: a reply parsed when its answer (route 1, two_solvers' route 2) or its program could be
         # read; a program that fails or prints nothing, and disagreeing answers, are drops, not parse failures;
@@ -291,7 +281,7 @@ class ConsistencyStage(ModelStage):
         user = q.strip() if cfg.sft_prompt == "question" else texts[0 if cfg.target == "first" else 1]
         return {**sft_row(user, completion, cfg.system, cfg.format),
                 "answer": answer, "first_solution": first, "first_answer": a1, "second_solution": second,
-                "second_answer": a2, "answer_extracted": extracted[0 if cfg.target == "first" else 1],
+                "second_answer": a2, "answer_extracted": found[0 if cfg.target == "first" else 1] is not None,
                 "program_status": status, "answers_agree": True,
                 PROVENANCE: {"finish_reason": ",".join(r.completions[0].finish_reason or "" for r in res)}}
 

@@ -39,7 +39,8 @@ from typing import Any, Literal
 
 from ..data import PROVENANCE, ROW_ID
 from ..data.trl import sft_row
-from ..engine.stage import Ask, Drop, IterativeStage, ModelConfig, ModelStage, StageContext
+from ..engine.stage import Drop, IterativeStage, ModelConfig, ModelStage, StageContext
+from ..llm import CONSTRAIN_HELP, CONSTRAINED_BACKENDS, constrained  # noqa: F401 - re-exported
 from ..llm.prompts import text_request
 from . import answer_extraction as extraction
 from . import kpdds_core as core
@@ -96,15 +97,6 @@ QUESTION_SCHEMA: dict[str, Any] = {
 }
 """A new problem's shape for ``kpdds_questions`` under ``constrain: json`` (instead of ``<Q> ... </Q>``)."""
 
-CONSTRAINED_BACKENDS = ("vllm", "vllm-cpu")
-"""Where ``constrain: auto`` decodes under the stage's JSON schema (vLLM's structured outputs; the transformers
-backend cannot constrain, and a served API may not support every keyword)."""
-
-CONSTRAIN_HELP = ("json: decode under the answer's JSON schema (vLLM structured outputs, or response_format on a "
-                  "served model), so small models answer in the asked form; none: free text parsed as the paper's "
-                  "GPT-4 answers were; auto: json on vllm/vllm-cpu, none elsewhere")
-
-
 def json_object(text: str) -> dict[str, Any] | None:
     """``text`` read as one JSON object (raw control characters inside strings allowed), else None."""
     try:
@@ -112,11 +104,6 @@ def json_object(text: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def constrained(mode: str, backend: str) -> bool:
-    """Whether a stage's ``constrain`` setting decodes under its schema on ``backend``."""
-    return backend in CONSTRAINED_BACKENDS if mode == "auto" else mode == "json"
 
 
 @dataclass
@@ -427,25 +414,13 @@ class KpddsSolveStage(ModelStage):
         res = yield asked
         texts = [comp.text for comp in res.completions]
         answers = [core.extract_answers(t) for t in texts]
-        extracted = [False] * len(texts)
-        todo = [i for i, comp in enumerate(res.completions) if not answers[i] and extraction.needs_extraction(comp)]
-        if c.extract_answer and todo:
-            as_json = constrained(c.constrain, ctx.generator(self.model_name()).info.backend)
-            got = yield Ask([extraction.follow_up(asked, texts[i], as_json) for i in todo], call="answer_extraction",
-                            partial=True)
-            ctx.stats.add("extraction_asked", len(todo))
-            for i, r in zip(todo, got):
-                a = extraction.read_extracted(r.completions[0]) if r.completions and not r.error else None
-                if a is not None:
-                    texts[i] = f"{texts[i].rstrip()}\n\nThe final answer is $\\boxed{{{a}}}$."
-                    answers[i], extracted[i] = [a], True
-                    ctx.stats.add("answers_extracted")
-        return self._vote(row, res, texts, answers, extracted, ctx)
-
-    def parse(self, row: dict[str, Any], res: Any, ctx: StageContext) -> Any:
-        """The vote on the solutions as sampled (no answer extraction)."""
-        texts = [comp.text for comp in res.completions]
-        return self._vote(row, res, texts, [core.extract_answers(t) for t in texts], [False] * len(texts), ctx)
+        found: list[str | None] = [None] * len(texts)
+        if c.extract_answer:
+            texts, found = yield from extraction.extract_missing(
+                [asked] * len(texts), res.completions, texts, [not a for a in answers],
+                lambda a: f"\n\nThe final answer is $\\boxed{{{a}}}$.", c.constrain, self.model_name(), ctx)
+        answers = [a if f is None else [f] for a, f in zip(answers, found)]
+        return self._vote(row, res, texts, answers, [f is not None for f in found], ctx)
 
     def _vote(self, row: dict[str, Any], res: Any, texts: list[str], answers: list[list[str]],
               extracted: list[bool], ctx: StageContext) -> Any:
